@@ -1,0 +1,13 @@
+"""The one base every wire message is built on.
+
+Owns the msgspec configuration shared by all wire types (frozen, keyword-only, unknown fields
+refused, absent optional fields left out of the output). Knows nothing about methods.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Wire(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every wire message: strict on input, compact on output."""
