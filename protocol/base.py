@@ -10,4 +10,8 @@ import msgspec
 
 
 class Wire(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    """Base of every wire message: strict on input, compact on output."""
+    """Base of every wire message: strict on input, compact on output.
+
+    msgspec applies `kw_only` only to the fields a class declares itself, so a subclass that puts
+    a required field after a defaulted one repeats `kw_only=True` in its own header.
+    """

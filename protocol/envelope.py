@@ -24,7 +24,7 @@ class ErrorObject(Wire):
     data: Any = msgspec.UNSET
 
 
-class Request(Wire):
+class Request(Wire, kw_only=True):
     """A call that expects exactly one response with the same `id`."""
 
     jsonrpc: Literal["2.0"] = JSONRPC_VERSION
@@ -33,7 +33,7 @@ class Request(Wire):
     params: msgspec.Raw | Any = msgspec.UNSET
 
 
-class Notification(Wire):
+class Notification(Wire, kw_only=True):
     """A call without an `id`: never answered, not even with an error."""
 
     jsonrpc: Literal["2.0"] = JSONRPC_VERSION
@@ -41,7 +41,7 @@ class Notification(Wire):
     params: msgspec.Raw | Any = msgspec.UNSET
 
 
-class Response(Wire):
+class Response(Wire, kw_only=True):
     """Exactly one of `result` and `error` is set; `id` is null only for unreadable requests."""
 
     jsonrpc: Literal["2.0"] = JSONRPC_VERSION
