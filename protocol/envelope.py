@@ -24,7 +24,7 @@ class ErrorObject(Wire):
     data: Any = msgspec.UNSET
 
 
-class Request(Wire, kw_only=True):
+class Request(Wire, kw_only=True, omit_defaults=False):
     """A call that expects exactly one response with the same `id`."""
 
     jsonrpc: Literal["2.0"] = JSONRPC_VERSION
@@ -33,7 +33,7 @@ class Request(Wire, kw_only=True):
     params: msgspec.Raw | Any = msgspec.UNSET
 
 
-class Notification(Wire, kw_only=True):
+class Notification(Wire, kw_only=True, omit_defaults=False):
     """A call without an `id`: never answered, not even with an error."""
 
     jsonrpc: Literal["2.0"] = JSONRPC_VERSION
@@ -41,7 +41,7 @@ class Notification(Wire, kw_only=True):
     params: msgspec.Raw | Any = msgspec.UNSET
 
 
-class Response(Wire, kw_only=True):
+class Response(Wire, kw_only=True, omit_defaults=False):
     """Exactly one of `result` and `error` is set; `id` is null only for unreadable requests."""
 
     jsonrpc: Literal["2.0"] = JSONRPC_VERSION
@@ -64,6 +64,8 @@ class RawEnvelope(Wire):
     error: msgspec.Raw = msgspec.UNSET
 
 
+# `jsonrpc` has a default but must always be written: the envelopes keep defaults on output and
+# rely on UNSET, which msgspec always omits, for absent members.
 _encoder = msgspec.json.Encoder()
 
 
