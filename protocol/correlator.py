@@ -1,0 +1,102 @@
+"""Correlation of the sidecar's own outbound requests with the host's responses.
+
+Owns request ids, the pending table, the bounded memory of recently completed ids, and the
+verdict on every incoming response: delivered to exactly its caller, or dropped as `unmatched`
+(never issued), `duplicate` (already answered) or `stale` (abandoned: VM gone, timed out, or
+answered so long ago that it was forgotten). Pure and single-threaded: the daemon wraps it in a
+lock and does the waiting, timing and logging.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .envelope import RequestId
+
+DropReason = Literal["unmatched", "duplicate", "stale"]
+_ANSWERED = "answered"
+_ABANDONED = "abandoned"
+
+
+@dataclass(slots=True)
+class Pending:
+    """One outbound request waiting for its answer. `waiter` is whatever the caller waits on."""
+
+    id: str
+    owner: str
+    method: str
+    params: Any
+    waiter: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    pending: Pending
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    reason: DropReason
+    owner: str | None = None
+
+
+@dataclass
+class Correlator:
+    """Issues ids `<process token>.<n>` so ids from this process never collide with another's."""
+
+    completed_capacity: int
+    token: str = field(default_factory=lambda: secrets.token_hex(6))
+    _counter: int = 0
+    _pending: dict[str, Pending] = field(default_factory=dict)
+    _completed: OrderedDict[str, tuple[str, str]] = field(default_factory=OrderedDict)
+
+    def issue(self, owner: str, method: str, params: Any, waiter: Any = None) -> Pending:
+        self._counter += 1
+        pending = Pending(f"{self.token}.{self._counter}", owner, method, params, waiter)
+        self._pending[pending.id] = pending
+        return pending
+
+    def resolve(self, response_id: RequestId | None) -> Delivered | Dropped:
+        key = response_id if isinstance(response_id, str) else None
+        pending = self._pending.pop(key, None) if key is not None else None
+        if pending is not None:
+            self._remember(pending.id, pending.owner, _ANSWERED)
+            return Delivered(pending)
+        if key is not None and key in self._completed:
+            owner, how = self._completed[key]
+            return Dropped("duplicate" if how == _ANSWERED else "stale", owner)
+        if key is not None and self._issued_here_and_forgotten(key):
+            return Dropped("stale")
+        return Dropped("unmatched")
+
+    def abandon(self, request_id: str) -> Pending | None:
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            self._remember(pending.id, pending.owner, _ABANDONED)
+        return pending
+
+    def abandon_owner(self, owner: str) -> list[Pending]:
+        gone = [p for p in self._pending.values() if p.owner == owner]
+        for pending in gone:
+            self.abandon(pending.id)
+        return gone
+
+    def pending_of(self, owner: str) -> list[Pending]:
+        return [p for p in self._pending.values() if p.owner == owner]
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def _remember(self, request_id: str, owner: str, how: str) -> None:
+        if self.completed_capacity <= 0:
+            return
+        self._completed[request_id] = (owner, how)
+        while len(self._completed) > self.completed_capacity:
+            self._completed.popitem(last=False)
+
+    def _issued_here_and_forgotten(self, key: str) -> bool:
+        prefix, _, number = key.partition(".")
+        return prefix == self.token and number.isdigit() and 0 < int(number) <= self._counter

@@ -1,0 +1,58 @@
+"""Command line: `wasm-sidecar` serves on stdio; `wasm-sidecar limits ...` shows the inventory.
+
+Owns argument parsing and process setup (logging, limits, stdio, the event loop). The daemon
+itself lives in `sidecar.server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import anyio
+
+from . import __version__, logs
+
+USAGE = """wasm-sidecar [serve]           serve JSON-RPC 2.0 on stdin/stdout (the default)
+       wasm-sidecar limits [--json | --markdown | --audit]
+       wasm-sidecar --version | --help"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wasm-sidecar",
+        usage=USAGE,
+        description="Run untrusted WebAssembly guests for a host application, driven over stdin/stdout "
+        "with JSON-RPC 2.0 (one message per line). Logs go to stderr "
+        "(SIDECAR_LOG_FORMAT=json|console, SIDECAR_LOG_LEVEL=debug|info|warning|error).",
+    )
+    parser.add_argument("--version", action="version", version=f"wasm-sidecar {__version__}")
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "limits"], help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["limits"]:
+        from .limits_cli import main as limits_main
+
+        return limits_main(args[1:])
+    _parser().parse_args(args)
+    return serve()
+
+
+def serve() -> int:
+    from .limits import process_limits
+    from .server import Server
+    from .transport import FdSink, FdSource, claim_stdio, nonblocking
+
+    logs.configure()
+    limits = process_limits()
+    in_fd, out_fd = claim_stdio()
+    server = Server(FdSource(in_fd), FdSink(out_fd), limits, handle_signals=True)
+    with nonblocking(in_fd, out_fd):
+        return anyio.run(server.run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Dispatch of incoming frames: routing, the in-flight bound, cancellation, batches, responses.
+
+Owns what happens to each decoded item. Cheap methods run inline on the event loop and their
+answers leave with the rest of the input chunk's answers in one write; slow methods get their
+own cancellable task; guest work is handed to a VM's worker, which answers from its own thread.
+All three answer through a `Reply`, a one-shot that any thread may complete, so a cancel racing
+a completion yields exactly one response. Knows nothing about VMs or what methods do.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+
+from protocol.decoding import IncomingCall, IncomingResponse, Malformed, decode_frame, decode_params
+from protocol.envelope import ErrorObject, RequestId, Response, encode
+from protocol.errors import (
+    InternalError,
+    InvalidRequestError,
+    MethodNotFoundError,
+    OverloadedError,
+    RequestCancelledError,
+    RpcError,
+    env_var_for,
+)
+from protocol.framing import OversizedLine
+from protocol.methods import METHODS, MethodSpec, params_decoder
+
+from .limits import Limits
+
+log = structlog.get_logger()
+_encoder = msgspec.json.Encoder()
+RouteKind = Literal["inline", "task", "deferred"]
+
+
+class Reply:
+    """The one answer a request gets. `on_cancel` is how a handler learns it should stop."""
+
+    __slots__ = ("id", "key", "method", "_send", "_finished", "_lock", "_done", "on_cancel")
+
+    def __init__(
+        self,
+        request_id: RequestId | None,
+        method: str,
+        send: Callable[[bytes | None], None],
+        finished: Callable[[Reply], None],
+    ) -> None:
+        self.id = request_id
+        self.key: object = request_id if request_id is not None else object()
+        self.method = method
+        self._send = send
+        self._finished = finished
+        self._lock = threading.Lock()
+        self._done = False
+        self.on_cancel: Callable[[], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def result(self, value: Any) -> None:
+        self._complete(value, None)
+
+    def error(self, error: RpcError) -> None:
+        self._complete(None, error)
+
+    def cancel(self) -> None:
+        if self._complete(None, RequestCancelledError(f"request {self.id!r} was cancelled", id=self.id)):
+            hook = self.on_cancel
+            if hook is not None:
+                hook()
+
+    def _complete(self, value: Any, error: RpcError | None) -> bool:
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+        if self.id is None:  # a notification: the work happened, nobody hears about it
+            self._send(None)
+        else:
+            self._send(_encode_response(self.id, value, error))
+        self._finished(self)
+        return True
+
+
+def _encode_response(request_id: RequestId | None, value: Any, error: RpcError | None) -> bytes:
+    if error is None:
+        return encode(Response(id=request_id, result={} if value is None else value))
+    return encode(Response(id=request_id, error=ErrorObject(**error.to_wire())))
+
+
+class _Batch:
+    """Collects the answers of one batch and sends them as one array once all are in."""
+
+    def __init__(self, expected: int, send: Callable[[bytes], None]) -> None:
+        self._lock = threading.Lock()
+        self._parts: list[bytes] = []
+        self._outstanding = expected
+        self._sendout = send
+
+    def add(self, frame: bytes | None) -> None:
+        with self._lock:
+            if frame is not None:
+                self._parts.append(frame.rstrip(b"\n"))
+            self._outstanding -= 1
+            if self._outstanding or not self._parts:
+                return
+            payload = b"[" + b",".join(self._parts) + b"]\n"
+        self._sendout(payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: RouteKind
+    handler: Callable[..., Any]
+    spec: MethodSpec
+    decoder: msgspec.json.Decoder
+
+
+class Dispatcher:
+    """Inline handlers: `fn(params) -> result`; task handlers: `async fn(params) -> result`;
+    deferred handlers: `fn(params, reply) -> None`, answering later from any thread."""
+
+    def __init__(
+        self,
+        limits: Limits,
+        send: Callable[[bytes], None],
+        task_group: anyio.abc.TaskGroup,
+        on_response: Callable[[IncomingResponse], None],
+    ) -> None:
+        self._limits = limits
+        self._send = send
+        self._tg = task_group
+        self._on_response = on_response
+        self._routes: dict[str, Route] = {}
+        self._in_flight: dict[object, Reply] = {}
+        self._chunk_out: list[bytes] = []  # answers made while handling the current input chunk
+        self._collecting = False
+        self._loop_thread = threading.get_ident()
+        self.closing = False
+        self.requests_served = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def methods(self) -> list[str]:
+        return list(self._routes)
+
+    def route(self, method: str, kind: RouteKind, handler: Callable[..., Any]) -> None:
+        self._routes[method] = Route(kind, handler, METHODS[method], params_decoder(method))
+
+    def handle_lines(self, lines: list[bytes | OversizedLine]) -> bytes:
+        """Handle one input chunk's frames; returns the answers ready now, to write in one go."""
+        self._collecting = True
+        try:
+            for line in lines:
+                if self.closing:
+                    break  # frames after `shutdown` are not served
+                self._handle_line(line)
+        finally:
+            self._collecting = False
+        out = b"".join(self._chunk_out)
+        self._chunk_out.clear()
+        return out
+
+    def _handle_line(self, line: bytes | OversizedLine) -> None:
+        if isinstance(line, OversizedLine):
+            self._limits.exhausted("protocol_frame_bytes", line.seen, capacity=line.bound)
+            refused = InvalidRequestError(
+                f"frame larger than protocol_frame_bytes ({line.bound} bytes)",
+                limit="protocol_frame_bytes",
+                env=env_var_for("protocol_frame_bytes"),
+                capacity=line.bound,
+                observed=line.seen,
+            )
+            self._chunk_out.append(_encode_response(None, None, refused))
+            return
+        frame = decode_frame(line)
+        if not frame.batch:
+            self._handle_item(frame.items[0], None)
+            return
+        calls = sum(1 for item in frame.items if not isinstance(item, IncomingResponse))
+        batch = _Batch(calls, self._deliver)
+        for item in frame.items:
+            self._handle_item(item, batch)
+
+    def cancel(self, request_id: RequestId) -> bool:
+        reply = self._in_flight.get(request_id)
+        if reply is None:
+            return False
+        reply.cancel()
+        return True
+
+    def cancel_all(self) -> None:
+        for reply in list(self._in_flight.values()):
+            reply.cancel()
+
+    def _handle_item(self, item: Any, batch: _Batch | None) -> None:
+        if isinstance(item, IncomingResponse):
+            self._on_response(item)
+        elif isinstance(item, Malformed):
+            self._answer_now(_encode_response(item.id, None, item.error), batch)
+        else:
+            self._handle_call(item, batch)
+
+    def _answer_now(self, frame: bytes | None, batch: _Batch | None) -> None:
+        if batch is not None:
+            batch.add(frame)
+        elif frame is not None:
+            self._chunk_out.append(frame)
+
+    def _answer_later(self, batch: _Batch | None) -> Callable[[bytes | None], None]:
+        if batch is not None:
+            return batch.add
+        return lambda frame: None if frame is None else self._deliver(frame)
+
+    def _deliver(self, frame: bytes) -> None:
+        """Answers made while the loop handles a chunk join that chunk's write, keeping input
+        order; any other answer (a task's, a worker thread's) goes out at once."""
+        if self._collecting and threading.get_ident() == self._loop_thread:
+            self._chunk_out.append(frame)
+        else:
+            self._send(frame)
+
+    def _handle_call(self, call: IncomingCall, batch: _Batch | None) -> None:
+        route = self._routes.get(call.method)
+        if route is None:
+            if call.notification:
+                log.debug("notification_ignored", method=call.method)
+                self._answer_now(None, batch)
+            else:
+                unknown = MethodNotFoundError(f"unknown method {call.method!r}", method=call.method)
+                self._answer_now(_encode_response(call.id, None, unknown), batch)
+            return
+        try:
+            params = decode_params(route.decoder, call.params)
+            route.spec.check(params)
+            if route.kind == "inline":
+                result = route.handler(params)
+                self.requests_served += 1
+                self._answer_now(None if call.notification else _encode_response(call.id, result, None), batch)
+                return
+            reply = self._admit(call, batch)
+        except RpcError as exc:
+            self._answer_now(None if call.notification else _encode_response(call.id, None, exc), batch)
+            return
+        except Exception as exc:  # a handler bug must cost one answer, never the daemon
+            log.error("handler_failed", method=call.method, exc_info=exc)
+            failed = InternalError(f"internal error in {call.method}")
+            self._answer_now(None if call.notification else _encode_response(call.id, None, failed), batch)
+            return
+        if route.kind == "task":
+            self._tg.start_soon(self._run_task, route.handler, params, reply)
+        else:
+            self._run_deferred(route.handler, params, reply)
+
+    def _admit(self, call: IncomingCall, batch: _Batch | None) -> Reply:
+        capacity = self._limits.protocol_requests_in_flight
+        observed = len(self._in_flight) + 1
+        if observed > capacity:
+            self._limits.exhausted("protocol_requests_in_flight", observed, capacity=capacity)
+            raise OverloadedError("protocol_requests_in_flight", capacity=capacity, observed=observed)
+        if call.id is not None and call.id in self._in_flight:
+            raise InvalidRequestError(f"request id {call.id!r} is already in flight", id=call.id)
+        reply = Reply(call.id, call.method, self._answer_later(batch), self._finish)
+        # Notifications count against the bound too, under a key no host id can equal.
+        self._in_flight[reply.key] = reply
+        return reply
+
+    def _finish(self, reply: Reply) -> None:
+        self.requests_served += 1
+        # May run on a worker thread: single dict operations are atomic under the GIL.
+        if self._in_flight.get(reply.key) is reply:
+            del self._in_flight[reply.key]
+
+    async def _run_task(self, handler: Callable[[Any], Awaitable[Any]], params: Any, reply: Reply) -> None:
+        with anyio.CancelScope() as scope:
+            reply.on_cancel = scope.cancel
+            try:
+                reply.result(await handler(params))
+            except RpcError as exc:
+                reply.error(exc)
+            except Exception as exc:
+                log.error("handler_failed", method=reply.method, exc_info=exc)
+                reply.error(InternalError(f"internal error in {reply.method}"))
+
+    def _run_deferred(self, handler: Callable[[Any, Reply], None], params: Any, reply: Reply) -> None:
+        try:
+            handler(params, reply)
+        except RpcError as exc:
+            reply.error(exc)
+        except Exception as exc:
+            log.error("handler_failed", method=reply.method, exc_info=exc)
+            reply.error(InternalError(f"internal error in {reply.method}"))

@@ -1,0 +1,136 @@
+"""Outbound `host.call` requests: issue from any thread, deliver answers, drop what matches nothing.
+
+Owns the thread-safe shell around `protocol.correlator`: guests' worker threads issue calls and
+wait on them, the event loop delivers the host's responses, and disposal or cancellation
+abandons a VM's calls. Every answer that matches no live call is dropped with a log event and a
+counter by reason. Knows nothing about guests' memory; `HostAnswer` is what a guest gets back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import structlog
+
+from protocol.correlator import Correlator, Delivered, DropReason
+from protocol.decoding import IncomingResponse
+from protocol.envelope import Request, encode
+from protocol.methods import HostCallParams
+
+from .limits import Limits
+
+log = structlog.get_logger()
+
+# Guest ABI v1 statuses.
+STATUS_OK = 0
+STATUS_HOST_ERROR = -1
+STATUS_TIMEOUT = -2
+STATUS_REFUSED = -3
+
+
+@dataclass(frozen=True, slots=True)
+class HostAnswer:
+    """What the guest reads: a status and compact JSON (the result, or an error object)."""
+
+    status: int
+    payload: bytes = b""
+
+
+def refusal(reason: str, **details: object) -> HostAnswer:
+    body = {"code": STATUS_REFUSED, "message": reason, **details}
+    return HostAnswer(STATUS_REFUSED, msgspec.json.encode(body))
+
+
+class BlockingCall:
+    """A call whose guest thread waits for the answer (`host_call`)."""
+
+    __slots__ = ("id", "_event", "_answer")
+
+    def __init__(self) -> None:
+        self.id = ""
+        self._event = threading.Event()
+        self._answer: HostAnswer | None = None
+
+    def __call__(self, answer: HostAnswer) -> None:
+        self._answer = answer
+        self._event.set()
+
+    def wait(self, timeout_s: float) -> HostAnswer | None:
+        """The answer, or None when the time ran out first."""
+        if not self._event.wait(timeout_s):
+            return None
+        return self._answer
+
+
+class HostCalls:
+    def __init__(self, limits: Limits, send: Callable[[bytes], None]) -> None:
+        self._limits = limits
+        self._send = send
+        self._lock = threading.Lock()
+        self._correlator = Correlator(limits.protocol_completed_ids)
+        self.dropped: dict[DropReason, int] = {"unmatched": 0, "duplicate": 0, "stale": 0}
+
+    @property
+    def pending(self) -> int:
+        return len(self._correlator)
+
+    def issue(self, owner: str, method: str, params_json: bytes, waiter: Callable[[HostAnswer], None]) -> str:
+        """Send `host.call` for `owner` (a vm_id); `waiter` gets exactly one answer unless abandoned."""
+        with self._lock:
+            pending = self._correlator.issue(owner, method, None, waiter)
+        params = HostCallParams(vm_id=owner, method=method, params=msgspec.Raw(params_json))
+        self._send(encode(Request(id=pending.id, method="host.call", params=params)))
+        return pending.id
+
+    def call_blocking(self, owner: str, method: str, params_json: bytes, timeout_s: float) -> HostAnswer:
+        """Issue and wait; on timeout the call is abandoned, so a late answer is dropped as stale."""
+        waiter = BlockingCall()
+        waiter.id = self.issue(owner, method, params_json, waiter)
+        answer = waiter.wait(timeout_s)
+        if answer is not None:
+            return answer
+        if self.abandon(waiter.id):
+            log.warning("host_call_timed_out", vm_id=owner, method=method, request_id=waiter.id, timeout_s=timeout_s)
+            return HostAnswer(STATUS_TIMEOUT)
+        return waiter.wait(0) or HostAnswer(STATUS_TIMEOUT)  # answered in the same instant
+
+    def abandon(self, request_id: str) -> bool:
+        with self._lock:
+            return self._correlator.abandon(request_id) is not None
+
+    def abandon_owner(self, owner: str, reason: str) -> int:
+        """End every call of one VM; their waiters hear a refusal and late answers become stale."""
+        with self._lock:
+            gone = self._correlator.abandon_owner(owner)
+        for pending in gone:
+            pending.waiter(refusal(reason, request_id=pending.id))
+        return len(gone)
+
+    def deliver(self, response: IncomingResponse) -> None:
+        with self._lock:
+            verdict = self._correlator.resolve(response.id)
+        if not isinstance(verdict, Delivered):
+            self.dropped[verdict.reason] += 1
+            log.info("response_dropped", reason=verdict.reason, request_id=response.id, vm_id=verdict.owner)
+            return
+        pending = verdict.pending
+        pending.waiter(self._answer_from(response, pending.owner))
+
+    def _answer_from(self, response: IncomingResponse, owner: str) -> HostAnswer:
+        if response.error is not None:
+            status, payload = STATUS_HOST_ERROR, msgspec.json.encode(response.error)
+        else:
+            status, payload = STATUS_OK, msgspec.json.format(bytes(response.result), indent=-1)
+        capacity = self._limits.vm_host_call_bytes
+        if len(payload) > capacity:
+            self._limits.exhausted("vm_host_call_bytes", len(payload), capacity=capacity, vm_id=owner)
+            return refusal(
+                "host answer larger than vm_host_call_bytes",
+                limit="vm_host_call_bytes",
+                capacity=capacity,
+                observed=len(payload),
+            )
+        return HostAnswer(status, payload)

@@ -1,0 +1,267 @@
+"""Byte transport between the host and the sidecar: the only code that touches fds 0 and 1.
+
+Owns reading chunks of input and the bounded outbox that any thread may send frames through.
+A frame is written straight to the pipe by the thread that produced it when nothing is queued
+(a guest's worker answers its own `vm.call` without a thread hand-off); what the pipe cannot
+take at once waits in the outbox and a drainer task on the event loop writes it when the pipe
+is writable. Past `protocol_outbox_bytes` queued, worker threads block and the event loop stops
+reading input, so a host that reads slowly slows the sidecar down instead of growing its memory.
+Knows nothing about JSON-RPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from typing import Protocol
+
+import anyio
+import anyio.abc
+import structlog
+
+log = structlog.get_logger()
+READ_CHUNK = 1 << 16
+
+
+class Source(Protocol):
+    async def receive(self) -> bytes:
+        """The next chunk of input; empty at end of input."""
+
+
+class Sink(Protocol):
+    def write_now(self, data: bytes) -> int:
+        """Write what fits without blocking; return how many bytes were taken."""
+
+    async def write_all(self, data: bytes) -> None:
+        """Write everything, waiting for the peer as needed."""
+
+
+class FdSource:
+    """Reads a file descriptor without blocking the event loop (a regular file never would)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    async def receive(self) -> bytes:
+        while True:
+            try:
+                return os.read(self._fd, READ_CHUNK)
+            except BlockingIOError:
+                await anyio.wait_readable(self._fd)
+
+
+class FdSink:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def write_now(self, data: bytes) -> int:
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+
+    async def write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = self.write_now(view)
+            if written:
+                view = view[written:]
+            else:
+                await anyio.wait_writable(self._fd)
+
+
+class StreamSource:
+    """Input from an anyio byte stream (the in-memory transport of the contract tests)."""
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
+        self._stream = stream
+
+    async def receive(self) -> bytes:
+        try:
+            return await self._stream.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return b""
+
+
+class StreamSink:
+    def __init__(self, stream: anyio.abc.ByteSendStream) -> None:
+        self._stream = stream
+
+    def write_now(self, data: bytes) -> int:
+        return 0  # streams are only written from the event loop, by the drainer
+
+    async def write_all(self, data: bytes) -> None:
+        await self._stream.send(data)
+
+
+class Outbox:
+    """Bounded, thread-safe queue of outgoing frames with direct writes when it is empty.
+
+    Constructed on the event loop's thread: that thread is never made to wait for room.
+    """
+
+    def __init__(self, sink: Sink, capacity_bytes: int) -> None:
+        self._sink = sink
+        self._capacity = capacity_bytes
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._draining = False  # the drainer holds bytes taken from the queue
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._loop_thread = threading.get_ident()
+        self._room_event = anyio.Event()
+        self._idle_event = anyio.Event()
+        self.closed = False
+        self.broken = False  # the peer went away: the server shuts down
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    def send(self, data: bytes) -> None:
+        """Send one or more frames. Never blocks the event loop; other threads wait for room."""
+        with self._lock:
+            if self.closed:
+                return
+            if not self._queue and not self._draining:
+                try:
+                    written = self._sink.write_now(data)
+                except OSError as exc:
+                    self._fail(exc)
+                    return
+                if written == len(data):
+                    return
+                data = data[written:]
+            self._queue.append(data)
+            self._queued_bytes += len(data)
+            self._poke()
+            if threading.get_ident() != self._loop_thread:
+                while self._queued_bytes > self._capacity and not self.closed:
+                    self._room.wait()
+
+    def over_capacity(self) -> bool:
+        return self._queued_bytes > self._capacity
+
+    async def wait_for_room(self) -> None:
+        while self.over_capacity() and not self.closed:
+            self._room_event = anyio.Event()
+            await self._room_event.wait()
+
+    async def run_drainer(self) -> None:
+        """Write queued frames as the peer accepts them; returns once closed or broken."""
+        try:
+            while not self.closed:
+                batch = self._take()
+                if batch is None:
+                    await anyio.wait_readable(self._wake_r)
+                    self._clear_wake()
+                    continue
+                try:
+                    await self._sink.write_all(batch)
+                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                    with self._lock:
+                        self._fail(exc)
+                    return
+                with self._lock:
+                    self._draining = False
+                    self._room.notify_all()
+                self._room_event.set()
+                self._idle_event.set()
+        finally:
+            self._room_event.set()
+            self._idle_event.set()
+            self._close_wake()
+
+    async def flush(self) -> None:
+        """Wait until everything sent so far has been handed to the sink (used at shutdown)."""
+        while (self._queue or self._draining) and not self.closed:
+            self._idle_event = anyio.Event()
+            await self._idle_event.wait()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            self._room.notify_all()
+            self._poke()
+        self._room_event.set()
+        self._idle_event.set()
+
+    def _take(self) -> bytes | None:
+        with self._lock:
+            if not self._queue:
+                return None
+            batch = b"".join(self._queue)
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._draining = True
+            return batch
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.closed:
+            log.warning("output_closed", error=type(exc).__name__, detail=str(exc))
+        self.closed = True
+        self.broken = True
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._room.notify_all()
+        self._poke()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _clear_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    def _close_wake(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def nonblocking(*fds: int) -> Iterator[None]:
+    """Make the stdio fds non-blocking for the daemon's life and restore them after.
+
+    The flag lives on the open file description, which a terminal shares with the shell that
+    started us, so leaving it set would break that shell.
+    """
+    saved = {}
+    for fd in fds:
+        try:
+            saved[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, saved[fd] | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+    try:
+        yield
+    finally:
+        for fd, flags in saved.items():
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+def claim_stdio() -> tuple[int, int]:
+    """Take fds 0 and 1 for the protocol and point them elsewhere (/dev/null, stderr).
+
+    Returns private duplicates for the transport. Anything else that writes to fd 1 (a stray
+    print, native code, a guest given the real stdout by mistake) then lands in the log stream
+    instead of corrupting the protocol, and nothing else can read the host's requests.
+    """
+    protocol_in, protocol_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return protocol_in, protocol_out
