@@ -94,6 +94,8 @@ class SidecarClient:
                 yield client
             finally:
                 tg.cancel_scope.cancel()
+                for stream in (client._notify_in, client.notifications, client._other_in, client.unsolicited):
+                    stream.close()
 
     @classmethod
     @asynccontextmanager
@@ -170,9 +172,7 @@ class SidecarClient:
                 except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                     return
                 for line in framer.feed(chunk):
-                    message = _decoder.decode(line)
-                    for item in message if isinstance(message, list) else [message]:
-                        self._route(item)
+                    self._route(_decoder.decode(line))
         finally:
             self.closed.set()
             for waiter in self._waiters.values():
@@ -180,7 +180,7 @@ class SidecarClient:
                 waiter.event.set()
 
     def _route(self, message: Any) -> None:
-        if not isinstance(message, dict):
+        if not isinstance(message, dict):  # a batch answer: this client sends batches only raw
             self._other_in.send_nowait(message)
         elif "method" in message and "id" in message:
             self._tg.start_soon(self._serve_host_call, message)
