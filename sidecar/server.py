@@ -77,7 +77,8 @@ class Server:
         """`factory(server)` builds a service once the loop runs; it may use outbox and hostcalls."""
         self._service_factories.append(factory)
 
-    async def run(self) -> int:
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
+        """Serve until the session ends; `task_status` reports when methods are registered."""
         self.outbox = Outbox(self._sink, self.limits.protocol_outbox_bytes)
         self.hostcalls = HostCalls(self.limits, self.outbox.send)
         async with anyio.create_task_group() as tg:
@@ -89,8 +90,9 @@ class Server:
                 self._services.append(service)
             tg.start_soon(self._drain)
             if self._handle_signals:
-                tg.start_soon(self._watch_signals)
+                await tg.start(self._watch_signals)
             log.info("sidecar_started", version=__version__, protocol_version=protocol.PROTOCOL_VERSION)
+            task_status.started()
             reason = await self._read_until_done()
             await self._shut_down(reason)
             tg.cancel_scope.cancel()
@@ -123,8 +125,9 @@ class Server:
         if self.outbox.broken:
             self.request_stop()
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("signal_received", signal=signal.Signals(signum).name)
                 self.request_stop()

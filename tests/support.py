@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from protocol.client import HostHandler, SidecarClient
 from sidecar.limits import load_limits
@@ -32,11 +33,11 @@ async def memory_session(
     server = Server(StreamSource(server_in), StreamSink(server_out), load_limits(dict(env or {})))
     async with anyio.create_task_group() as tg, server_in, from_server:
 
-        async def serve() -> None:
+        async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
             async with server_out:
-                await server.run()
+                await server.run(task_status=task_status)
 
-        tg.start_soon(serve)
+        await tg.start(serve)
         async with SidecarClient.attach(to_server, from_server, host_handler) as client:
             yield client, server
             await to_server.aclose()

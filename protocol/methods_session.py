@@ -1,0 +1,96 @@
+"""Params and results of the session-level methods: handshake, liveness, introspection, cancel.
+
+Owns the wire shapes of `initialize`, `ping`, `shutdown`, `sidecar.stats`, `sidecar.limits` and
+`$/cancelRequest`, plus `Empty` for methods that take or return nothing. Knows nothing about
+where the numbers come from (the limits inventory, the dispatcher's counters).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from .base import Wire
+from .envelope import RequestId
+
+Count = Annotated[int, Meta(ge=0)]
+
+
+class Empty(Wire):
+    """`{}`: the params of methods that take none (an absent `params` reads as this) and empty results."""
+
+
+class PeerInfo(Wire, kw_only=True):
+    """Who is on the other end; for logs and diagnostics only, never for behaviour."""
+
+    name: str
+    version: str | UnsetType = UNSET
+
+
+class InitializeParams(Wire):
+    """`protocol_version` is the version the host speaks; the result says which one the sidecar speaks."""
+
+    protocol_version: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
+    client: PeerInfo | UnsetType = UNSET
+
+
+class Capabilities(Wire):
+    """What this sidecar offers, so a host can adapt without probing."""
+
+    methods: list[str]
+    guest_abi: Annotated[int, Meta(ge=1)]
+    snapshot_formats: list[Literal["state", "wasm"]]
+
+
+class LimitRow(Wire):
+    """One entry of the limits inventory with the value in force and where that value came from.
+
+    `source` says who set `value`: the inventory `default`, the variable `env` (null for invariants,
+    which nothing tunes), or a `vm` override. Amounts are whole numbers of `unit`.
+    """
+
+    name: str
+    class_: Literal["guest", "runner", "protocol", "invariant"] = msgspec.field(name="class")
+    env: str | None
+    default: int
+    value: int
+    source: Literal["default", "env", "vm"]
+    unit: str
+
+
+class InitializeResult(Wire):
+    protocol_version: Annotated[int, Meta(ge=1)]
+    server: PeerInfo
+    capabilities: Capabilities
+    limits: list[LimitRow]
+
+
+class LimitsResult(Wire):
+    limits: list[LimitRow]
+
+
+class DroppedResponses(Wire):
+    """Host responses to `host.call` that matched no pending call, by reason; none of them is fatal."""
+
+    stale: Count
+    duplicate: Count
+    unmatched: Count
+
+
+class StatsResult(Wire):
+    """Process-wide counters since start; `host_calls_pending` counts calls awaiting a host answer."""
+
+    requests_served: Count
+    requests_in_flight: Count
+    responses_dropped: DroppedResponses
+    host_calls_pending: Count
+    vms: Count
+    uptime_ms: Count
+
+
+class CancelParams(Wire):
+    """Names a request of the host's still in flight; unknown or finished ids are ignored."""
+
+    id: RequestId
