@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 def serve() -> int:
     from .limits import process_limits
     from .server import Server
-    from .transport import FdSink, FdSource, claim_stdio, nonblocking
+    from .transport import claim_stdio, nonblocking
 
     logs.configure()
     limits = process_limits()
     in_fd, out_fd = claim_stdio()
-    server = Server(FdSource(in_fd), FdSink(out_fd), limits, handle_signals=True)
-    with nonblocking(in_fd, out_fd):
+    server = Server(in_fd, out_fd, limits, handle_signals=True)
+    with nonblocking(out_fd):
         return anyio.run(server.run)
 
 

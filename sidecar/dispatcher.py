@@ -1,10 +1,11 @@
 """Dispatch of incoming frames: routing, the in-flight bound, cancellation, batches, responses.
 
-Owns what happens to each decoded item. Cheap methods run inline on the event loop and their
-answers leave with the rest of the input chunk's answers in one write; slow methods get their
-own cancellable task; guest work is handed to a VM's worker, which answers from its own thread.
-All three answer through a `Reply`, a one-shot that any thread may complete, so a cancel racing
-a completion yields exactly one response. Knows nothing about VMs or what methods do.
+Owns what happens to each decoded item, on whichever intake thread read it. Cheap methods run
+inline and their answers leave with the rest of the input chunk's answers in one write; slow
+methods become cancellable tasks on the event loop; guest work is deferred to the VM, which
+answers from the thread that ran it. All three answer through a `Reply`, a one-shot that any
+thread may complete, so a cancel racing a completion yields exactly one response. Knows nothing
+about VMs or what methods do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
-import anyio.abc
 import msgspec
 import structlog
 
@@ -30,6 +30,8 @@ from protocol.errors import (
     RpcError,
     env_var_for,
 )
+from anyio.from_thread import BlockingPortal
+
 from protocol.framing import OversizedLine
 from protocol.methods import METHODS, MethodSpec, params_decoder
 
@@ -132,19 +134,20 @@ class Dispatcher:
         self,
         limits: Limits,
         send: Callable[[bytes], None],
-        task_group: anyio.abc.TaskGroup,
+        portal: BlockingPortal,
         on_response: Callable[[IncomingResponse], None],
+        is_leader: Callable[[], bool],
     ) -> None:
         self._limits = limits
         self._send = send
-        self._tg = task_group
+        self._portal = portal
         self._on_response = on_response
+        self._is_leader = is_leader
         self._routes: dict[str, Route] = {}
         self._in_flight: dict[object, Reply] = {}
-        self._chunk_out: list[bytes] = []  # answers made while handling the current input chunk
-        self._collecting = False
-        self._loop_thread = threading.get_ident()
-        self.closing = False
+        self._collected: list[bytes] = []  # the reading thread's answers, written once per chunk
+        self._served_lock = threading.Lock()
+        self._loop_thread = threading.get_ident()  # constructed on the event loop
         self.requests_served = 0
 
     @property
@@ -157,21 +160,14 @@ class Dispatcher:
     def route(self, method: str, kind: RouteKind, handler: Callable[..., Any]) -> None:
         self._routes[method] = Route(kind, handler, METHODS[method], params_decoder(method))
 
-    def handle_lines(self, lines: list[bytes | OversizedLine]) -> bytes:
-        """Handle one input chunk's frames; returns the answers ready now, to write in one go."""
-        self._collecting = True
-        try:
-            for line in lines:
-                if self.closing:
-                    break  # frames after `shutdown` are not served
-                self._handle_line(line)
-        finally:
-            self._collecting = False
-        out = b"".join(self._chunk_out)
-        self._chunk_out.clear()
-        return out
+    def flush(self) -> None:
+        """Write the answers the reading thread gathered, in one go."""
+        if self._collected:
+            out = b"".join(self._collected)
+            self._collected.clear()
+            self._send(out)
 
-    def _handle_line(self, line: bytes | OversizedLine) -> None:
+    def handle_line(self, line: bytes | OversizedLine) -> None:
         if isinstance(line, OversizedLine):
             self._limits.exhausted("protocol_frame_bytes", line.seen, capacity=line.bound)
             refused = InvalidRequestError(
@@ -181,7 +177,7 @@ class Dispatcher:
                 capacity=line.bound,
                 observed=line.seen,
             )
-            self._chunk_out.append(_encode_response(None, None, refused))
+            self._collected.append(_encode_response(None, None, refused))
             return
         frame = decode_frame(line)
         if not frame.batch:
@@ -215,7 +211,7 @@ class Dispatcher:
         if batch is not None:
             batch.add(frame)
         elif frame is not None:
-            self._chunk_out.append(frame)
+            self._deliver(frame)
 
     def _answer_later(self, batch: _Batch | None) -> Callable[[bytes | None], None]:
         if batch is not None:
@@ -223,10 +219,10 @@ class Dispatcher:
         return lambda frame: None if frame is None else self._deliver(frame)
 
     def _deliver(self, frame: bytes) -> None:
-        """Answers made while the loop handles a chunk join that chunk's write, keeping input
-        order; any other answer (a task's, a worker thread's) goes out at once."""
-        if self._collecting and threading.get_ident() == self._loop_thread:
-            self._chunk_out.append(frame)
+        """The reading thread's answers join its chunk's write, keeping input order; any other
+        answer (a task's, a thread's that gave up reading) goes out at once."""
+        if self._is_leader():
+            self._collected.append(frame)
         else:
             self._send(frame)
 
@@ -245,7 +241,7 @@ class Dispatcher:
             route.spec.check(params)
             if route.kind == "inline":
                 result = route.handler(params)
-                self.requests_served += 1
+                self._count_served()
                 self._answer_now(None if call.notification else _encode_response(call.id, result, None), batch)
                 return
             reply = self._admit(call, batch)
@@ -258,7 +254,7 @@ class Dispatcher:
             self._answer_now(None if call.notification else _encode_response(call.id, None, failed), batch)
             return
         if route.kind == "task":
-            self._tg.start_soon(self._run_task, route.handler, params, reply)
+            self._portal.start_task_soon(self._run_task, route.handler, params, reply)
         else:
             self._run_deferred(route.handler, params, reply)
 
@@ -275,15 +271,25 @@ class Dispatcher:
         self._in_flight[reply.key] = reply
         return reply
 
+    def _on_loop(self, action: Callable[[], None]) -> None:
+        if threading.get_ident() == self._loop_thread:
+            action()
+        else:
+            self._portal.call(action)
+
+    def _count_served(self) -> None:
+        with self._served_lock:
+            self.requests_served += 1
+
     def _finish(self, reply: Reply) -> None:
-        self.requests_served += 1
+        self._count_served()
         # May run on a worker thread: single dict operations are atomic under the GIL.
         if self._in_flight.get(reply.key) is reply:
             del self._in_flight[reply.key]
 
     async def _run_task(self, handler: Callable[[Any], Awaitable[Any]], params: Any, reply: Reply) -> None:
         with anyio.CancelScope() as scope:
-            reply.on_cancel = scope.cancel
+            reply.on_cancel = lambda: self._on_loop(scope.cancel)
             try:
                 reply.result(await handler(params))
             except RpcError as exc:

@@ -66,9 +66,10 @@ class BlockingCall:
 
 
 class HostCalls:
-    def __init__(self, limits: Limits, send: Callable[[bytes], None]) -> None:
+    def __init__(self, limits: Limits, send: Callable[[bytes], None], before_wait: Callable[[], None]) -> None:
         self._limits = limits
         self._send = send
+        self._before_wait = before_wait  # the waiting thread may be the one reading the answer's input
         self._lock = threading.Lock()
         self._correlator = Correlator(limits.protocol_completed_ids)
         self.dropped: dict[DropReason, int] = {"unmatched": 0, "duplicate": 0, "stale": 0}
@@ -85,10 +86,19 @@ class HostCalls:
         self._send(encode(Request(id=pending.id, method="host.call", params=params)))
         return pending.id
 
-    def call_blocking(self, owner: str, method: str, params_json: bytes, timeout_s: float) -> HostAnswer:
-        """Issue and wait; on timeout the call is abandoned, so a late answer is dropped as stale."""
+    def call_blocking(
+        self, owner: str, method: str, params_json: bytes, timeout_s: float | None = None
+    ) -> HostAnswer:
+        """Issue and wait; on timeout the call is abandoned, so a late answer is dropped as stale.
+
+        The wait is `protocol_host_call_timeout_ms`, or less when the caller's own deadline
+        (what is left of the guest's call budget) comes first.
+        """
+        limit_s = self._limits.protocol_host_call_timeout_ms / 1000
+        timeout_s = limit_s if timeout_s is None else min(timeout_s, limit_s)
         waiter = BlockingCall()
         waiter.id = self.issue(owner, method, params_json, waiter)
+        self._before_wait()
         answer = waiter.wait(timeout_s)
         if answer is not None:
             return answer

@@ -1,6 +1,6 @@
-"""The daemon's life: wire transport, dispatcher and services together, serve, shut down cleanly.
+"""The daemon's life: wire intake, dispatcher, outbox and services together; shut down cleanly.
 
-Owns the read loop (input chunks → frames → dispatcher, inline answers written once per chunk),
+Owns the event loop's part (the outbox drainer, signals, slow methods' tasks through a portal),
 the session methods (`initialize`, `ping`, `shutdown`, `sidecar.stats`, `sidecar.limits`,
 `$/cancelRequest`) and the ways a session ends: `shutdown`, end of input, SIGTERM/SIGINT or a
 broken output. Each ends the same way: in-flight requests are cancelled, services (VMs) are
@@ -9,6 +9,7 @@ closed, queued output is flushed within a bounded time, and `run` returns 0.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Protocol
 import anyio
 import anyio.abc
 import structlog
+from anyio.from_thread import BlockingPortal
 
 import protocol
 from protocol.framing import LineFramer
@@ -38,7 +40,8 @@ from . import __version__
 from .dispatcher import Dispatcher
 from .hostcalls import HostCalls
 from .limits import Limits
-from .transport import Outbox, Sink, Source
+from .intake import Intake
+from .transport import FdSink, Outbox
 
 log = structlog.get_logger()
 SHUTDOWN_FLUSH_S = 0.5  # of the one second a host may wait for us to exit after EOF or SIGTERM
@@ -55,14 +58,16 @@ class Service(Protocol):
 
 
 class Server:
-    def __init__(self, source: Source, sink: Sink, limits: Limits, *, handle_signals: bool = False) -> None:
-        self._source = source
-        self._sink = sink
+    """Serves the host on `in_fd`/`out_fd` (stdio in production, a socket pair in tests)."""
+
+    def __init__(self, in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False) -> None:
+        self._in_fd = in_fd
+        self._out_fd = out_fd
         self.limits = limits
         self._handle_signals = handle_signals
         self._started = time.monotonic()
-        self._stop_requested = False
-        self._read_scope: anyio.CancelScope | None = None
+        self._stop_reason: str | None = None
+        self._stopped: anyio.Event | None = None
         self._services: list[Service] = []
         self._service_factories: list[Callable[[Server], Service]] = []
         self._rows = [
@@ -78,11 +83,23 @@ class Server:
         self._service_factories.append(factory)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
-        """Serve until the session ends; `task_status` reports when methods are registered."""
-        self.outbox = Outbox(self._sink, self.limits.protocol_outbox_bytes)
-        self.hostcalls = HostCalls(self.limits, self.outbox.send)
-        async with anyio.create_task_group() as tg:
-            self.dispatcher = Dispatcher(self.limits, self.outbox.send, tg, self.hostcalls.deliver)
+        """Serve until the session ends; `task_status` reports when the sidecar is serving."""
+        self._stopped = anyio.Event()
+        self.outbox = Outbox(FdSink(self._out_fd), self.limits.protocol_outbox_bytes)
+        self.intake = Intake(
+            self._in_fd,
+            LineFramer(self.limits.protocol_frame_bytes),
+            handle_line=lambda line: self.dispatcher.handle_line(line),
+            flush=lambda: self.dispatcher.flush(),
+            threads=self.limits.runner_worker_threads,
+            on_end=self._end_from_thread,
+        )
+        self.hostcalls = HostCalls(self.limits, self.outbox.send, before_wait=self.intake.yield_leadership)
+        async with BlockingPortal() as portal, anyio.create_task_group() as tg:
+            self._portal = portal
+            self.dispatcher = Dispatcher(
+                self.limits, self.outbox.send, portal, self.hostcalls.deliver, self.intake.is_leader
+            )
             self._register_session_methods()
             for factory in self._service_factories:
                 service = factory(self)
@@ -91,57 +108,52 @@ class Server:
             tg.start_soon(self._drain)
             if self._handle_signals:
                 await tg.start(self._watch_signals)
+            self.intake.start()
             log.info("sidecar_started", version=__version__, protocol_version=protocol.PROTOCOL_VERSION)
             task_status.started()
-            reason = await self._read_until_done()
-            await self._shut_down(reason)
+            await self._stopped.wait()
+            await self._shut_down(self._stop_reason or "unknown")
             tg.cancel_scope.cancel()
         return 0
 
-    async def _read_until_done(self) -> str:
-        framer = LineFramer(self.limits.protocol_frame_bytes)
-        self._read_scope = anyio.CancelScope()
-        if self._stop_requested:
-            self._read_scope.cancel()
-        with self._read_scope:
-            while not self._stop_requested:
-                await self.outbox.wait_for_room()
-                chunk = await self._source.receive()
-                if not chunk:
-                    return "end_of_input"
-                out = self.dispatcher.handle_lines(framer.feed(chunk))
-                if out:
-                    self.outbox.send(out)
-            return "shutdown_requested"
-        return "output_closed" if self.outbox.broken else "signal"
+    def request_stop(self, reason: str) -> None:
+        """On the event loop: end the session (the first reason given is the one logged)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        assert self._stopped is not None
+        self._stopped.set()
 
-    def request_stop(self) -> None:
-        self._stop_requested = True
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+    def _end_from_thread(self, reason: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the portal is gone: the session already ended
+            self._portal.start_task_soon(self._request_stop_async, reason)
+
+    async def _request_stop_async(self, reason: str) -> None:
+        self.request_stop(reason)
 
     async def _drain(self) -> None:
         await self.outbox.run_drainer()
         if self.outbox.broken:
-            self.request_stop()
+            self.request_stop("output_closed")
 
     async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for signum in signals:
                 log.info("signal_received", signal=signal.Signals(signum).name)
-                self.request_stop()
+                self.request_stop("signal")
                 return
 
     async def _shut_down(self, reason: str) -> None:
         log.info("sidecar_stopping", reason=reason, in_flight=self.dispatcher.in_flight)
         with anyio.CancelScope(shield=True):
+            self.intake.stop()
             self.dispatcher.cancel_all()
             for service in self._services:
                 await service.close()
             with anyio.move_on_after(SHUTDOWN_FLUSH_S):
                 await self.outbox.flush()
             self.outbox.close()
+            await anyio.to_thread.run_sync(self.intake.join, SHUTDOWN_FLUSH_S)
         log.info("sidecar_stopped", reason=reason, requests_served=self.dispatcher.requests_served)
 
     def _register_session_methods(self) -> None:
@@ -168,8 +180,7 @@ class Server:
         )
 
     def _shutdown(self, _: Empty) -> Empty:
-        self._stop_requested = True  # the read loop stops once this answer is written
-        self.dispatcher.closing = True
+        self.intake.closing = True  # intake stops reading once this answer is written
         return Empty()
 
     def _stats(self, _: Empty) -> StatsResult:

@@ -1,6 +1,7 @@
 """Byte transport between the host and the sidecar: the only code that touches fds 0 and 1.
 
-Owns reading chunks of input and the bounded outbox that any thread may send frames through.
+Owns the stdio descriptors (claimed at start so nothing else can use them) and the bounded
+outbox that any thread may send frames through; `sidecar.intake` reads the input side.
 A frame is written straight to the pipe by the thread that produced it when nothing is queued
 (a guest's worker answers its own `vm.call` without a thread hand-off); what the pipe cannot
 take at once waits in the outbox and a drainer task on the event loop writes it when the pipe
@@ -18,44 +19,17 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator
-from typing import Protocol
 
 import anyio
-import anyio.abc
 import structlog
 
 log = structlog.get_logger()
 READ_CHUNK = 1 << 16
 
 
-class Source(Protocol):
-    async def receive(self) -> bytes:
-        """The next chunk of input; empty at end of input."""
-
-
-class Sink(Protocol):
-    def write_now(self, data: bytes) -> int:
-        """Write what fits without blocking; return how many bytes were taken."""
-
-    async def write_all(self, data: bytes) -> None:
-        """Write everything, waiting for the peer as needed."""
-
-
-class FdSource:
-    """Reads a file descriptor without blocking the event loop (a regular file never would)."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    async def receive(self) -> bytes:
-        while True:
-            try:
-                return os.read(self._fd, READ_CHUNK)
-            except BlockingIOError:
-                await anyio.wait_readable(self._fd)
-
-
 class FdSink:
+    """The host's end of the protocol output: a non-blocking pipe, socket or file."""
+
     def __init__(self, fd: int) -> None:
         self._fd = fd
 
@@ -75,37 +49,13 @@ class FdSink:
                 await anyio.wait_writable(self._fd)
 
 
-class StreamSource:
-    """Input from an anyio byte stream (the in-memory transport of the contract tests)."""
-
-    def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
-        self._stream = stream
-
-    async def receive(self) -> bytes:
-        try:
-            return await self._stream.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return b""
-
-
-class StreamSink:
-    def __init__(self, stream: anyio.abc.ByteSendStream) -> None:
-        self._stream = stream
-
-    def write_now(self, data: bytes) -> int:
-        return 0  # streams are only written from the event loop, by the drainer
-
-    async def write_all(self, data: bytes) -> None:
-        await self._stream.send(data)
-
-
 class Outbox:
     """Bounded, thread-safe queue of outgoing frames with direct writes when it is empty.
 
     Constructed on the event loop's thread: that thread is never made to wait for room.
     """
 
-    def __init__(self, sink: Sink, capacity_bytes: int) -> None:
+    def __init__(self, sink: FdSink, capacity_bytes: int) -> None:
         self._sink = sink
         self._capacity = capacity_bytes
         self._lock = threading.Lock()
@@ -166,7 +116,7 @@ class Outbox:
                     continue
                 try:
                     await self._sink.write_all(batch)
-                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                except OSError as exc:
                     with self._lock:
                         self._fail(exc)
                     return

@@ -6,7 +6,7 @@ reach into the server) and over a real `python -m sidecar` subprocess (the real 
 
 from __future__ import annotations
 
-import math
+import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -18,7 +18,6 @@ import anyio.abc
 from protocol.client import HostHandler, SidecarClient
 from sidecar.limits import load_limits
 from sidecar.server import Server
-from sidecar.transport import StreamSink, StreamSource
 
 WAIT = 10  # seconds: the ceiling on any single wait in a test, never an expected duration
 
@@ -27,22 +26,28 @@ WAIT = 10  # seconds: the ceiling on any single wait in a test, never an expecte
 async def memory_session(
     env: Mapping[str, str] | None = None, host_handler: HostHandler | None = None
 ) -> AsyncIterator[tuple[SidecarClient, Server]]:
-    """A server on the event loop of the test, wired to a client through memory streams."""
-    to_server, server_in = anyio.create_memory_object_stream[bytes](math.inf)
-    server_out, from_server = anyio.create_memory_object_stream[bytes](math.inf)
-    server = Server(StreamSource(server_in), StreamSink(server_out), load_limits(dict(env or {})))
-    async with anyio.create_task_group() as tg, server_in, from_server:
+    """A server in this process, wired to a client through a socket pair (no subprocess)."""
+    host_end, sidecar_end = socket.socketpair()
+    sidecar_end.setblocking(False)
+    server = Server(sidecar_end.fileno(), sidecar_end.fileno(), load_limits(dict(env or {})))
 
-        async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            async with server_out:
-                await server.run(task_status=task_status)
+    async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            await server.run(task_status=task_status)
+        finally:
+            sidecar_end.shutdown(socket.SHUT_RDWR)  # what the process's exit does to its stdio
 
-        await tg.start(serve)
-        async with SidecarClient.attach(to_server, from_server, host_handler) as client:
-            yield client, server
-            await to_server.aclose()
-            with anyio.fail_after(WAIT):
-                await client.closed.wait()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve)
+            stream = await anyio.abc.SocketStream.from_socket(host_end)
+            async with stream, SidecarClient.attach(stream, stream, host_handler) as client:
+                yield client, server
+                await stream.send_eof()
+                with anyio.fail_after(WAIT):
+                    await client.closed.wait()
+    finally:
+        sidecar_end.close()
 
 
 @asynccontextmanager

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.anyio
 
 METHODS = ["ping", "initialize", "sidecar.stats", "sidecar.limits", "$/cancelRequest", "vm.list", "no.such", "", "rpc.x"]
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=8,
 )

@@ -184,3 +184,20 @@ async def test_abandoning_a_vm_wakes_its_waiters_and_makes_answers_stale() -> No
             while server.hostcalls.dropped["stale"] == 0:
                 await client.request("ping")
             assert server.hostcalls.pending == 0
+
+
+async def test_host_call_wait_is_bounded_by_the_protocol_limit() -> None:
+    asked = anyio.Event()
+
+    async def silent_host(vm_id: str, method: str, params: object) -> object:
+        asked.set()
+        await anyio.sleep_forever()
+
+    async with memory_session(env={"SIDECAR_PROTOCOL_HOST_CALL_TIMEOUT_MS": "50"}, host_handler=silent_host) as (
+        client,
+        server,
+    ):
+        with anyio.fail_after(WAIT):
+            answer = await anyio.to_thread.run_sync(server.hostcalls.call_blocking, "vm-1", "m", b"{}", WAIT)
+        assert answer.status == STATUS_TIMEOUT and asked.is_set()
+        assert server.hostcalls.pending == 0

@@ -1,0 +1,112 @@
+"""Benchmark plumbing shared by the scripts here: a raw-pipe peer that reads through a buffer.
+
+Reading line by line from an unbuffered pipe costs a system call per byte and would measure
+this client instead of the process under test, so replies are read in large chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SIDECAR = [sys.executable, "-m", "sidecar"]
+ECHO = [sys.executable, str(Path(__file__).with_name("echo_server.py"))]
+
+
+class Peer:
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+        )
+        self._in = self.proc.stdin.fileno()
+        self._out = self.proc.stdout.fileno()
+        self._buffer = bytearray()
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._in, view) :]
+
+    def read_lines(self, count: int) -> list[bytes]:
+        """Exactly `count` complete lines, reading 1 MiB at a time."""
+        lines: list[bytes] = []
+        while len(lines) < count:
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                chunk = os.read(self._out, 1 << 20)
+                if not chunk:
+                    raise RuntimeError("peer closed its output")
+                self._buffer += chunk
+                continue
+            lines.append(bytes(self._buffer[:newline]))
+            del self._buffer[: newline + 1]
+        return lines
+
+    def count_lines(self, count: int) -> None:
+        """Consume `count` lines without splitting them (throughput runs)."""
+        seen = 0
+        while seen < count:
+            chunk = os.read(self._out, 1 << 20)
+            if not chunk:
+                raise RuntimeError("peer closed its output")
+            seen += chunk.count(b"\n")
+
+    def request(self, method: str, params: object = None, request_id: int = 1) -> dict:
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.send(json.dumps(message).encode() + b"\n")
+        return json.loads(self.read_lines(1)[0])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+def pipelined(peer: Peer, total: int, window: int, frame: bytes) -> float:
+    """Requests per second with `window` requests always in flight (the frame's id is fixed)."""
+    started = time.perf_counter()
+    peer.send(frame * window)
+    sent, done = window, 0
+    while done < total:
+        chunk = os.read(peer._out, 1 << 20)
+        answered = chunk.count(b"\n")
+        done += answered
+        more = min(answered, total - sent)
+        if more > 0:
+            peer.send(frame * more)
+            sent += more
+    return total / (time.perf_counter() - started)
+
+
+def round_trips(peer: Peer, frame: bytes, count: int) -> list[float]:
+    """Latency of `count` sequential round trips, in microseconds."""
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        peer.send(frame)
+        peer.read_lines(1)
+        times.append((time.perf_counter() - started) * 1e6)
+    return times
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def summary(values: list[float]) -> str:
+    return f"p50 {statistics.median(values):.1f}  p90 {percentile(values, 0.9):.1f}  p99 {percentile(values, 0.99):.1f}"

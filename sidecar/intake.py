@@ -1,0 +1,145 @@
+"""Reading the host's input on a pool of threads, one of which reads at a time (leader/followers).
+
+Owns fd 0's read side and the order in which frames are handled. The thread that reads a chunk
+(the leader) also handles its frames, guest calls included, and writes the answers itself: a
+`vm.call` costs no thread hand-off, which on these machines is worth more than the whole call.
+Before that thread could make the host wait (a guest that runs past one epoch tick, a guest
+blocked on `host_call`, a compile), it hands the reader role and the rest of its chunk to an
+idle thread (`yield_leadership`), so nothing queues behind a slow request for more than a tick.
+Knows nothing about what frames mean: the dispatcher does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import structlog
+
+from protocol.framing import LineFramer, OversizedLine
+
+from .transport import READ_CHUNK
+
+log = structlog.get_logger()
+Line = bytes | OversizedLine
+
+
+class Intake:
+    def __init__(
+        self,
+        fd: int,
+        framer: LineFramer,
+        handle_line: Callable[[Line], None],
+        flush: Callable[[], None],
+        threads: int,
+        on_end: Callable[[str], None],
+    ) -> None:
+        self._fd = fd
+        self._framer = framer
+        self._handle_line = handle_line
+        self._flush = flush
+        self._thread_count = max(2, threads)  # one reads while another may run a guest
+        self._on_end = on_end
+        self._lead = threading.Lock()
+        self._leader: int | None = None
+        self._backlog: deque[Line] = deque()
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._poller = select.poll()  # used by the leader only
+        self._poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        self._poller.register(self._wake_r, select.POLLIN)
+        self._threads: list[threading.Thread] = []
+        self.closing = False  # set by `shutdown`: the rest of the input is not served
+
+    def start(self) -> None:
+        for index in range(self._thread_count):
+            thread = threading.Thread(target=self._serve, name=f"sidecar-worker-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def is_leader(self) -> bool:
+        return self._leader == threading.get_ident()
+
+    def yield_leadership(self) -> None:
+        """Called by a thread that may keep the host waiting: if it reads, another thread takes over.
+
+        Answers gathered so far leave first, and unhandled frames of its chunk go to the next leader.
+        """
+        if self._leader != threading.get_ident():
+            return
+        self._flush()
+        self._leader = None
+        self._lead.release()
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    def join(self, timeout_s: float) -> None:
+        for thread in self._threads:
+            thread.join(timeout_s)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _serve(self) -> None:
+        me = threading.get_ident()
+        while True:
+            self._lead.acquire()
+            if self._stopping:
+                self._lead.release()
+                return
+            self._leader = me
+            try:
+                self._lead_while_possible(me)
+            except Exception as exc:  # a bug here must not silently stop all reading
+                log.error("intake_failed", exc_info=exc)
+                self._finish("internal_error")
+            if self._leader == me:
+                self._leader = None
+                self._lead.release()
+
+    def _lead_while_possible(self, me: int) -> None:
+        while self._leader == me and not self._stopping:
+            if not self._backlog:
+                chunk = self._read()
+                if chunk is None:
+                    return
+                if not chunk:
+                    self._finish("end_of_input")
+                    return
+                self._backlog.extend(self._framer.feed(chunk))
+            while self._backlog and self._leader == me:
+                if self.closing:
+                    self._backlog.clear()
+                    break
+                self._handle_line(self._backlog.popleft())
+            if self._leader == me:
+                self._flush()
+            if self.closing:
+                self._finish("shutdown_requested")
+                return
+
+    def _read(self) -> bytes | None:
+        """The next chunk, b"" at end of input, None when stopped."""
+        while not self._stopping:
+            events = dict(self._poller.poll())
+            if self._wake_r in events:
+                return None
+            if self._fd in events:
+                try:
+                    return os.read(self._fd, READ_CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return b""
+        return None
+
+    def _finish(self, reason: str) -> None:
+        self._stopping = True
+        self._on_end(reason)
