@@ -39,7 +39,7 @@ class RpcError(Exception):
     code: ClassVar[ErrorCode] = ErrorCode.INTERNAL_ERROR
     kind: ClassVar[str] = "internal"
 
-    def __init__(self, message: str, **details: Any) -> None:
+    def __init__(self, message: str, /, **details: Any) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
@@ -73,7 +73,7 @@ class InvalidParamsError(RpcError):
     code = ErrorCode.INVALID_PARAMS
     kind = "invalid_params"
 
-    def __init__(self, message: str, *, path: str = "$", **details: Any) -> None:
+    def __init__(self, message: str, /, *, path: str = "$", **details: Any) -> None:
         super().__init__(message, path=path, **details)
 
 
@@ -109,7 +109,7 @@ class GuestTrapError(RpcError):
     code = ErrorCode.TRAP
     kind = "trap"
 
-    def __init__(self, trap_code: str, message: str, **details: Any) -> None:
+    def __init__(self, trap_code: str, message: str, /, **details: Any) -> None:
         super().__init__(f"guest trapped: {trap_code}", trap_code=trap_code, message=message, **details)
 
 
@@ -133,7 +133,7 @@ class InvalidModuleError(RpcError):
     code = ErrorCode.INVALID_MODULE
     kind = "invalid_module"
 
-    def __init__(self, message: str, *, stage: str, **details: Any) -> None:
+    def __init__(self, message: str, /, *, stage: str, **details: Any) -> None:
         super().__init__(message, stage=stage, **details)
 
 
@@ -143,7 +143,7 @@ class InvalidSnapshotError(RpcError):
     code = ErrorCode.INVALID_SNAPSHOT
     kind = "invalid_snapshot"
 
-    def __init__(self, message: str, *, stage: str, **details: Any) -> None:
+    def __init__(self, message: str, /, *, stage: str, **details: Any) -> None:
         super().__init__(message, stage=stage, **details)
 
 

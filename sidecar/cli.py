@@ -45,11 +45,13 @@ def serve() -> int:
     from .limits import process_limits
     from .server import Server
     from .transport import claim_stdio, nonblocking
+    from .vms import vm_service
 
     logs.configure()
     limits = process_limits()
     in_fd, out_fd = claim_stdio()
     server = Server(in_fd, out_fd, limits, handle_signals=True)
+    server.add_service(vm_service)
     with nonblocking(out_fd):
         return anyio.run(server.run)
 

@@ -18,6 +18,7 @@ import structlog
 from protocol.correlator import Correlator, Delivered, DropReason
 from protocol.decoding import IncomingResponse
 from protocol.envelope import Request, encode
+from protocol.errors import env_var_for
 from protocol.methods import HostCallParams
 
 from .limits import Limits
@@ -40,6 +41,9 @@ class HostAnswer:
 
 
 def refusal(reason: str, **details: object) -> HostAnswer:
+    """A call the sidecar refused or abandoned; its JSON says why, and names any limit."""
+    if "limit" in details:
+        details["env"] = env_var_for(str(details["limit"]))
     body = {"code": STATUS_REFUSED, "message": reason, **details}
     return HostAnswer(STATUS_REFUSED, msgspec.json.encode(body))
 
@@ -66,10 +70,9 @@ class BlockingCall:
 
 
 class HostCalls:
-    def __init__(self, limits: Limits, send: Callable[[bytes], None], before_wait: Callable[[], None]) -> None:
+    def __init__(self, limits: Limits, send: Callable[[bytes], None]) -> None:
         self._limits = limits
         self._send = send
-        self._before_wait = before_wait  # the waiting thread may be the one reading the answer's input
         self._lock = threading.Lock()
         self._correlator = Correlator(limits.protocol_completed_ids)
         self.dropped: dict[DropReason, int] = {"unmatched": 0, "duplicate": 0, "stale": 0}
@@ -77,6 +80,10 @@ class HostCalls:
     @property
     def pending(self) -> int:
         return len(self._correlator)
+
+    def pending_for(self, owner: str) -> int:
+        with self._lock:
+            return len(self._correlator.pending_of(owner))
 
     def issue(self, owner: str, method: str, params_json: bytes, waiter: Callable[[HostAnswer], None]) -> str:
         """Send `host.call` for `owner` (a vm_id); `waiter` gets exactly one answer unless abandoned."""
@@ -87,18 +94,25 @@ class HostCalls:
         return pending.id
 
     def call_blocking(
-        self, owner: str, method: str, params_json: bytes, timeout_s: float | None = None
+        self,
+        owner: str,
+        method: str,
+        params_json: bytes,
+        timeout_s: float | None = None,
+        on_issued: Callable[[str], None] | None = None,
     ) -> HostAnswer:
         """Issue and wait; on timeout the call is abandoned, so a late answer is dropped as stale.
 
         The wait is `protocol_host_call_timeout_ms`, or less when the caller's own deadline
-        (what is left of the guest's call budget) comes first.
+        (what is left of the guest's call budget) comes first. `on_issued(id)` runs before the
+        wait: the caller may need to let go of input reading, or to record the id for a cancel.
         """
         limit_s = self._limits.protocol_host_call_timeout_ms / 1000
         timeout_s = limit_s if timeout_s is None else min(timeout_s, limit_s)
         waiter = BlockingCall()
         waiter.id = self.issue(owner, method, params_json, waiter)
-        self._before_wait()
+        if on_issued is not None:
+            on_issued(waiter.id)
         answer = waiter.wait(timeout_s)
         if answer is not None:
             return answer
@@ -107,9 +121,13 @@ class HostCalls:
             return HostAnswer(STATUS_TIMEOUT)
         return waiter.wait(0) or HostAnswer(STATUS_TIMEOUT)  # answered in the same instant
 
-    def abandon(self, request_id: str) -> bool:
+    def abandon(self, request_id: str, reason: str | None = None) -> bool:
+        """Give up on one call; with a `reason`, its waiter hears a refusal now (a cancel)."""
         with self._lock:
-            return self._correlator.abandon(request_id) is not None
+            pending = self._correlator.abandon(request_id)
+        if pending is not None and reason is not None:
+            pending.waiter(refusal(reason, request_id=request_id))
+        return pending is not None
 
     def abandon_owner(self, owner: str, reason: str) -> int:
         """End every call of one VM; their waiters hear a refusal and late answers become stale."""

@@ -94,7 +94,7 @@ class Server:
             threads=self.limits.runner_worker_threads,
             on_end=self._end_from_thread,
         )
-        self.hostcalls = HostCalls(self.limits, self.outbox.send, before_wait=self.intake.yield_leadership)
+        self.hostcalls = HostCalls(self.limits, self.outbox.send)
         async with BlockingPortal() as portal, anyio.create_task_group() as tg:
             self._portal = portal
             self.dispatcher = Dispatcher(

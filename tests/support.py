@@ -18,6 +18,7 @@ import anyio.abc
 from protocol.client import HostHandler, SidecarClient
 from sidecar.limits import load_limits
 from sidecar.server import Server
+from sidecar.vms import vm_service
 
 WAIT = 10  # seconds: the ceiling on any single wait in a test, never an expected duration
 
@@ -30,6 +31,7 @@ async def memory_session(
     host_end, sidecar_end = socket.socketpair()
     sidecar_end.setblocking(False)
     server = Server(sidecar_end.fileno(), sidecar_end.fileno(), load_limits(dict(env or {})))
+    server.add_service(vm_service)
 
     async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
         try:

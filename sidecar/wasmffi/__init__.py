@@ -12,6 +12,9 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
 - `value_type_names(engine, valtypes)`: "i32".."v128"/"ref" without the C call that aborts
   the process on v128 and GC reference types (which `str(ValType)`, `ValType ==` and
   `Func.__call__` all make).
+- `define_host_func(linker, ...)`: host functions that trap only their own caller
+  (`GuestFault`), never through wasmtime-py's process-global exception slot, and `GuestMemory`,
+  the caller's memory with bounds-checked reads and writes.
 - `enable_pooling(config, ...)`: the pooling instance allocator (measured ~20-30% faster
   instantiation; fixed capacity and a large address-space reservation, see `pooling`).
 
@@ -21,12 +24,16 @@ what a trap means. Pinned to wasmtime-py 50.x (the private `_ffi`/`_bindings` la
 
 from .deadline import live_deadline_callbacks, set_deadline_callback, trap_message
 from .fastcall import FastCall, store_id
+from .hostfunc import GuestFault, GuestMemory, define_host_func
 from .pooling import enable_pooling
 from .valtypes import value_type_names
 from .wasi import set_wasi_stdin_bytes
 
 __all__ = [
     "FastCall",
+    "GuestFault",
+    "GuestMemory",
+    "define_host_func",
     "enable_pooling",
     "live_deadline_callbacks",
     "set_deadline_callback",

@@ -1,0 +1,134 @@
+"""Guest ABI v1, synchronous part: the `sidecar` import module a guest links against.
+
+Owns `input_len`, `input_read`, `output_write`, `host_call` and `response_read`: what each does
+with the current call's state, and every check on the guest's pointers, lengths and budgets.
+A broken ABI contract (a bad pointer, a length past memory) traps that guest and nothing else; a
+budget that bites records which limit it was so the call's error can name it. Knows nothing
+about stores or threads: the isolate binds these functions to one instance and its call state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import wasmtime
+
+from protocol.errors import LimitExceededError
+
+from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, refusal
+from .limits import Limits
+from .wasmffi import GuestFault, GuestMemory, define_host_func
+
+MODULE = "sidecar"
+# name -> (params, results): the signatures a guest must import them with.
+SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "input_len": ((), ("i32",)),
+    "input_read": (("i32",), ()),
+    "output_write": (("i32", "i32"), ()),
+    "host_call": (("i32", "i32", "i32", "i32"), ("i32",)),
+    "response_read": (("i32",), ()),
+}
+
+
+@dataclass
+class CallState:
+    """What one guest call can see and what it left behind; owned by the thread running it."""
+
+    input: bytes = b""
+    output_cap: int = 0
+    deadline: float = float("inf")
+    output: bytearray = field(default_factory=bytearray)
+    response: bytes = b""
+    stop: str | None = None  # "cancelled", "timeout" or "disposed": why the deadline callback stopped it
+    fault: tuple[str, str] | None = None  # (trap_code, message) of an ABI violation
+    exceeded: LimitExceededError | None = None  # a guest budget that ended the call
+    host_call_id: str | None = None
+
+
+class GuestAbi:
+    """The ABI functions of one instance: `state` is swapped in for each call."""
+
+    def __init__(self, vm_id: str, limits: Limits, hostcalls: HostCalls, before_wait: Callable[[], None]) -> None:
+        self.vm_id = vm_id
+        self.limits = limits
+        self.hostcalls = hostcalls
+        self.before_wait = before_wait
+        self.state = CallState()
+
+    def define(self, linker: wasmtime.Linker) -> None:
+        handlers = {
+            "input_len": self._input_len,
+            "input_read": self._input_read,
+            "output_write": self._output_write,
+            "host_call": self._host_call,
+            "response_read": self._response_read,
+        }
+        for name, (params, results) in SIGNATURES.items():
+            define_host_func(linker, MODULE, name, params, results, self._guarded(handlers[name]))
+
+    def _guarded(self, handler: Callable[[GuestMemory, list[int]], list[int]]) -> Callable[[GuestMemory, list[int]], list[int]]:
+        """Remember an ABI fault before it traps, so the call's error carries its trap code."""
+
+        def call(memory: GuestMemory, args: list[int]) -> list[int]:
+            try:
+                return handler(memory, args)
+            except GuestFault as fault:
+                if self.state.fault is None and self.state.exceeded is None:
+                    self.state.fault = ("memory_out_of_bounds", str(fault))
+                raise
+
+        return call
+
+    def _input_len(self, memory: GuestMemory, args: list[int]) -> list[int]:
+        return [len(self.state.input)]
+
+    def _input_read(self, memory: GuestMemory, args: list[int]) -> list[int]:
+        memory.write(args[0], self.state.input)
+        return []
+
+    def _output_write(self, memory: GuestMemory, args: list[int]) -> list[int]:
+        pointer, length = args
+        data = memory.read(pointer, length)
+        state = self.state
+        if len(state.output) + len(data) > state.output_cap:
+            observed = len(state.output) + len(data)
+            state.exceeded = self.limits.exceeded("vm_output_bytes", observed, capacity=state.output_cap, vm_id=self.vm_id)
+            raise GuestFault(f"vm_output_bytes exceeded: {observed} > {state.output_cap}")
+        state.output += data
+        return []
+
+    def _host_call(self, memory: GuestMemory, args: list[int]) -> list[int]:
+        method_ptr, method_len, params_ptr, params_len = args
+        state = self.state
+        capacity = self.limits.vm_host_call_bytes
+        if params_len > capacity or method_len > capacity:
+            self.limits.exhausted("vm_host_call_bytes", max(params_len, method_len), capacity=capacity, vm_id=self.vm_id)
+            return self._answer(refusal("host call larger than vm_host_call_bytes", limit="vm_host_call_bytes",
+                                        capacity=capacity, observed=max(params_len, method_len)))
+        method = memory.read(method_ptr, method_len).decode("utf-8", "replace")
+        raw = memory.read(params_ptr, params_len)
+        try:
+            params = msgspec.json.format(raw, indent=-1) if raw.strip() else b"null"
+        except msgspec.DecodeError as exc:
+            return self._answer(refusal(f"host_call params are not JSON: {exc}"))
+        remaining = state.deadline - time.monotonic()
+        if remaining <= 0:
+            return self._answer(HostAnswer(STATUS_TIMEOUT))
+        answer = self.hostcalls.call_blocking(self.vm_id, method, params, remaining, self._track)
+        state.host_call_id = None
+        return self._answer(answer)
+
+    def _track(self, request_id: str) -> None:
+        self.state.host_call_id = request_id
+        self.before_wait()
+
+    def _answer(self, answer: HostAnswer) -> list[int]:
+        self.state.response = answer.payload
+        return [len(answer.payload) if answer.status == 0 else answer.status]
+
+    def _response_read(self, memory: GuestMemory, args: list[int]) -> list[int]:
+        memory.write(args[0], self.state.response)
+        return []

@@ -1,0 +1,206 @@
+"""An isolate: one wasmtime store with one instance of a VM's module, and the calls made into it.
+
+Owns everything that touches a store: its budgets (`Store.set_limits`, fuel, the epoch deadline
+and the callback that stops a guest for a timeout, a cancel or a dispose), the guest ABI bound to
+this instance only, WASI when the module imports it, and translating what wasmtime raises into
+the protocol's errors. The structure rules out the misuses that abort the process: every object
+is created from and used with this isolate's own store, a module that imports WASI always gets a
+store with WASI, and callers use one isolate from one thread at a time. Knows nothing about
+requests or queues: the VM decides when to call.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+import wasmtime
+
+from protocol.errors import (
+    CallTimeoutError,
+    GuestTrapError,
+    InvalidParamsError,
+    RequestCancelledError,
+    RpcError,
+    env_var_for,
+)
+
+from .guest_abi import CallState, GuestAbi
+from .hostcalls import HostCalls
+from .limits import Limits
+from .modules import CompiledModule
+from .wasmffi import FastCall, set_deadline_callback, trap_message
+
+log = structlog.get_logger()
+_ARGUMENT = re.compile(r"argument (\d+)")
+_TRAP_CODES = {code: code.name.lower() for code in wasmtime.TrapCode}
+_TIMEOUT, _CANCELLED, _DISPOSED = "timeout", "cancelled", "disposed"
+# Traps that mean a guest budget ran out: their errors name the limit like any other.
+_BUDGET_OF_TRAP = {"out_of_fuel": "vm_fuel", "stack_overflow": "vm_stack_bytes"}
+
+
+class Isolate:
+    def __init__(
+        self,
+        vm_id: str,
+        compiled: CompiledModule,
+        engine: wasmtime.Engine,
+        limits: Limits,
+        hostcalls: HostCalls,
+        yield_reading: Callable[[], None],
+        wasi: wasmtime.WasiConfig | None = None,
+    ) -> None:
+        self.vm_id = vm_id
+        self.compiled = compiled
+        self.limits = limits
+        self._yield_reading = yield_reading
+        self._fast: dict[str, FastCall] = {}
+        self.memory_bytes = 0  # retained linear memory after the last call; read without the store
+        self.store = wasmtime.Store(engine)
+        self.store.set_limits(
+            memory_size=limits.vm_memory_bytes,
+            table_elements=limits.vm_table_elements,
+            instances=limits.vm_instances,
+            tables=limits.vm_tables,
+            memories=limits.vm_memories,
+        )
+        linker = wasmtime.Linker(engine)
+        if compiled.wasi:  # a WASI guest in a store without WASI aborts the process
+            linker.define_wasi()
+            self.store.set_wasi(wasi if wasi is not None else wasmtime.WasiConfig())
+        self.abi = GuestAbi(vm_id, limits, hostcalls, yield_reading)
+        self.abi.define(linker)
+        set_deadline_callback(self.store, self._decide)
+        try:
+            self.instance = self._guarded(
+                lambda: linker.instantiate(self.store, compiled.module),
+                CallState(deadline=time.monotonic() + limits.vm_call_timeout_ms / 1000),
+                limits.vm_call_timeout_ms,
+            )
+        except BaseException:
+            self.store.close()
+            raise
+        exports = self.instance.exports(self.store).by_index
+        self._memories = [item for item in exports if isinstance(item, wasmtime.Memory)]
+        self._refresh_memory()
+
+    def call(self, export: str, args: Sequence[int | float], state: CallState, timeout_ms: int) -> list[int | float]:
+        fast = self._fast.get(export) or self._bind(export)
+        try:
+            return self._guarded(lambda: fast(args), state, timeout_ms)
+        except (TypeError, ValueError) as exc:
+            found = _ARGUMENT.search(str(exc))
+            path = f"$.args[{found.group(1)}]" if found else "$.args"
+            raise InvalidParamsError(str(exc), path=path) from None
+        finally:
+            self._refresh_memory()
+
+    def run_start(self, state: CallState, timeout_ms: int) -> int:
+        """Run a WASI command's `_start`; its exit code (0 when it returns)."""
+        start = self._fast.get("_start") or self._bind("_start")
+        try:
+            self._guarded(lambda: start([]), state, timeout_ms)
+        except _Exited as exited:
+            return exited.code
+        finally:
+            self._refresh_memory()
+        return 0
+
+    def fuel_used(self, budget: int) -> int:
+        return budget - self.store.get_fuel()
+
+    def stop(self, reason: str) -> None:
+        """From any thread: the running call (if any) ends at the next epoch tick."""
+        self.abi.state.stop = reason
+
+    def close(self) -> None:
+        self._fast.clear()
+        self.store.close()
+
+    def _bind(self, export: str) -> FastCall:
+        found = self.instance.exports(self.store).get(export)
+        if found is None:
+            names = sorted(e.name for e in self.compiled.exports if e.kind == "func")
+            raise InvalidParamsError(f"the module has no export {export!r}", path="$.export", exports=names)
+        if not isinstance(found, wasmtime.Func):
+            raise InvalidParamsError(f"export {export!r} is not a function", path="$.export")
+        try:
+            fast = FastCall(self.store, found, name=export)
+        except TypeError as exc:  # v128 or reference types: not callable with JSON numbers
+            raise InvalidParamsError(str(exc), path="$.export") from None
+        self._fast[export] = fast
+        return fast
+
+    def _guarded(self, action: Callable[[], object], state: CallState, timeout_ms: int):  # type: ignore[no-untyped-def]
+        """Run guest code with this call's state, deadline and fuel; translate what it raises."""
+        self.abi.state = state
+        self.store.set_epoch_deadline(1)
+        if self.limits.vm_fuel:
+            self.store.set_fuel(self.limits.vm_fuel)
+        try:
+            return action()
+        except wasmtime.ExitTrap as exc:
+            raise _Exited(exc.code) from None
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            raise self._translate(exc, state, timeout_ms) from None
+
+    def _decide(self) -> int | str:
+        """Epoch tick while the guest runs (on its thread): stop it, or let it go on one more tick."""
+        state = self.abi.state
+        if state.stop is not None:
+            return state.stop
+        if time.monotonic() >= state.deadline:
+            state.stop = _TIMEOUT
+            return _TIMEOUT
+        self._yield_reading()  # a guest that outlives a tick must not hold up the host's input
+        return 1
+
+    def _translate(self, exc: Exception, state: CallState, timeout_ms: int) -> RpcError:
+        if state.exceeded is not None:
+            return state.exceeded
+        if state.stop == _TIMEOUT:
+            self.limits.exhausted("vm_call_timeout_ms", timeout_ms, capacity=timeout_ms, vm_id=self.vm_id)
+            return CallTimeoutError(limit="vm_call_timeout_ms", capacity=timeout_ms, vm_id=self.vm_id)
+        if state.stop in (_CANCELLED, _DISPOSED):
+            return RequestCancelledError(f"the call was stopped: VM {state.stop}", vm_id=self.vm_id, reason=state.stop)
+        if state.fault is not None:
+            code, message = state.fault
+            return GuestTrapError(code, message, vm_id=self.vm_id)
+        message = trap_message(exc)
+        code = _TRAP_CODES.get(getattr(exc, "trap_code", None), "") or _trap_code_from(message)
+        budget = _BUDGET_OF_TRAP.get(code)
+        if budget is None:
+            return GuestTrapError(code, message, vm_id=self.vm_id)
+        capacity = getattr(self.limits, budget)
+        self.limits.exhausted(budget, capacity, capacity=capacity, vm_id=self.vm_id)
+        return GuestTrapError(code, message, vm_id=self.vm_id, limit=budget, env=env_var_for(budget), capacity=capacity)
+
+    def _refresh_memory(self) -> None:
+        self.memory_bytes = sum(memory.data_len(self.store) for memory in self._memories)
+
+
+class _Exited(Exception):
+    """A WASI `proc_exit`: not a failure, the command's exit code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _trap_code_from(message: str) -> str:
+    """wasmtime's texts for traps that reach Python without a code (e.g. inside instantiation)."""
+    text = message.lower()
+    for needle, code in (
+        ("unreachable", "unreachable"),
+        ("call stack exhausted", "stack_overflow"),
+        ("out of bounds memory access", "memory_out_of_bounds"),
+        ("all fuel consumed", "out_of_fuel"),
+        ("integer divide by zero", "integer_division_by_zero"),
+        ("integer overflow", "integer_overflow"),
+        ("indirect call", "indirect_call_to_null"),
+    ):
+        if needle in text:
+            return code
+    return "trap"

@@ -1,0 +1,347 @@
+"""The VM service: `module.load`, `vm.create`, `vm.call`, `vm.run`, `vm.dispose`, `vm.list`.
+
+Owns the registry of live VMs and the checks that come before a VM exists (the import contract,
+declared memory against `vm_memory_bytes`, per-VM limits against their ceilings, the live-VM
+bound), and turns each request into a job on its VM. Guest work runs on the thread that read the
+request; compiles run in a worker thread, never on the event loop and never on a guest's budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+import wasmtime
+
+from protocol.envelope import Notification, encode
+from protocol.errors import InvalidModuleError, InvalidParamsError, VmNotFoundError
+from protocol.methods import (
+    Empty,
+    ModuleLoadParams,
+    ModuleLoadResult,
+    VmCallParams,
+    VmCallResult,
+    VmCreateParams,
+    VmCreateResult,
+    VmDisposeParams,
+    VmInfo,
+    VmListResult,
+    VmOutputParams,
+    VmRunParams,
+    VmRunResult,
+    WasiSettings,
+)
+
+from . import guest_abi
+from .dispatcher import Dispatcher, Reply
+from .engines import Engines, EngineSettings
+from .guest_abi import CallState
+from .limits import Limits
+from .modules import CompiledModule, ModuleStore, read_source
+from .vm import Job, Runtime, Vm
+from .wasmffi import set_wasi_stdin_bytes
+
+log = structlog.get_logger()
+WASI_MODULE = "wasi_snapshot_preview1"
+
+
+class VmService:
+    def __init__(self, limits: Limits, runtime: Runtime, modules: ModuleStore, engines: Engines) -> None:
+        self.limits = limits
+        self.runtime = runtime
+        self.modules = modules
+        self.engines = engines
+        self._vms: dict[str, Vm] = {}
+        self._starting = 0  # VMs being built: they count against runner_vms already
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._compiles = anyio.CapacityLimiter(limits.runner_worker_threads)
+
+    def register(self, dispatcher: Dispatcher) -> None:
+        dispatcher.route("module.load", "task", self.module_load)
+        dispatcher.route("vm.create", "deferred", self.vm_create)
+        dispatcher.route("vm.call", "deferred", self.vm_call)
+        dispatcher.route("vm.run", "deferred", self.vm_run)
+        dispatcher.route("vm.dispose", "inline", self.vm_dispose)
+        dispatcher.route("vm.list", "inline", self.vm_list)
+
+    def count(self) -> int:
+        return len(self._vms)
+
+    async def close(self) -> None:
+        with self._lock:
+            vms = list(self._vms.values())
+            self._vms.clear()
+        for vm in vms:
+            vm.dispose()
+        self.engines.close()
+
+    # -- methods ---------------------------------------------------------------------------
+
+    async def module_load(self, params: ModuleLoadParams) -> ModuleLoadResult:
+        compiled = await anyio.to_thread.run_sync(self._load, params, limiter=self._compiles)
+        return ModuleLoadResult(
+            module_id=compiled.module_id,
+            size_bytes=compiled.size_bytes,
+            exports=compiled.exports,
+            imports=compiled.imports,
+            cached=compiled.cached,
+            compile_ms=round(compiled.compile_ms, 3),
+        )
+
+    def vm_create(self, params: VmCreateParams, reply: Reply) -> None:
+        limits = self.limits.tightened(params.limits) if params.limits else self.limits
+        settings = EngineSettings.from_limits(limits)
+        if params.module_id:
+            compiled = self.modules.get(params.module_id, settings)
+        else:
+            self.runtime.yield_reading()  # a compile can take seconds: let another thread read
+            compiled = self.modules.load(read_source(params, self.limits), settings)
+        self._check_imports(compiled)
+        self._check_memory(compiled, limits)
+        wasi = params.wasi or WasiSettings()
+        _check_preopens(wasi)
+        with self._lock:
+            live = len(self._vms) + self._starting + 1
+            if live > self.limits.runner_vms:
+                raise self.limits.exceeded("runner_vms", live)
+            vm_id = f"vm-{next(self._ids)}"
+            self._starting += 1
+        try:
+            vm = Vm(vm_id, compiled, self.engines.get(settings), limits, params.mode, wasi, self.runtime)
+        finally:
+            with self._lock:
+                self._starting -= 1
+        with self._lock:
+            self._vms[vm_id] = vm
+        log.info("vm_created", vm_id=vm_id, module_id=compiled.module_id, mode=params.mode)
+        reply.result(VmCreateResult(vm_id=vm_id))
+
+    def vm_call(self, params: VmCallParams, reply: Reply) -> None:
+        vm = self._vm(params.vm_id)
+        data = _payload(params.input, params.input_base64)
+        capacity = vm.limits.vm_input_bytes
+        if len(data) > capacity:
+            raise vm.limits.exceeded("vm_input_bytes", len(data), vm_id=vm.vm_id)
+        timeout_ms = _timeout(params.timeout_ms, vm.limits)
+
+        def work(vm: Vm, state: CallState) -> VmCallResult:
+            if vm.isolate is None:
+                raise InvalidParamsError("this VM holds a WASI command: use vm.run", path="$.vm_id")
+            state.input = data
+            state.output_cap = vm.limits.vm_output_bytes
+            state.deadline = time.monotonic() + timeout_ms / 1000
+            started = time.perf_counter()
+            results = vm.isolate.call(params.export, params.args, state, timeout_ms)
+            elapsed = (time.perf_counter() - started) * 1000
+            text, binary = _text_or_base64(bytes(state.output))
+            fuel = vm.isolate.fuel_used(vm.limits.vm_fuel) if vm.limits.vm_fuel else None
+            return VmCallResult(
+                results=results,
+                output=text,
+                output_base64=binary,
+                elapsed_ms=round(elapsed, 3),
+                **({"fuel_used": fuel} if fuel is not None else {}),
+            )
+
+        vm.submit(Job(reply, work))
+
+    def vm_run(self, params: VmRunParams, reply: Reply) -> None:
+        vm = self._vm(params.vm_id)
+        if not vm.compiled.command:
+            raise InvalidParamsError("the VM's module exports no `_start`: use vm.call", path="$.vm_id")
+        stdin = _payload(params.stdin, params.stdin_base64)
+        if len(stdin) > vm.limits.vm_input_bytes:
+            raise vm.limits.exceeded("vm_input_bytes", len(stdin), vm_id=vm.vm_id)
+        timeout_ms = _timeout(params.timeout_ms, vm.limits)
+        stream_to = reply.id if params.stream else None
+
+        def work(vm: Vm, state: CallState) -> VmRunResult:
+            cap = vm.limits.vm_output_bytes
+            stdout = _Capture(cap, vm, "stdout", stream_to, self.runtime)
+            stderr = _Capture(cap, vm, "stderr", stream_to, self.runtime)
+            config = _wasi_config(vm.wasi, params, stdin, stdout, stderr)
+            state.deadline = time.monotonic() + timeout_ms / 1000
+            started = time.perf_counter()
+            self.runtime.yield_reading()  # a whole program: do not hold the host's input meanwhile
+            isolate = vm.new_isolate(config)
+            try:
+                code = isolate.run_start(state, timeout_ms)
+            finally:
+                isolate.close()
+            for capture in (stdout, stderr):
+                capture.report()
+            out_text, out_binary = _text_or_base64(bytes(stdout.data))
+            err_text, err_binary = _text_or_base64(bytes(stderr.data))
+            return VmRunResult(
+                exit_code=code,
+                stdout=out_text,
+                stdout_base64=out_binary,
+                stderr=err_text,
+                stderr_base64=err_binary,
+                stdout_truncated=stdout.truncated,
+                stderr_truncated=stderr.truncated,
+                elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+
+        vm.submit(Job(reply, work))
+
+    def vm_dispose(self, params: VmDisposeParams) -> Empty:
+        with self._lock:
+            vm = self._vms.pop(params.vm_id, None)
+        if vm is None:
+            raise VmNotFoundError(params.vm_id)
+        vm.dispose()
+        log.info("vm_disposed", vm_id=params.vm_id, calls=vm.calls)
+        return Empty()
+
+    def vm_list(self, _: Empty) -> VmListResult:
+        with self._lock:
+            vms = list(self._vms.values())
+        return VmListResult(
+            vms=[
+                VmInfo(
+                    vm_id=vm.vm_id,
+                    mode=vm.mode,  # type: ignore[arg-type]
+                    module_id=vm.compiled.module_id,
+                    state="busy" if vm.busy else "idle",
+                    memory_bytes=vm.memory_bytes,
+                    calls=vm.calls,
+                    instances=0 if vm.isolate is None else 1,
+                    host_calls_pending=self.runtime.hostcalls.pending_for(vm.vm_id),
+                )
+                for vm in vms
+            ]
+        )
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def _load(self, params: ModuleLoadParams) -> CompiledModule:
+        return self.modules.load(read_source(params, self.limits), EngineSettings.from_limits(self.limits))
+
+    def _vm(self, vm_id: str) -> Vm:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            raise VmNotFoundError(vm_id)
+        return vm
+
+    def _check_imports(self, compiled: CompiledModule) -> None:
+        """Refuse, naming it, any import the sidecar does not provide with that signature."""
+        for item in compiled.imports:
+            if item.module == WASI_MODULE:
+                continue
+            expected = guest_abi.SIGNATURES.get(item.name) if item.module == guest_abi.MODULE else None
+            if expected is None or item.kind != "func":
+                raise InvalidModuleError(
+                    f"the module imports {item.module}.{item.name}, which the sidecar does not provide",
+                    stage="imports",
+                    module=item.module,
+                    name=item.name,
+                )
+            if (tuple(item.params or ()), tuple(item.results or ())) != expected:
+                raise InvalidModuleError(
+                    f"{item.module}.{item.name} is imported with the wrong signature",
+                    stage="imports",
+                    module=item.module,
+                    name=item.name,
+                    expected={"params": list(expected[0]), "results": list(expected[1])},
+                )
+
+    def _check_memory(self, compiled: CompiledModule, limits: Limits) -> None:
+        declared = max(compiled.memory_minimums, default=0)
+        if declared > limits.vm_memory_bytes:
+            raise limits.exceeded("vm_memory_bytes", declared, module_id=compiled.module_id)
+
+
+class _Capture:
+    """A WASI stream kept up to `vm_output_bytes` (the rest counted, not kept), or streamed."""
+
+    def __init__(self, cap: int, vm: Vm, stream: str, request_id: Any, runtime: Runtime) -> None:
+        self.cap = cap
+        self.data = bytearray()
+        self.seen = 0
+        self._vm_id = vm.vm_id
+        self._limits = vm.limits
+        self._stream = stream
+        self._request_id = request_id
+        self._runtime = runtime
+
+    @property
+    def truncated(self) -> bool:
+        return self.seen > self.cap
+
+    def __call__(self, chunk: bytes) -> None:
+        room = self.cap - self.seen
+        self.seen += len(chunk)
+        if room <= 0:
+            return
+        kept = chunk[:room]
+        if self._request_id is None:
+            self.data += kept
+            return
+        text, binary = _text_or_base64(kept)
+        params = VmOutputParams(vm_id=self._vm_id, stream=self._stream, data=text, data_base64=binary,  # type: ignore[arg-type]
+                                request_id=self._request_id)
+        self._runtime.send(encode(Notification(method="vm.output", params=params)))
+
+    def report(self) -> None:
+        if self.truncated:
+            self._limits.exhausted("vm_output_bytes", self.seen, capacity=self.cap, vm_id=self._vm_id,
+                                   stream=self._stream)
+
+
+def _wasi_config(
+    wasi: WasiSettings, params: VmRunParams, stdin: bytes, stdout: _Capture, stderr: _Capture
+) -> wasmtime.WasiConfig:
+    config = wasmtime.WasiConfig()
+    config.argv = [*wasi.args, *params.args]
+    config.env = list({**wasi.env, **params.env}.items())
+    set_wasi_stdin_bytes(config, stdin)
+    config.stdout_custom = stdout
+    config.stderr_custom = stderr
+    for preopen in wasi.preopens:
+        config.preopen_dir(preopen.host_path, preopen.guest_path, fs_mutable=preopen.writable)
+    return config
+
+
+def _check_preopens(wasi: WasiSettings) -> None:
+    for index, preopen in enumerate(wasi.preopens):
+        if not os.path.isdir(preopen.host_path):
+            raise InvalidParamsError(
+                f"preopen {preopen.host_path!r} is not a directory", path=f"$.wasi.preopens[{index}].host_path"
+            )
+
+
+def _payload(text: Any, binary: Any) -> bytes:
+    if isinstance(text, str):
+        return text.encode()
+    return binary if isinstance(binary, bytes) else b""
+
+
+def _timeout(requested: Any, limits: Limits) -> int:
+    """A per-request `timeout_ms` tightens `vm_call_timeout_ms`, never raises it."""
+    ceiling = limits.vm_call_timeout_ms
+    return min(requested, ceiling) if isinstance(requested, int) else ceiling
+
+
+def _text_or_base64(data: bytes) -> tuple[Any, Any]:
+    if not data:
+        return "", msgspec.UNSET
+    try:
+        return data.decode("utf-8"), msgspec.UNSET
+    except UnicodeDecodeError:
+        return msgspec.UNSET, data
+
+
+def vm_service(server: Any) -> VmService:
+    """The service as the server builds it, once its outbox, host calls and intake exist."""
+    engines = Engines(server.limits)
+    engines.start()
+    runtime = Runtime(server.hostcalls, server.intake.yield_leadership, server.outbox.send)
+    return VmService(server.limits, runtime, ModuleStore(server.limits, engines), engines)

@@ -1,0 +1,139 @@
+"""Host functions that can trap their caller safely, and the caller's memory seen from inside one.
+
+Owns the C trampoline behind every host function the sidecar gives a guest. wasmtime-py's own
+route carries a Python exception out of a host function through one process-global slot, so
+with guests on several threads a fault in one VM's host call can surface in another VM's call.
+Here a host function signals a fault by raising `GuestFault`, which becomes a trap returned
+straight to wasmtime for that call only; any other exception is a bug and traps the same way
+with a generic message. Values cross as raw i32/i64 (the guest ABI uses nothing else).
+Knows nothing about what the functions do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from collections.abc import Callable, Sequence
+
+import structlog
+import wasmtime
+from wasmtime import _bindings, _ffi
+
+__all__ = ["GuestFault", "GuestMemory", "define_host_func"]
+
+log = structlog.get_logger()
+_CALLBACK_TYPE = _bindings._wasmtime_linker_define_func_unchecked.argtypes[6]
+_FINALIZER_TYPE = _bindings._wasmtime_linker_define_func_unchecked.argtypes[8]
+_KINDS = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64}
+_MEMORY_EXPORT = b"memory"
+
+# Slot -> (function, param kinds, result kinds); the slot travels through C as `data`.
+_FUNCS: dict[int, tuple[Callable[[GuestMemory, list[int]], Sequence[int]], tuple[str, ...], tuple[str, ...]]] = {}
+_SLOTS = itertools.count(1)
+
+
+class GuestFault(Exception):
+    """Raised by a host function when the guest broke the ABI (bad pointer, bad length...)."""
+
+
+class GuestMemory:
+    """The calling instance's exported `memory`, looked up per call (growth can move it)."""
+
+    __slots__ = ("_caller", "_base", "size")
+
+    def __init__(self, caller: object) -> None:
+        self._caller = caller
+        self._base: int | None = None
+        self.size = 0
+
+    def _locate(self) -> int:
+        if self._base is None:
+            extern = _ffi.wasmtime_extern_t()
+            found = _ffi.wasmtime_caller_export_get(self._caller, _MEMORY_EXPORT, len(_MEMORY_EXPORT), ctypes.byref(extern))
+            if not found or extern.kind != _ffi.WASMTIME_EXTERN_MEMORY.value:
+                raise GuestFault("the guest exports no memory named `memory` (guest ABI v1)")
+            context = _ffi.wasmtime_caller_context(self._caller)
+            memory = ctypes.byref(extern.of.memory)
+            self._base = ctypes.cast(_ffi.wasmtime_memory_data(context, memory), ctypes.c_void_p).value or 0
+            self.size = _ffi.wasmtime_memory_data_size(context, memory)
+        return self._base
+
+    def _check(self, pointer: int, length: int) -> int:
+        base = self._locate()
+        pointer &= 0xFFFFFFFF  # i32 offsets are unsigned addresses
+        if length < 0 or pointer + length > self.size:
+            raise GuestFault(f"guest range [{pointer}, +{length}) is outside its memory of {self.size} bytes")
+        return base + pointer
+
+    def read(self, pointer: int, length: int) -> bytes:
+        address = self._check(pointer, length)
+        return ctypes.string_at(address, length) if length else b""
+
+    def write(self, pointer: int, data: bytes) -> None:
+        address = self._check(pointer, len(data))
+        if data:
+            ctypes.memmove(address, data, len(data))
+
+
+def define_host_func(
+    linker: wasmtime.Linker,
+    module: str,
+    name: str,
+    params: Sequence[str],
+    results: Sequence[str],
+    function: Callable[[GuestMemory, list[int]], Sequence[int]],
+) -> None:
+    """Define `module.name` in `linker`; `function(memory, args) -> results` runs per call.
+
+    `memory` is the caller's, valid only during that call (looked up only if used). Raising
+    `GuestFault` traps the guest with its message.
+    """
+    ty = wasmtime.FuncType([_KINDS[p]() for p in params], [_KINDS[r]() for r in results])
+    slot = next(_SLOTS)
+    _FUNCS[slot] = (function, tuple(params), tuple(results))
+    module_bytes, name_bytes = module.encode(), name.encode()
+    error = _ffi.wasmtime_linker_define_func_unchecked(
+        linker.ptr(), module_bytes, len(module_bytes), name_bytes, len(name_bytes), ty.ptr(), _trampoline, slot, _forget
+    )
+    if error:
+        _FUNCS.pop(slot, None)
+        raise wasmtime.WasmtimeError._from_ptr(error)
+
+
+@_CALLBACK_TYPE
+def _trampoline(slot, caller, values, _count):  # type: ignore[no-untyped-def]
+    try:
+        entry = _FUNCS.get(slot or 0)
+        if entry is None:
+            return _trap("host function is not registered")
+        function, params, results = entry
+        args = [getattr(values[i], kind) for i, kind in enumerate(params)]
+        produced = function(GuestMemory(caller), args)
+        for i, kind in enumerate(results):
+            setattr(values[i], kind, produced[i])
+        return 0
+    except GuestFault as fault:
+        return _trap(str(fault))
+    except BaseException as exc:  # noqa: BLE001 - must not cross the C boundary
+        try:
+            log.error("host_function_failed", error=type(exc).__name__, detail=str(exc))
+        finally:
+            return _trap("sidecar host function failed")  # noqa: B012
+
+
+@_FINALIZER_TYPE
+def _forget(slot):  # type: ignore[no-untyped-def]
+    try:
+        _FUNCS.pop(slot or 0, None)
+    except BaseException:  # noqa: BLE001 - runs from C, possibly late in interpreter shutdown
+        pass
+
+
+def _trap(message: str) -> int:
+    raw = message.encode("utf-8", "backslashreplace").replace(b"\0", b"\\0")
+    return ctypes.cast(_ffi.wasmtime_trap_new(raw, len(raw)), ctypes.c_void_p).value or 0
+
+
+# See `deadline`: a store freed during interpreter teardown may still call into these thunks.
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_trampoline))
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_forget))
