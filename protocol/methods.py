@@ -27,6 +27,7 @@ from .methods_session import (
     LimitRow,
     LimitsResult,
     PeerInfo,
+    Recycles,
     StatsResult,
 )
 from .methods_vm import (
@@ -164,6 +165,7 @@ __all__ = [
     "ModuleLoadParams",
     "ModuleLoadResult",
     "PeerInfo",
+    "Recycles",
     "PendingHostCall",
     "Preopen",
     "StatsResult",

@@ -79,14 +79,34 @@ class DroppedResponses(Wire):
     unmatched: Count
 
 
+class Recycles(Wire):
+    """Instances of stateless VMs closed and replaced, by reason: after `vm_recycle_after_calls`
+    calls, past `vm_recycle_memory_bytes` of retained memory, or after a trap (or timeout, cancel)."""
+
+    calls: Count
+    memory: Count
+    trap: Count
+
+    @classmethod
+    def of(cls, counts: dict[str, int]) -> Recycles:
+        return cls(calls=counts.get("calls", 0), memory=counts.get("memory", 0), trap=counts.get("trap", 0))
+
+
 class StatsResult(Wire):
-    """Process-wide counters since start; `host_calls_pending` counts calls awaiting a host answer."""
+    """Process-wide counters since start; `host_calls_pending` counts calls awaiting a host answer.
+
+    `vm_calls`, `vm_memory_bytes` (linear memory retained by live instances) and
+    `instances_recycled` sum over the live VMs.
+    """
 
     requests_served: Count
     requests_in_flight: Count
     responses_dropped: DroppedResponses
     host_calls_pending: Count
     vms: Count
+    vm_calls: Count
+    vm_memory_bytes: Count
+    instances_recycled: Recycles
     uptime_ms: Count
 
 

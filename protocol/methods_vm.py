@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from msgspec import UNSET, Meta, UnsetType
 
 from .base import Wire
+from .methods_session import Recycles
 from .envelope import RequestId
 from .methods_session import Count
 
@@ -192,7 +193,8 @@ class VmDisposeParams(Wire):
 
 
 class VmInfo(Wire):
-    """One live VM. `memory_bytes` sums linear memory over its live instances."""
+    """One live VM. `memory_bytes` sums linear memory over its live instances; `recycles` counts
+    the instances a stateless VM retired, by reason."""
 
     vm_id: VmId
     mode: Literal["stateful", "stateless"]
@@ -202,6 +204,7 @@ class VmInfo(Wire):
     calls: Count
     instances: Count
     host_calls_pending: Count
+    recycles: Recycles
 
 
 class VmListResult(Wire):

@@ -84,11 +84,11 @@ class Reply:
             if self._done:
                 return False
             self._done = True
+        self._finished(self)  # before the answer leaves: a host that sees it sees the request done
         if self.id is None:  # a notification: the work happened, nobody hears about it
             self._send(None)
         else:
             self._send(_encode_response(self.id, value, error))
-        self._finished(self)
         return True
 
 

@@ -46,6 +46,7 @@ class CallState:
     fault: tuple[str, str] | None = None  # (trap_code, message) of an ABI violation
     exceeded: LimitExceededError | None = None  # a guest budget that ended the call
     host_call_id: str | None = None
+    trapped: bool = False  # the call ended in a trap: a stateless instance is not reused
 
 
 class GuestAbi:

@@ -58,6 +58,7 @@ class Isolate:
         self._yield_reading = yield_reading
         self._fast: dict[str, FastCall] = {}
         self.memory_bytes = 0  # retained linear memory after the last call; read without the store
+        self.calls = 0
         self.store = wasmtime.Store(engine)
         self.store.set_limits(
             memory_size=limits.vm_memory_bytes,

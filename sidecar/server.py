@@ -13,7 +13,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -33,6 +33,7 @@ from protocol.methods import (
     LimitRow,
     LimitsResult,
     PeerInfo,
+    Recycles,
     StatsResult,
 )
 
@@ -54,7 +55,9 @@ class Service(Protocol):
 
     async def close(self) -> None: ...
 
-    def count(self) -> int: ...
+    def stats(self) -> dict[str, Any]:
+        """Fields this service adds to `sidecar.stats`."""
+        ...
 
 
 class Server:
@@ -184,13 +187,16 @@ class Server:
         return Empty()
 
     def _stats(self, _: Empty) -> StatsResult:
+        fields: dict[str, Any] = {"vms": 0, "vm_calls": 0, "vm_memory_bytes": 0, "instances_recycled": Recycles.of({})}
+        for service in self._services:
+            fields.update(service.stats())
         return StatsResult(
             requests_served=self.dispatcher.requests_served,
             requests_in_flight=self.dispatcher.in_flight,
             responses_dropped=DroppedResponses(**self.hostcalls.dropped),
             host_calls_pending=self.hostcalls.pending,
-            vms=sum(service.count() for service in self._services),
             uptime_ms=int((time.monotonic() - self._started) * 1000),
+            **fields,
         )
 
     def _cancel(self, params: CancelParams) -> None:

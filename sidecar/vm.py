@@ -1,24 +1,39 @@
-"""A VM: one guest's isolate(s), budgets and WASI view, and the serial queue of work on it.
+"""A VM: one guest's isolates, budgets and WASI view, and the order of the work done on them.
 
-Owns the order and the lifetime of a VM's work. A VM runs one job at a time on the thread that
-submitted it when it is idle (the thread that read the request: no hand-off), and later jobs
-queue behind it; the thread that finishes a job takes the next. Cancels and disposal reach a
-running guest through its call state (stopped at the next epoch tick) and through its blocking
-host call (abandoned, so a late answer is stale). Knows nothing about the wire.
+Owns scheduling and instance lifetime. A job runs on the thread that submitted it when an
+instance is free (the thread that read the request: no hand-off); otherwise it queues, and the
+thread that finishes a job takes the next one. A stateful VM has one instance whose state
+persists, so its jobs run one at a time. A stateless VM keeps up to `vm_pool_instances` warm
+instances that serve calls in parallel and recycles each one (closes its store and starts a
+fresh one, after the answer has gone out) once it has served `vm_recycle_after_calls` calls,
+retains more than `vm_recycle_memory_bytes` of linear memory (which never shrinks), or trapped.
+Cancels and disposal reach a running guest through its call state (stopped at the next epoch
+tick) and its blocking host call (abandoned, so a late answer is stale). Knows nothing about
+the wire.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import structlog
 import wasmtime
 
-from protocol.errors import InternalError, RpcError, VmNotFoundError
+from protocol.errors import (
+    CallTimeoutError,
+    GuestTrapError,
+    InternalError,
+    LimitExceededError,
+    RequestCancelledError,
+    RpcError,
+    VmNotFoundError,
+)
+from protocol.methods import WasiSettings
 
 from .dispatcher import Reply
 from .guest_abi import CallState
@@ -28,23 +43,26 @@ from .limits import Limits
 from .modules import CompiledModule
 
 log = structlog.get_logger()
+Mode = Literal["stateful", "stateless"]
+_GUEST_STOPPED = (GuestTrapError, CallTimeoutError, RequestCancelledError, LimitExceededError)
 
 
 @dataclass
 class Runtime:
-    """What every VM shares: the process's hostcalls, the reading hand-off, the output channel."""
+    """What every VM shares: the process's host calls, the reading hand-off, the output channel."""
 
     hostcalls: HostCalls
     yield_reading: Callable[[], None]
     send: Callable[[bytes], None]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs are tracked in sets while they run
 class Job:
-    """One request's work on a VM. `work(vm, state)` returns the result or raises an RpcError."""
+    """One request's work. `work(vm, isolate, state)` returns the result or raises an RpcError;
+    `isolate` is None for a VM that holds a WASI command (each run makes its own)."""
 
     reply: Reply
-    work: Callable[[Vm, CallState], object]
+    work: Callable[[Vm, Isolate | None, CallState], object]
     state: CallState = field(default_factory=CallState)
 
     def cancel(self, hostcalls: HostCalls) -> None:
@@ -61,8 +79,8 @@ class Vm:
         compiled: CompiledModule,
         engine: wasmtime.Engine,
         limits: Limits,
-        mode: str,
-        wasi: object,
+        mode: Mode,
+        wasi: WasiSettings,
         runtime: Runtime,
     ) -> None:
         self.vm_id = vm_id
@@ -73,78 +91,104 @@ class Vm:
         self.wasi = wasi
         self.runtime = runtime
         self.calls = 0
+        self.recycles: Counter[str] = Counter()
+        self.disposed = False
+        self._slots = limits.vm_pool_instances if mode == "stateless" else 1
         self._lock = threading.Lock()
         self._queue: deque[Job] = deque()
-        self._running: Job | None = None
-        self.disposed = False
-        # A command (`_start`) is run fresh by `vm.run`; anything else keeps one live instance.
-        self.isolate: Isolate | None = None if compiled.command else self.new_isolate()
+        self._running: set[Job] = set()
+        self._idle: list[Isolate | None] = []
+        self._live: list[Isolate] = []
+        # A command (`_start`) is run fresh by every `vm.run`, so its VM keeps no instance; other
+        # VMs start one now, so that a start function that fails fails `vm.create`.
+        self._idle.append(None if compiled.command else self._spawn())
 
     @property
     def busy(self) -> bool:
-        return self._running is not None
+        return bool(self._running)
 
     @property
     def memory_bytes(self) -> int:
-        return self.isolate.memory_bytes if self.isolate is not None else 0
+        """Linear memory retained by the live instances (as of their last call)."""
+        return sum(isolate.memory_bytes for isolate in list(self._live))
 
-    def new_isolate(self, wasi: wasmtime.WasiConfig | None = None) -> Isolate:
-        return Isolate(
-            self.vm_id,
-            self.compiled,
-            self.engine,
-            self.limits,
-            self.runtime.hostcalls,
-            self.runtime.yield_reading,
-            wasi,
-        )
+    @property
+    def instances(self) -> int:
+        return len(self._live)
 
     def submit(self, job: Job) -> None:
-        """Run `job` now on this thread if the VM is idle, else queue it behind the running one."""
+        """Run `job` now on this thread if the VM has room, else queue it."""
         job.reply.on_cancel = lambda: job.cancel(self.runtime.hostcalls)
         with self._lock:
             if self.disposed:
                 job.reply.error(VmNotFoundError(self.vm_id))
                 return
-            if self._running is not None:
+            if self._idle:
+                isolate = self._idle.pop()
+            elif len(self._running) < self._slots:
+                isolate = None  # room in the pool: `_drain` starts one more instance
+            else:
                 self._queue.append(job)
                 return
-            self._running = job
-        self._drain(job)
+            self._running.add(job)
+        self._drain(job, isolate)
 
     def dispose(self) -> None:
-        """End the VM: queued work is refused, a running guest stops at its next tick."""
+        """End the VM: queued work is refused, running guests stop at their next tick."""
         with self._lock:
             self.disposed = True
             queued = list(self._queue)
             self._queue.clear()
-            running = self._running
+            running = list(self._running)
+            idle = [isolate for isolate in self._idle if isolate is not None]
+            self._idle.clear()
         for job in queued:
             job.reply.error(VmNotFoundError(self.vm_id))
-        if running is not None:
-            running.state.stop = "disposed"
+        for job in running:
+            job.state.stop = "disposed"
         self.runtime.hostcalls.abandon_owner(self.vm_id, "VM disposed")
-        if running is None:
-            self._close()
+        for isolate in idle:
+            self._close(isolate)
 
-    def _drain(self, job: Job | None) -> None:
+    def _spawn(self) -> Isolate:
+        isolate = Isolate(
+            self.vm_id, self.compiled, self.engine, self.limits, self.runtime.hostcalls, self.runtime.yield_reading
+        )
+        with self._lock:
+            self._live.append(isolate)
+        return isolate
+
+    def _drain(self, job: Job | None, isolate: Isolate | None) -> None:
         while job is not None:
-            self._execute(job)
+            try:
+                if isolate is None and not self.compiled.command:
+                    isolate = self._spawn()
+            except RpcError as exc:  # e.g. a start function that traps: this job fails, the VM lives
+                job.reply.error(exc)
+            else:
+                self._execute(job, isolate)
+                isolate = self._recycle_if_due(isolate, job)
             with self._lock:
+                self._running.discard(job)
                 job = self._queue.popleft() if self._queue and not self.disposed else None
-                self._running = job
-                closing = job is None and self.disposed
-        if closing:
-            self._close()
+                if job is not None:
+                    self._running.add(job)
+                elif not self.disposed:
+                    self._idle.append(isolate)
+                    return
+        if isolate is not None:  # disposed while this thread worked: nobody else will close it
+            self._close(isolate)
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: Job, isolate: Isolate | None) -> None:
         if job.reply.done:  # cancelled while it waited in the queue
             return
         started = time.perf_counter()
         try:
-            result = job.work(self, job.state)
+            result = job.work(self, isolate, job.state)
         except RpcError as exc:
             job.reply.error(exc)
+            # The guest stopped mid-way (trap, timeout, cancel, budget): its state is suspect.
+            job.state.trapped = isinstance(exc, _GUEST_STOPPED)
         except Exception as exc:  # a sidecar bug costs this request, never the VM or the process
             log.error("vm_job_failed", vm_id=self.vm_id, method=job.reply.method, exc_info=exc)
             job.reply.error(InternalError(f"internal error in {job.reply.method}"))
@@ -155,7 +199,33 @@ class Vm:
             log.debug("vm_job_done", vm_id=self.vm_id, method=job.reply.method,
                       elapsed_ms=round((time.perf_counter() - started) * 1000, 3))
 
-    def _close(self) -> None:
-        if self.isolate is not None:
-            self.isolate.close()
-            self.isolate = None
+    def _recycle_if_due(self, isolate: Isolate | None, job: Job) -> Isolate | None:
+        """Stateless only: retire a used-up instance once the answer has gone out, and start its
+        replacement now, off the next call's path (None if that failed: the next job retries)."""
+        if isolate is None or self.mode != "stateless" or self.disposed:
+            return isolate
+        isolate.calls += 1
+        limits = self.limits
+        if job.state.trapped:
+            reason = "trap"
+        elif limits.vm_recycle_after_calls and isolate.calls >= limits.vm_recycle_after_calls:
+            reason = "calls"
+        elif limits.vm_recycle_memory_bytes and isolate.memory_bytes > limits.vm_recycle_memory_bytes:
+            reason = "memory"
+        else:
+            return isolate
+        self.recycles[reason] += 1
+        log.debug("instance_recycled", vm_id=self.vm_id, reason=reason, calls=isolate.calls,
+                  memory_bytes=isolate.memory_bytes)
+        self._close(isolate)
+        try:
+            return self._spawn()
+        except RpcError as exc:
+            log.warning("instance_start_failed", vm_id=self.vm_id, error=exc.message)
+            return None
+
+    def _close(self, isolate: Isolate) -> None:
+        with self._lock:
+            if isolate in self._live:
+                self._live.remove(isolate)
+        isolate.close()

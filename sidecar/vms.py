@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import Counter
 import threading
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from protocol.methods import (
     VmListResult,
     VmOutputParams,
     VmRunParams,
+    Recycles,
     VmRunResult,
     WasiSettings,
 )
@@ -42,6 +44,7 @@ from . import guest_abi
 from .dispatcher import Dispatcher, Reply
 from .engines import Engines, EngineSettings
 from .guest_abi import CallState
+from .isolate import Isolate
 from .limits import Limits
 from .modules import CompiledModule, ModuleStore, read_source
 from .vm import Job, Runtime, Vm
@@ -71,8 +74,18 @@ class VmService:
         dispatcher.route("vm.dispose", "inline", self.vm_dispose)
         dispatcher.route("vm.list", "inline", self.vm_list)
 
-    def count(self) -> int:
-        return len(self._vms)
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            vms = list(self._vms.values())
+        recycles: Counter[str] = Counter()
+        for vm in vms:
+            recycles.update(vm.recycles)
+        return {
+            "vms": len(vms),
+            "vm_calls": sum(vm.calls for vm in vms),
+            "vm_memory_bytes": sum(vm.memory_bytes for vm in vms),
+            "instances_recycled": Recycles.of(recycles),
+        }
 
     async def close(self) -> None:
         with self._lock:
@@ -131,17 +144,17 @@ class VmService:
             raise vm.limits.exceeded("vm_input_bytes", len(data), vm_id=vm.vm_id)
         timeout_ms = _timeout(params.timeout_ms, vm.limits)
 
-        def work(vm: Vm, state: CallState) -> VmCallResult:
-            if vm.isolate is None:
+        def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmCallResult:
+            if isolate is None:
                 raise InvalidParamsError("this VM holds a WASI command: use vm.run", path="$.vm_id")
             state.input = data
             state.output_cap = vm.limits.vm_output_bytes
             state.deadline = time.monotonic() + timeout_ms / 1000
             started = time.perf_counter()
-            results = vm.isolate.call(params.export, params.args, state, timeout_ms)
+            results = isolate.call(params.export, params.args, state, timeout_ms)
             elapsed = (time.perf_counter() - started) * 1000
             text, binary = _text_or_base64(bytes(state.output))
-            fuel = vm.isolate.fuel_used(vm.limits.vm_fuel) if vm.limits.vm_fuel else None
+            fuel = isolate.fuel_used(vm.limits.vm_fuel) if vm.limits.vm_fuel else None
             return VmCallResult(
                 results=results,
                 output=text,
@@ -162,7 +175,7 @@ class VmService:
         timeout_ms = _timeout(params.timeout_ms, vm.limits)
         stream_to = reply.id if params.stream else None
 
-        def work(vm: Vm, state: CallState) -> VmRunResult:
+        def work(vm: Vm, _: Isolate | None, state: CallState) -> VmRunResult:
             cap = vm.limits.vm_output_bytes
             stdout = _Capture(cap, vm, "stdout", stream_to, self.runtime)
             stderr = _Capture(cap, vm, "stderr", stream_to, self.runtime)
@@ -170,7 +183,8 @@ class VmService:
             state.deadline = time.monotonic() + timeout_ms / 1000
             started = time.perf_counter()
             self.runtime.yield_reading()  # a whole program: do not hold the host's input meanwhile
-            isolate = vm.new_isolate(config)
+            isolate = Isolate(vm.vm_id, vm.compiled, vm.engine, vm.limits, self.runtime.hostcalls,
+                              self.runtime.yield_reading, config)
             try:
                 code = isolate.run_start(state, timeout_ms)
             finally:
@@ -213,8 +227,9 @@ class VmService:
                     state="busy" if vm.busy else "idle",
                     memory_bytes=vm.memory_bytes,
                     calls=vm.calls,
-                    instances=0 if vm.isolate is None else 1,
+                    instances=vm.instances,
                     host_calls_pending=self.runtime.hostcalls.pending_for(vm.vm_id),
+                    recycles=Recycles.of(vm.recycles),
                 )
                 for vm in vms
             ]
