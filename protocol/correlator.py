@@ -59,6 +59,14 @@ class Correlator:
         self._pending[pending.id] = pending
         return pending
 
+    def adopt(self, pending: Pending) -> None:
+        """Register a call issued by an earlier process (restored from a snapshot) under its id.
+
+        Its id carries the other process's token, which is how ids stay unique across processes.
+        """
+        self._completed.pop(pending.id, None)
+        self._pending[pending.id] = pending
+
     def resolve(self, response_id: RequestId | None) -> Delivered | Dropped:
         key = response_id if isinstance(response_id, str) else None
         pending = self._pending.pop(key, None) if key is not None else None

@@ -1,7 +1,8 @@
-"""Guest ABI v1, synchronous part: the `sidecar` import module a guest links against.
+"""Guest ABI v1: the `sidecar` import module a guest links against.
 
-Owns `input_len`, `input_read`, `output_write`, `host_call` and `response_read`: what each does
-with the current call's state, and every check on the guest's pointers, lengths and budgets.
+Owns `input_len`, `input_read`, `output_write`, `host_call`, `response_read` and
+`host_call_async`: what each does with the current call's state, and every check on the
+guest's pointers, lengths and budgets.
 A broken ABI contract (a bad pointer, a length past memory) traps that guest and nothing else; a
 budget that bites records which limit it was so the call's error can name it. Knows nothing
 about stores or threads: the isolate binds these functions to one instance and its call state.
@@ -30,7 +31,9 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "output_write": (("i32", "i32"), ()),
     "host_call": (("i32", "i32", "i32", "i32"), ("i32",)),
     "response_read": (("i32",), ()),
+    "host_call_async": (("i32", "i32", "i32", "i32"), ("i64",)),
 }
+ON_RESPONSE = "sidecar_on_response"  # the export an async answer is delivered to
 
 
 @dataclass
@@ -52,11 +55,19 @@ class CallState:
 class GuestAbi:
     """The ABI functions of one instance: `state` is swapped in for each call."""
 
-    def __init__(self, vm_id: str, limits: Limits, hostcalls: HostCalls, before_wait: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        vm_id: str,
+        limits: Limits,
+        hostcalls: HostCalls,
+        before_wait: Callable[[], None],
+        issue_async: Callable[[str, bytes], int],
+    ) -> None:
         self.vm_id = vm_id
         self.limits = limits
         self.hostcalls = hostcalls
         self.before_wait = before_wait
+        self.issue_async = issue_async  # the VM keeps async calls: they outlive this instance's call
         self.state = CallState()
 
     def define(self, linker: wasmtime.Linker) -> None:
@@ -66,6 +77,7 @@ class GuestAbi:
             "output_write": self._output_write,
             "host_call": self._host_call,
             "response_read": self._response_read,
+            "host_call_async": self._host_call_async,
         }
         for name, (params, results) in SIGNATURES.items():
             define_host_func(linker, MODULE, name, params, results, self._guarded(handlers[name]))
@@ -101,26 +113,41 @@ class GuestAbi:
         state.output += data
         return []
 
-    def _host_call(self, memory: GuestMemory, args: list[int]) -> list[int]:
+    def _request(self, memory: GuestMemory, args: list[int]) -> tuple[str, bytes] | HostAnswer:
+        """The method and compact params JSON a guest asks with, or the refusal it gets instead."""
         method_ptr, method_len, params_ptr, params_len = args
-        state = self.state
         capacity = self.limits.vm_host_call_bytes
         if params_len > capacity or method_len > capacity:
-            self.limits.exhausted("vm_host_call_bytes", max(params_len, method_len), capacity=capacity, vm_id=self.vm_id)
-            return self._answer(refusal("host call larger than vm_host_call_bytes", limit="vm_host_call_bytes",
-                                        capacity=capacity, observed=max(params_len, method_len)))
+            observed = max(params_len, method_len)
+            self.limits.exhausted("vm_host_call_bytes", observed, capacity=capacity, vm_id=self.vm_id)
+            return refusal("host call larger than vm_host_call_bytes", limit="vm_host_call_bytes",
+                           capacity=capacity, observed=observed)
         method = memory.read(method_ptr, method_len).decode("utf-8", "replace")
         raw = memory.read(params_ptr, params_len)
         try:
-            params = msgspec.json.format(raw, indent=-1) if raw.strip() else b"null"
+            return method, msgspec.json.format(raw, indent=-1) if raw.strip() else b"null"
         except msgspec.DecodeError as exc:
-            return self._answer(refusal(f"host_call params are not JSON: {exc}"))
+            return refusal(f"host_call params are not JSON: {exc}")
+
+    def _host_call(self, memory: GuestMemory, args: list[int]) -> list[int]:
+        request = self._request(memory, args)
+        if isinstance(request, HostAnswer):
+            return self._answer(request)
+        method, params = request
+        state = self.state
         remaining = state.deadline - time.monotonic()
         if remaining <= 0:
             return self._answer(HostAnswer(STATUS_TIMEOUT))
         answer = self.hostcalls.call_blocking(self.vm_id, method, params, remaining, self._track)
         state.host_call_id = None
         return self._answer(answer)
+
+    def _host_call_async(self, memory: GuestMemory, args: list[int]) -> list[int]:
+        request = self._request(memory, args)
+        if isinstance(request, HostAnswer):
+            self.state.response = request.payload
+            return [request.status]
+        return [self.issue_async(*request)]
 
     def _track(self, request_id: str) -> None:
         self.state.host_call_id = request_id

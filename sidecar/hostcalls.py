@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import msgspec
 import structlog
 
-from protocol.correlator import Correlator, Delivered, DropReason
+from protocol.correlator import Correlator, Delivered, DropReason, Pending
 from protocol.decoding import IncomingResponse
 from protocol.envelope import Request, encode
 from protocol.errors import env_var_for
@@ -120,6 +120,11 @@ class HostCalls:
             log.warning("host_call_timed_out", vm_id=owner, method=method, request_id=waiter.id, timeout_s=timeout_s)
             return HostAnswer(STATUS_TIMEOUT)
         return waiter.wait(0) or HostAnswer(STATUS_TIMEOUT)  # answered in the same instant
+
+    def adopt(self, request_id: str, owner: str, method: str, waiter: Callable[[HostAnswer], None]) -> None:
+        """Wait again on a call issued by an earlier process (restored from a snapshot), same id."""
+        with self._lock:
+            self._correlator.adopt(Pending(request_id, owner, method, None, waiter))
 
     def abandon(self, request_id: str, reason: str | None = None) -> bool:
         """Give up on one call; with a `reason`, its waiter hears a refusal now (a cancel)."""

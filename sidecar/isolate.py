@@ -31,6 +31,7 @@ from .guest_abi import CallState, GuestAbi
 from .hostcalls import HostCalls
 from .limits import Limits
 from .modules import CompiledModule
+from .wasmbin import START_EXPORT
 from .wasmffi import FastCall, set_deadline_callback, trap_message
 
 log = structlog.get_logger()
@@ -50,8 +51,12 @@ class Isolate:
         limits: Limits,
         hostcalls: HostCalls,
         yield_reading: Callable[[], None],
+        issue_async: Callable[[str, bytes], int],
         wasi: wasmtime.WasiConfig | None = None,
+        *,
+        start: bool = True,
     ) -> None:
+        """`start=False` leaves the module's start function unrun: a restore writes the state."""
         self.vm_id = vm_id
         self.compiled = compiled
         self.limits = limits
@@ -71,7 +76,7 @@ class Isolate:
         if compiled.wasi:  # a WASI guest in a store without WASI aborts the process
             linker.define_wasi()
             self.store.set_wasi(wasi if wasi is not None else wasmtime.WasiConfig())
-        self.abi = GuestAbi(vm_id, limits, hostcalls, yield_reading)
+        self.abi = GuestAbi(vm_id, limits, hostcalls, yield_reading, issue_async)
         self.abi.define(linker)
         set_deadline_callback(self.store, self._decide)
         try:
@@ -80,11 +85,15 @@ class Isolate:
                 CallState(deadline=time.monotonic() + limits.vm_call_timeout_ms / 1000),
                 limits.vm_call_timeout_ms,
             )
+            exports = self.instance.exports(self.store).by_index
+            self._memories = [item for item in exports if isinstance(item, wasmtime.Memory)]
+            if start and START_EXPORT in self.instance.exports(self.store):
+                # Instrumentation moved the start function here so that it runs under the budgets.
+                deadline = time.monotonic() + limits.vm_call_timeout_ms / 1000
+                self.call(START_EXPORT, [], CallState(deadline=deadline), limits.vm_call_timeout_ms)
         except BaseException:
             self.store.close()
             raise
-        exports = self.instance.exports(self.store).by_index
-        self._memories = [item for item in exports if isinstance(item, wasmtime.Memory)]
         self._refresh_memory()
 
     def call(self, export: str, args: Sequence[int | float], state: CallState, timeout_ms: int) -> list[int | float]:

@@ -36,8 +36,8 @@ from protocol.errors import (
 from protocol.methods import WasiSettings
 
 from .dispatcher import Reply
-from .guest_abi import CallState
-from .hostcalls import HostCalls
+from .guest_abi import ON_RESPONSE, CallState
+from .hostcalls import STATUS_HOST_ERROR, STATUS_OK, STATUS_REFUSED, HostAnswer, HostCalls
 from .isolate import Isolate
 from .limits import Limits
 from .modules import CompiledModule
@@ -54,6 +54,27 @@ class Runtime:
     hostcalls: HostCalls
     yield_reading: Callable[[], None]
     send: Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class AsyncCall:
+    """A `host_call_async` the VM waits on; it outlives calls, instances and even processes."""
+
+    request_id: str
+    method: str
+    params: bytes
+
+
+class CallbackReply(Reply):
+    """The reply of work nobody asked for over the wire (an async answer's delivery): logged."""
+
+    def __init__(self, vm_id: str, what: str) -> None:
+        super().__init__(None, what, lambda _frame: None, lambda _reply: None)
+        self._vm_id = vm_id
+
+    def error(self, error: RpcError) -> None:
+        log.warning("async_delivery_failed", vm_id=self._vm_id, kind=error.kind, error=error.message)
+        super().error(error)
 
 
 @dataclass(eq=False)  # identity: jobs are tracked in sets while they run
@@ -92,6 +113,8 @@ class Vm:
         self.runtime = runtime
         self.calls = 0
         self.recycles: Counter[str] = Counter()
+        self.async_calls: dict[int, AsyncCall] = {}  # by ticket
+        self.next_ticket = 0
         self.disposed = False
         self._slots = limits.vm_pool_instances if mode == "stateless" else 1
         self._lock = threading.Lock()
@@ -150,13 +173,68 @@ class Vm:
         for isolate in idle:
             self._close(isolate)
 
-    def _spawn(self) -> Isolate:
-        isolate = Isolate(
-            self.vm_id, self.compiled, self.engine, self.limits, self.runtime.hostcalls, self.runtime.yield_reading
-        )
+    def _spawn(self, *, start: bool = True) -> Isolate:
+        isolate = self.isolate_for(start=start)
         with self._lock:
             self._live.append(isolate)
         return isolate
+
+    def isolate_for(self, wasi: wasmtime.WasiConfig | None = None, *, start: bool = True) -> Isolate:
+        """A new instance of this VM's module with its budgets (not yet part of its pool)."""
+        return Isolate(
+            self.vm_id, self.compiled, self.engine, self.limits, self.runtime.hostcalls,
+            self.runtime.yield_reading, self.issue_async, wasi, start=start,
+        )
+
+    def replace_instance(self, isolate: Isolate) -> None:
+        """Swap the idle instance of a stateful VM for `isolate` (a restore's)."""
+        with self._lock:
+            old = [i for i in self._idle if i is not None]
+            self._idle = [isolate]
+            self._live = [isolate]
+        for previous in old:
+            previous.close()
+
+    # -- async host calls ----------------------------------------------------------------
+
+    def issue_async(self, method: str, params: bytes) -> int:
+        """`host_call_async`: a ticket >= 0, or -3 when refused. Only stateful VMs keep the state
+        an answer must come back to."""
+        capacity = self.limits.vm_host_calls_in_flight
+        with self._lock:
+            refused = self.mode != "stateful" or self.disposed or len(self.async_calls) >= capacity
+            ticket = self.next_ticket
+            if not refused:
+                self.next_ticket += 1
+        if refused:
+            if len(self.async_calls) >= capacity:
+                self.limits.exhausted("vm_host_calls_in_flight", len(self.async_calls) + 1, vm_id=self.vm_id)
+            return STATUS_REFUSED
+        request_id = self.runtime.hostcalls.issue(self.vm_id, method, params, self._answer_to(ticket))
+        self.async_calls[ticket] = AsyncCall(request_id, method, params)
+        return ticket
+
+    def adopt_async(self, ticket: int, call: AsyncCall) -> None:
+        """A pending call restored from a snapshot: live again under its original id."""
+        self.async_calls[ticket] = call
+        self.runtime.hostcalls.adopt(call.request_id, self.vm_id, call.method, self._answer_to(ticket))
+
+    def _answer_to(self, ticket: int) -> Callable[[HostAnswer], None]:
+        def deliver(answer: HostAnswer) -> None:
+            self.submit(Job(CallbackReply(self.vm_id, ON_RESPONSE), lambda vm, isolate, state: vm._on_response(
+                isolate, state, ticket, answer)))
+
+        return deliver
+
+    def _on_response(self, isolate: Isolate | None, state: CallState, ticket: int, answer: HostAnswer) -> None:
+        """Call the guest's `sidecar_on_response(ticket, status, len)`; `response_read` reads it."""
+        self.async_calls.pop(ticket, None)
+        if isolate is None:
+            return
+        status = answer.status if answer.status in (STATUS_OK, STATUS_HOST_ERROR) else STATUS_REFUSED
+        state.response = answer.payload
+        state.deadline = time.monotonic() + self.limits.vm_call_timeout_ms / 1000
+        isolate.call(ON_RESPONSE, [ticket, status, len(answer.payload)], state, self.limits.vm_call_timeout_ms)
 
     def _drain(self, job: Job | None, isolate: Isolate | None) -> None:
         while job is not None:

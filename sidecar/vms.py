@@ -183,8 +183,7 @@ class VmService:
             state.deadline = time.monotonic() + timeout_ms / 1000
             started = time.perf_counter()
             self.runtime.yield_reading()  # a whole program: do not hold the host's input meanwhile
-            isolate = Isolate(vm.vm_id, vm.compiled, vm.engine, vm.limits, self.runtime.hostcalls,
-                              self.runtime.yield_reading, config)
+            isolate = vm.isolate_for(config)
             try:
                 code = isolate.run_start(state, timeout_ms)
             finally:

@@ -1,0 +1,159 @@
+"""The `state` snapshot file: a versioned, checksummed, self-describing container of one VM.
+
+Owns the byte layout and every check a file must pass before any of it is believed: snapshot
+files are untrusted input (they travel between machines), so a bad magic, version, length,
+checksum or shape is refused with -32006 naming the stage that failed. Knows nothing about
+wasmtime: it carries bytes and numbers, and `sidecar.snapshots` decides what they mean.
+
+Layout: `MAGIC` (8 bytes), format version (u32 LE), body length (u64 LE), body (msgpack of
+`SnapshotState`), SHA-256 of the body (32 bytes). Memories are stored sparsely as runs of
+non-zero `SNAPSHOT_CHUNK_BYTES` chunks, so zero pages cost nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from protocol.errors import InvalidSnapshotError
+
+MAGIC = b"WSIDECAR"
+FORMAT_VERSION = 1
+SNAPSHOT_CHUNK_BYTES = 4096  # invariant of the format: all-zero chunks of this size are not stored
+_HEADER = struct.Struct("<8sIQ")
+_DIGEST_BYTES = 32
+_ZERO_CHUNK = bytes(SNAPSHOT_CHUNK_BYTES)
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class MemoryImage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Memory `index` of `size_bytes`; `runs` are (offset, bytes) of its non-zero regions."""
+
+    index: NonNegative
+    size_bytes: NonNegative
+    runs: list[tuple[NonNegative, bytes]]
+
+
+class GlobalValue(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    index: NonNegative
+    valtype: Literal["i32", "i64", "f32", "f64"]
+    value: int | float
+
+
+class PendingCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An async host call the VM waits on: answered later under the same `id`, in any process."""
+
+    id: str
+    ticket: NonNegative
+    method: str
+    params: msgspec.Raw
+
+
+class SnapshotState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    module_id: str
+    module: bytes
+    mode: Literal["stateful", "stateless"]
+    limits: dict[str, int]
+    wasi: dict[str, Any]
+    memories: list[MemoryImage]
+    globals: list[GlobalValue]
+    pending_host_calls: list[PendingCall]
+    next_ticket: NonNegative
+    sidecar_version: str
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(SnapshotState)
+
+
+def sparse_runs(data: bytes) -> list[tuple[int, bytes]]:
+    """The non-zero chunks of `data`, adjacent ones merged into runs."""
+    runs: list[tuple[int, bytes]] = []
+    view = memoryview(data)
+    start: int | None = None
+    for offset in range(0, len(data), SNAPSHOT_CHUNK_BYTES):
+        zero = view[offset : offset + SNAPSHOT_CHUNK_BYTES] == _ZERO_CHUNK[: min(SNAPSHOT_CHUNK_BYTES, len(data) - offset)]
+        if zero and start is not None:
+            runs.append((start, bytes(view[start:offset])))
+            start = None
+        elif not zero and start is None:
+            start = offset
+    if start is not None:
+        runs.append((start, bytes(view[start:])))
+    return runs
+
+
+def encode(state: SnapshotState) -> bytes:
+    body = _encoder.encode(state)
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(body)) + body + hashlib.sha256(body).digest()
+
+
+def write_atomically(path: Path, blob: bytes) -> None:
+    """A temporary file in the same directory renamed over `path`: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read(path: Path, capacity: int) -> SnapshotState:
+    """Read and check a snapshot file; any problem is -32006 with the failing `stage`."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InvalidSnapshotError(f"cannot read {path}: {exc.strerror}", stage="read", path=str(path)) from None
+    if size > capacity:
+        raise InvalidSnapshotError(
+            f"snapshot of {size} bytes is larger than runner_snapshot_bytes ({capacity})",
+            stage="bounds", limit="runner_snapshot_bytes", capacity=capacity, observed=size,
+        )
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise InvalidSnapshotError(f"cannot read {path}: {exc.strerror}", stage="read", path=str(path)) from None
+    return parse(blob)
+
+
+def parse(blob: bytes) -> SnapshotState:
+    if len(blob) < _HEADER.size + _DIGEST_BYTES:
+        raise InvalidSnapshotError("file too short to be a snapshot", stage="format", size=len(blob))
+    magic, version, body_length = _HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise InvalidSnapshotError("not a wasm-sidecar snapshot (bad magic)", stage="format")
+    if version != FORMAT_VERSION:
+        raise InvalidSnapshotError(
+            f"snapshot format version {version} is not supported (this sidecar reads {FORMAT_VERSION})",
+            stage="version", version=version,
+        )
+    if _HEADER.size + body_length + _DIGEST_BYTES != len(blob):
+        raise InvalidSnapshotError("snapshot length does not match its header (truncated?)", stage="format")
+    body = blob[_HEADER.size : _HEADER.size + body_length]
+    if hashlib.sha256(body).digest() != blob[-_DIGEST_BYTES:]:
+        raise InvalidSnapshotError("snapshot checksum mismatch (corrupted)", stage="checksum")
+    try:
+        state = _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidSnapshotError(f"snapshot body is malformed: {exc}", stage="format") from None
+    if "sha256:" + hashlib.sha256(state.module).hexdigest() != state.module_id:
+        raise InvalidSnapshotError("embedded module does not match its module_id", stage="module")
+    for memory in state.memories:
+        for offset, data in memory.runs:
+            if offset + len(data) > memory.size_bytes:
+                raise InvalidSnapshotError(
+                    f"memory {memory.index} has data past its size", stage="bounds", memory=memory.index
+                )
+    return state
