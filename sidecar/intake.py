@@ -55,7 +55,16 @@ class Intake:
         self._threads: list[threading.Thread] = []
         self.closing = False  # set by `shutdown`: the rest of the input is not served
 
-    def start(self) -> None:
+    def start(self, stack_bytes: int) -> None:
+        """Start the threads with `stack_bytes` of native stack each: guests run on them, and a
+        guest's wasm stack lives on the native one, so it must hold `vm_stack_bytes` and more."""
+        previous = threading.stack_size(stack_bytes)
+        try:
+            self._start_threads()
+        finally:
+            threading.stack_size(previous)
+
+    def _start_threads(self) -> None:
         for index in range(self._thread_count):
             thread = threading.Thread(target=self._serve, name=f"sidecar-worker-{index}", daemon=True)
             thread.start()

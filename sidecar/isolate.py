@@ -11,6 +11,7 @@ requests or queues: the VM decides when to call.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ import wasmtime
 from protocol.errors import (
     CallTimeoutError,
     GuestTrapError,
+    InvalidModuleError,
     InvalidParamsError,
     RequestCancelledError,
     RpcError,
@@ -31,7 +33,7 @@ from .guest_abi import CallState, GuestAbi
 from .hostcalls import HostCalls
 from .limits import Limits
 from .modules import CompiledModule
-from .wasmbin import START_EXPORT
+from .wasmbin import PREFIX, START_EXPORT
 from .wasmffi import FastCall, set_deadline_callback, trap_message
 
 log = structlog.get_logger()
@@ -81,12 +83,11 @@ class Isolate:
         set_deadline_callback(self.store, self._decide)
         try:
             self.instance = self._guarded(
-                lambda: linker.instantiate(self.store, compiled.module),
+                lambda: _link(linker, self.store, compiled.module),
                 CallState(deadline=time.monotonic() + limits.vm_call_timeout_ms / 1000),
                 limits.vm_call_timeout_ms,
             )
-            exports = self.instance.exports(self.store).by_index
-            self._memories = [item for item in exports if isinstance(item, wasmtime.Memory)]
+            self._memories = self._distinct_memories()
             if start and START_EXPORT in self.instance.exports(self.store):
                 # Instrumentation moved the start function here so that it runs under the budgets.
                 deadline = time.monotonic() + limits.vm_call_timeout_ms / 1000
@@ -132,7 +133,7 @@ class Isolate:
     def _bind(self, export: str) -> FastCall:
         found = self.instance.exports(self.store).get(export)
         if found is None:
-            names = sorted(e.name for e in self.compiled.exports if e.kind == "func")
+            names = sorted(e.name for e in self.compiled.exports if e.kind == "func" and not e.name.startswith(PREFIX))
             raise InvalidParamsError(f"the module has no export {export!r}", path="$.export", exports=names)
         if not isinstance(found, wasmtime.Func):
             raise InvalidParamsError(f"export {export!r} is not a function", path="$.export")
@@ -187,8 +188,29 @@ class Isolate:
         self.limits.exhausted(budget, capacity, capacity=capacity, vm_id=self.vm_id)
         return GuestTrapError(code, message, vm_id=self.vm_id, limit=budget, env=env_var_for(budget), capacity=capacity)
 
+    def _distinct_memories(self) -> list[wasmtime.Memory]:
+        """Each exported memory once: instrumentation exports a memory under a second name."""
+        found: dict[int, wasmtime.Memory] = {}
+        for item in self.instance.exports(self.store).by_index:
+            if isinstance(item, wasmtime.Memory):
+                found.setdefault(ctypes.addressof(item.data_ptr(self.store).contents), item)
+        return list(found.values())
+
     def _refresh_memory(self) -> None:
         self.memory_bytes = sum(memory.data_len(self.store) for memory in self._memories)
+
+
+def _link(linker: wasmtime.Linker, store: wasmtime.Store, module: wasmtime.Module) -> wasmtime.Instance:
+    """Instantiate; an import that does not resolve is the module's fault (-32005), not a trap."""
+    try:
+        return linker.instantiate(store, module)
+    except wasmtime.WasmtimeError as exc:
+        text = str(exc)
+        if "unknown import" in text or "incompatible import type" in text:
+            summary = " ".join(text.split("\n")[0].split())
+            raise InvalidModuleError(f"the module's imports cannot be satisfied: {summary}", stage="imports",
+                                     detail=trap_message(exc)) from None
+        raise
 
 
 class _Exited(Exception):

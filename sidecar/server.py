@@ -45,6 +45,8 @@ from .intake import Intake
 from .transport import FdSink, Outbox
 
 log = structlog.get_logger()
+# Native stack a worker needs beyond the guest's own: the sidecar's Python and wasmtime's frames.
+HOST_STACK_MARGIN = 8 << 20
 SHUTDOWN_FLUSH_S = 0.5  # of the one second a host may wait for us to exit after EOF or SIGTERM
 
 
@@ -111,7 +113,7 @@ class Server:
             tg.start_soon(self._drain)
             if self._handle_signals:
                 await tg.start(self._watch_signals)
-            self.intake.start()
+            self.intake.start(self.limits.vm_stack_bytes + HOST_STACK_MARGIN)
             log.info("sidecar_started", version=__version__, protocol_version=protocol.PROTOCOL_VERSION)
             task_status.started()
             await self._stopped.wait()

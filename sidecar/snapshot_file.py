@@ -27,7 +27,7 @@ MAGIC = b"WSIDECAR"
 FORMAT_VERSION = 1
 SNAPSHOT_CHUNK_BYTES = 4096  # invariant of the format: all-zero chunks of this size are not stored
 _HEADER = struct.Struct("<8sIQ")
-_DIGEST_BYTES = 32
+_DIGEST_LENGTH = 32
 _ZERO_CHUNK = bytes(SNAPSHOT_CHUNK_BYTES)
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -129,7 +129,7 @@ def read(path: Path, capacity: int) -> SnapshotState:
 
 
 def parse(blob: bytes) -> SnapshotState:
-    if len(blob) < _HEADER.size + _DIGEST_BYTES:
+    if len(blob) < _HEADER.size + _DIGEST_LENGTH:
         raise InvalidSnapshotError("file too short to be a snapshot", stage="format", size=len(blob))
     magic, version, body_length = _HEADER.unpack_from(blob)
     if magic != MAGIC:
@@ -139,10 +139,10 @@ def parse(blob: bytes) -> SnapshotState:
             f"snapshot format version {version} is not supported (this sidecar reads {FORMAT_VERSION})",
             stage="version", version=version,
         )
-    if _HEADER.size + body_length + _DIGEST_BYTES != len(blob):
+    if _HEADER.size + body_length + _DIGEST_LENGTH != len(blob):
         raise InvalidSnapshotError("snapshot length does not match its header (truncated?)", stage="format")
     body = blob[_HEADER.size : _HEADER.size + body_length]
-    if hashlib.sha256(body).digest() != blob[-_DIGEST_BYTES:]:
+    if hashlib.sha256(body).digest() != blob[-_DIGEST_LENGTH:]:
         raise InvalidSnapshotError("snapshot checksum mismatch (corrupted)", stage="checksum")
     try:
         state = _decoder.decode(body)

@@ -103,7 +103,10 @@ class Vm:
         mode: Mode,
         wasi: WasiSettings,
         runtime: Runtime,
+        *,
+        start: bool = True,
     ) -> None:
+        """`start=False`: the first instance skips its start function (a restore fills it in)."""
         self.vm_id = vm_id
         self.compiled = compiled
         self.engine = engine
@@ -124,7 +127,7 @@ class Vm:
         self._live: list[Isolate] = []
         # A command (`_start`) is run fresh by every `vm.run`, so its VM keeps no instance; other
         # VMs start one now, so that a start function that fails fails `vm.create`.
-        self._idle.append(None if compiled.command else self._spawn())
+        self._idle.append(None if compiled.command else self._spawn(start=start))
 
     @property
     def busy(self) -> bool:
@@ -186,14 +189,10 @@ class Vm:
             self.runtime.yield_reading, self.issue_async, wasi, start=start,
         )
 
-    def replace_instance(self, isolate: Isolate) -> None:
-        """Swap the idle instance of a stateful VM for `isolate` (a restore's)."""
-        with self._lock:
-            old = [i for i in self._idle if i is not None]
-            self._idle = [isolate]
-            self._live = [isolate]
-        for previous in old:
-            previous.close()
+    def idle_instance(self) -> Isolate:
+        """The one instance of a new stateful VM, for a restore to write its state into."""
+        assert self.mode == "stateful" and not self._running and self._idle[0] is not None
+        return self._idle[0]
 
     # -- async host calls ----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import os
 from collections import Counter
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from protocol.envelope import Notification, encode
 from protocol.errors import InvalidModuleError, InvalidParamsError, VmNotFoundError
 from protocol.methods import (
     Empty,
+    ExportInfo,
     ModuleLoadParams,
     ModuleLoadResult,
     VmCallParams,
@@ -47,7 +49,9 @@ from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
 from .modules import CompiledModule, ModuleStore, read_source
-from .vm import Job, Runtime, Vm
+from .snapshot_service import INSTRUMENT_ID, SnapshotMethods, instrument_or_keep
+from .vm import Job, Mode, Runtime, Vm
+from .wasmbin import PREFIX
 from .wasmffi import set_wasi_stdin_bytes
 
 log = structlog.get_logger()
@@ -73,6 +77,7 @@ class VmService:
         dispatcher.route("vm.run", "deferred", self.vm_run)
         dispatcher.route("vm.dispose", "inline", self.vm_dispose)
         dispatcher.route("vm.list", "inline", self.vm_list)
+        SnapshotMethods(self).register(dispatcher)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -102,7 +107,7 @@ class VmService:
         return ModuleLoadResult(
             module_id=compiled.module_id,
             size_bytes=compiled.size_bytes,
-            exports=compiled.exports,
+            exports=public_exports(compiled),
             imports=compiled.imports,
             cached=compiled.cached,
             compile_ms=round(compiled.compile_ms, 3),
@@ -110,15 +115,32 @@ class VmService:
 
     def vm_create(self, params: VmCreateParams, reply: Reply) -> None:
         limits = self.limits.tightened(params.limits) if params.limits else self.limits
-        settings = EngineSettings.from_limits(limits)
         if params.module_id:
-            compiled = self.modules.get(params.module_id, settings)
+            compiled = self.modules.get(params.module_id, EngineSettings.from_limits(limits))
+            self._check(compiled, limits)
         else:
             self.runtime.yield_reading()  # a compile can take seconds: let another thread read
-            compiled = self.modules.load(read_source(params, self.limits), settings)
-        self._check_imports(compiled)
-        self._check_memory(compiled, limits)
-        wasi = params.wasi or WasiSettings()
+            compiled = self.compile(read_source(params, self.limits), limits)
+        vm = self.add_vm(compiled, limits, params.mode, params.wasi or WasiSettings())
+        reply.result(VmCreateResult(vm_id=vm.vm_id))
+
+    def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
+        """Load a module for VMs with these budgets: instrumented, checked against them."""
+        compiled = self.modules.load(
+            wasm, EngineSettings.from_limits(limits), transform=instrument_or_keep, transform_id=INSTRUMENT_ID
+        )
+        self._check(compiled, limits)
+        return compiled
+
+    def add_vm(
+        self,
+        compiled: CompiledModule,
+        limits: Limits,
+        mode: Mode,
+        wasi: WasiSettings,
+        restore: Callable[[Vm], None] | None = None,
+    ) -> Vm:
+        """A new live VM, counted against `runner_vms`; `restore` fills in a snapshot's state."""
         _check_preopens(wasi)
         with self._lock:
             live = len(self._vms) + self._starting + 1
@@ -127,17 +149,26 @@ class VmService:
             vm_id = f"vm-{next(self._ids)}"
             self._starting += 1
         try:
-            vm = Vm(vm_id, compiled, self.engines.get(settings), limits, params.mode, wasi, self.runtime)
+            vm = Vm(vm_id, compiled, self.engines.get(compiled.settings), limits, mode, wasi, self.runtime,
+                    start=restore is None)
+            if restore is not None:
+                try:
+                    restore(vm)
+                except BaseException:
+                    vm.dispose()
+                    raise
         finally:
             with self._lock:
                 self._starting -= 1
         with self._lock:
             self._vms[vm_id] = vm
-        log.info("vm_created", vm_id=vm_id, module_id=compiled.module_id, mode=params.mode)
-        reply.result(VmCreateResult(vm_id=vm_id))
+        log.info("vm_created", vm_id=vm_id, module_id=compiled.module_id, mode=mode)
+        return vm
 
     def vm_call(self, params: VmCallParams, reply: Reply) -> None:
-        vm = self._vm(params.vm_id)
+        vm = self.find(params.vm_id)
+        if params.export.startswith(PREFIX):
+            raise InvalidParamsError(f"exports named {PREFIX}* belong to the sidecar", path="$.export")
         data = _payload(params.input, params.input_base64)
         capacity = vm.limits.vm_input_bytes
         if len(data) > capacity:
@@ -166,7 +197,7 @@ class VmService:
         vm.submit(Job(reply, work))
 
     def vm_run(self, params: VmRunParams, reply: Reply) -> None:
-        vm = self._vm(params.vm_id)
+        vm = self.find(params.vm_id)
         if not vm.compiled.command:
             raise InvalidParamsError("the VM's module exports no `_start`: use vm.call", path="$.vm_id")
         stdin = _payload(params.stdin, params.stdin_base64)
@@ -237,13 +268,17 @@ class VmService:
     # -- checks ----------------------------------------------------------------------------
 
     def _load(self, params: ModuleLoadParams) -> CompiledModule:
-        return self.modules.load(read_source(params, self.limits), EngineSettings.from_limits(self.limits))
+        return self.compile(read_source(params, self.limits), self.limits)
 
-    def _vm(self, vm_id: str) -> Vm:
+    def find(self, vm_id: str) -> Vm:
         vm = self._vms.get(vm_id)
         if vm is None:
             raise VmNotFoundError(vm_id)
         return vm
+
+    def _check(self, compiled: CompiledModule, limits: Limits) -> None:
+        self._check_imports(compiled)
+        self._check_memory(compiled, limits)
 
     def _check_imports(self, compiled: CompiledModule) -> None:
         """Refuse, naming it, any import the sidecar does not provide with that signature."""
@@ -310,6 +345,11 @@ class _Capture:
                                    stream=self._stream)
 
 
+def public_exports(compiled: CompiledModule) -> list[ExportInfo]:
+    """The module's own exports: the `__sidecar_*` ones our instrumentation added are not the guest's."""
+    return [export for export in compiled.exports if not export.name.startswith(PREFIX)]
+
+
 def _wasi_config(
     wasi: WasiSettings, params: VmRunParams, stdin: bytes, stdout: _Capture, stderr: _Capture
 ) -> wasmtime.WasiConfig:
@@ -340,8 +380,11 @@ def _payload(text: Any, binary: Any) -> bytes:
 
 def _timeout(requested: Any, limits: Limits) -> int:
     """A per-request `timeout_ms` tightens `vm_call_timeout_ms`, never raises it."""
-    ceiling = limits.vm_call_timeout_ms
-    return min(requested, ceiling) if isinstance(requested, int) else ceiling
+    if not isinstance(requested, int):
+        return limits.vm_call_timeout_ms
+    if requested > limits.timer_max_ms:
+        raise InvalidParamsError(f"timeout_ms above timer_max_ms ({limits.timer_max_ms})", path="$.timeout_ms")
+    return min(requested, limits.vm_call_timeout_ms)
 
 
 def _text_or_base64(data: bytes) -> tuple[Any, Any]:

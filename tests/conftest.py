@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +14,18 @@ from .support import memory_session, process_session
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One compile cache for the whole run (sidecar subprocesses inherit it), never the user's."""
+    saved = os.environ.get("SIDECAR_CACHE_DIR")
+    os.environ["SIDECAR_CACHE_DIR"] = str(tmp_path_factory.mktemp("compile-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("SIDECAR_CACHE_DIR", None)
+    else:
+        os.environ["SIDECAR_CACHE_DIR"] = saved
 
 
 @pytest.fixture(params=["memory", "subprocess"])

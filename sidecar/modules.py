@@ -1,0 +1,299 @@
+"""The module store: module sources to compiled, described modules, once per engine setting.
+
+Owns reading a source (path, inline bytes, WebAssembly text) within `runner_module_bytes`;
+refusing malformed (`parse`) and invalid (`validate`) modules with wasmtime's message and no
+traceback; compiling once per (module, transform, engine settings) even under concurrent loads,
+through the compile cache; describing exports, imports and memories without wasmtime's aborting
+value-type path; and the in-memory table (LRU, `runner_modules`; evicting drops only our
+reference). Compiling is the runner's work: no guest budget applies to it. Knows nothing about
+stores, instances, VMs or snapshots: a snapshot rewrite plugs in as `transform`, named by
+`transform_id` in cache keys, and its output is cached with the code so a hit skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+import wasmtime
+from msgspec import UNSET
+
+from protocol.errors import InvalidModuleError, InvalidParamsError
+from protocol.methods_vm import ExportInfo, ImportInfo
+
+from .compile_cache import CompileCache, cache_key
+from .engines import Engines, EngineSettings
+from .limits import Limits
+from .wasmbin import Module as Layout
+from .wasmbin import WasmFormatError
+from .wasmbin.module import MEMORY, START
+from .wasmffi import value_type_names
+
+WASI_MODULE = "wasi_snapshot_preview1"
+_SOURCES = ("path", "wasm_base64", "wat")
+_KINDS = ((wasmtime.FuncType, "func"), (wasmtime.MemoryType, "memory"), (wasmtime.TableType, "table"),
+          (wasmtime.GlobalType, "global"), (wasmtime.TagType, "tag"))
+
+Transform = Callable[[bytes], bytes]
+_Key = tuple[str, str, EngineSettings]  # module id, transform id, settings
+
+
+def _log() -> Any:
+    return structlog.get_logger()  # per event, so a later logging setup still applies
+
+
+def read_source(params: Any, limits: Limits) -> bytes:
+    """The module bytes named by `params` (`path`, `wasm_base64` or `wat`), within `runner_module_bytes`."""
+    given = [name for name in _SOURCES if getattr(params, name, UNSET) is not UNSET]
+    if len(given) != 1:
+        raise InvalidParamsError("exactly one of path, wasm_base64, wat names the module", path="$")
+    capacity = limits.runner_module_bytes
+    if given[0] == "path":
+        data = _read_file(params.path, limits)
+    elif given[0] == "wasm_base64":
+        data = params.wasm_base64  # msgspec has decoded the base64 already
+    else:
+        text = params.wat.encode()
+        if len(text) > capacity:  # bounds the text parser's work too
+            raise limits.exceeded("runner_module_bytes", len(text), module_source="wat")
+        try:
+            data = bytes(wasmtime.wat2wasm(text))
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidModuleError(f"invalid WebAssembly text: {_summary(exc)}", stage="parse") from None
+    if len(data) > capacity:
+        raise limits.exceeded("runner_module_bytes", len(data), module_source=given[0])
+    return data
+
+
+def _read_file(path: str, limits: Limits) -> bytes:
+    """Refuses by `stat` before reading, so a huge file (or a FIFO, a device) is never opened for its bytes."""
+    capacity = limits.runner_module_bytes
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidModuleError(f"cannot read module {path!r}: not a regular file", stage="read", path=path)
+        if info.st_size > capacity:
+            raise limits.exceeded("runner_module_bytes", info.st_size, path=path)
+        with open(path, "rb") as file:
+            return file.read(capacity + 1)  # the file may grow after the stat; the caller checks again
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise InvalidModuleError(f"cannot read module {path!r}: {reason}", stage="read", path=path) from None
+
+
+def _summary(exc: Exception) -> str:
+    """The informative line of a wasmtime message: the root cause of a chain, or the first line
+    with its text position."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if "Caused by:" in lines:
+        return re.sub(r"^\d+: ", "", lines[-1])
+    where = next((line[4:] for line in lines if line.startswith("--> ")), None)
+    return f"{lines[0]} (at {where})" if where else lines[0]
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    """A module compiled for one engine setting, and what callers need to know before instantiating.
+
+    `module_id`, `size_bytes` and `source` describe the bytes as given (a snapshot embeds them, so
+    a restore elsewhere hits the same compile-cache entry); everything else describes `wasm`,
+    the bytes compiled (after any transform). `memory_minimums` are in bytes, imported memories
+    first, so a VM can refuse one above its memory budget precisely before instantiating.
+    """
+
+    module_id: str
+    source: bytes
+    wasm: bytes
+    size_bytes: int
+    exports: list[ExportInfo]
+    imports: list[ImportInfo]
+    module: wasmtime.Module
+    settings: EngineSettings
+    cached: bool
+    compile_ms: float
+    memory_minimums: list[int]
+    has_start: bool
+    wasi: bool
+    command: bool
+
+
+class ModuleStore:
+    """Compiled modules by content address; blocking and thread-safe, for worker threads."""
+
+    def __init__(self, limits: Limits, engines: Engines, cache_dir: Path | None = None) -> None:
+        self._limits = limits
+        self._engines = engines
+        self._table: OrderedDict[_Key, CompiledModule] = OrderedDict()
+        self._pending: dict[_Key, Future[CompiledModule]] = {}
+        self._lock = threading.Lock()
+        self._cache = CompileCache.open(cache_dir, limits.runner_cache_bytes)
+
+    def load(
+        self, wasm: bytes, settings: EngineSettings, *, transform: Transform | None = None, transform_id: str = ""
+    ) -> CompiledModule:
+        """Compile (or fetch) `wasm` for `settings`; `transform` is a pure rewrite applied before
+        compiling, named by `transform_id` so cached code of one rewrite never serves another."""
+        if transform is not None and not transform_id:
+            raise ValueError("a transform needs a transform_id: it is part of the cache key")
+        module_id = "sha256:" + hashlib.sha256(wasm).hexdigest()
+        return self._obtain((module_id, transform_id, settings), wasm, transform, wasm)
+
+    def get(self, module_id: str, settings: EngineSettings) -> CompiledModule:
+        """The module loaded earlier as `module_id` (with its transform), compiled for `settings`."""
+        with self._lock:
+            known = next(((key, compiled) for key, compiled in reversed(self._table.items()) if key[0] == module_id),
+                         None)
+        if known is None:
+            raise InvalidModuleError(
+                f"no module loaded with id {module_id} (load it again with module.load)",
+                stage="unknown", module_id=module_id,
+            )
+        (_, transform_id, _), compiled = known
+        # Its wasm is already transformed; the transform id keeps the cache key that of a load.
+        return self._obtain((module_id, transform_id, settings), compiled.wasm, None, compiled.source)
+
+    def _obtain(self, key: _Key, source: bytes, transform: Transform | None, original: bytes) -> CompiledModule:
+        """`source` is what to compile (`transform` still to apply, or already applied);
+        `original` the bytes as loaded, which `module_id` names."""
+        with self._lock:
+            hit = self._table.get(key)
+            if hit is not None:
+                self._table.move_to_end(key)
+                return replace(hit, cached=True, compile_ms=0.0)
+            pending = self._pending.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._pending[key] = Future()
+        if not owner:  # someone else compiles it: wait for theirs
+            return replace(pending.result(), cached=True, compile_ms=0.0)
+        try:
+            compiled = self._build(key, source, transform, original)
+        except BaseException as exc:
+            with self._lock:
+                del self._pending[key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._pending[key]
+            self._table[key] = compiled
+            while len(self._table) > self._limits.runner_modules:
+                (module_id, _, settings), _ = self._table.popitem(last=False)  # VMs keep their own reference
+                _log().info("module_evicted", module_id=module_id, fingerprint=settings.fingerprint())
+        pending.set_result(compiled)
+        return compiled
+
+    def _build(self, key: _Key, source: bytes, transform: Transform | None, original: bytes) -> CompiledModule:
+        module_id, transform_id, settings = key
+        engine = self._engines.get(settings)
+        layout = _layout(source)
+        key_hex = cache_key(module_id, transform_id, settings)
+        started = time.perf_counter()
+        found = self._cache.read(key_hex, engine) if self._cache else None
+        if found is None:
+            wasm, layout, module = _compile(engine, source, layout, transform)
+        else:
+            module, stored = found
+            wasm = stored if transform_id else source
+            layout = _layout(wasm) if transform_id else layout
+        compile_ms = (time.perf_counter() - started) * 1000
+        if found is None and self._cache:
+            self._cache.write(key_hex, module, wasm if transform_id else b"")
+        compiled = CompiledModule(
+            module_id=module_id, source=original, wasm=wasm, size_bytes=len(original), module=module,
+            settings=settings,
+            cached=found is not None, compile_ms=compile_ms, **_describe(engine, module, layout, self._limits),
+        )
+        _log().info("module_compiled", module_id=module_id, size=len(original), compile_ms=round(compile_ms, 3),
+                    cached=compiled.cached, fingerprint=settings.fingerprint())
+        return compiled
+
+
+def _layout(data: bytes) -> Layout:
+    """The section structure; refuses what is not a core wasm module at all (stage `parse`)."""
+    try:
+        return Layout.parse(data)
+    except WasmFormatError as exc:
+        raise InvalidModuleError(f"malformed module: {exc}", stage="parse") from None
+
+
+def _compile(
+    engine: wasmtime.Engine, source: bytes, layout: Layout, transform: Transform | None
+) -> tuple[bytes, Layout, wasmtime.Module]:
+    # Validating first (~1% of a compile) gives wasmtime's plain message, and a transform only
+    # ever sees a module wasmtime accepted.
+    try:
+        wasmtime.Module.validate(engine, source)
+    except wasmtime.WasmtimeError as exc:
+        raise InvalidModuleError(f"invalid module: {_summary(exc)}", stage="validate") from None
+    wasm = source
+    if transform is not None:
+        # Checked again: wasmtime would take bytes without the wasm magic for WebAssembly text.
+        wasm = bytes(transform(source))
+        layout = _layout(wasm)
+    try:
+        return wasm, layout, wasmtime.Module(engine, wasm)
+    except wasmtime.WasmtimeError as exc:
+        raise InvalidModuleError(f"cannot compile module: {_summary(exc)}", stage="validate") from None
+
+
+def _describe(engine: wasmtime.Engine, module: wasmtime.Module, layout: Layout, limits: Limits) -> dict[str, Any]:
+    imports = [
+        ImportInfo(module=item.module, name=item.name or "", kind=_kind(item.type), **_signature(engine, item.type))
+        for item in module.imports
+    ]
+    exports = [ExportInfo(name=item.name, kind=_kind(item.type), **_signature(engine, item.type))
+               for item in module.exports]
+    imported_memories = [item.type for item in module.imports if isinstance(item.type, wasmtime.MemoryType)]
+    return {
+        "exports": exports,
+        "imports": imports,
+        "memory_minimums": [memory.limits.min * memory.page_size for memory in imported_memories]
+        + _defined_memory_minimums(layout, limits.wasm_page_bytes),
+        "has_start": layout.get(START) is not None,
+        "wasi": any(item.module == WASI_MODULE for item in imports),
+        "command": any(item.name == "_start" and item.kind == "func" for item in exports),
+    }
+
+
+def _kind(extern_type: object) -> str:
+    return next(name for cls, name in _KINDS if isinstance(extern_type, cls))
+
+
+def _signature(engine: wasmtime.Engine, extern_type: object) -> dict[str, list[str]]:
+    """`params`/`results` of a function type, named without `str(ValType)` (which aborts on v128)."""
+    if not isinstance(extern_type, wasmtime.FuncType):
+        return {}
+    params, results = extern_type.params, extern_type.results
+    names = value_type_names(engine, [*params, *results])
+    return {"params": list(names[: len(params)]), "results": list(names[len(params) :])}
+
+
+def _defined_memory_minimums(layout: Layout, page_bytes: int) -> list[int]:
+    """Declared minimum of each memory in the memory section, in bytes (the module is valid)."""
+    section = layout.get(MEMORY)
+    if section is None:
+        return []
+    reader = section.reader()
+    minimums = []
+    for _ in range(reader.u32()):
+        flags = reader.u8()
+        read = reader.u64 if flags & 0x04 else reader.u32  # memory64
+        minimum = read()
+        if flags & 0x01:
+            read()  # maximum
+        page = 1 << reader.u32() if flags & 0x08 else page_bytes  # custom page size
+        minimums.append(minimum * page)
+    return minimums

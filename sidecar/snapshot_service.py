@@ -1,0 +1,168 @@
+"""`vm.snapshot` and `vm.restore`: parking a VM in a file and resuming it in any sidecar.
+
+Owns the two methods and the instrumentation plugged into every module load (the rewrite that
+makes internal memories and globals reachable and puts the start function under our control).
+A snapshot is taken as a job on the VM, so it never sees a guest mid-call; a VM with guest frames
+on its stack (a call running, a guest blocked in `host_call`) is refused instead of waited for,
+since the answer it waits on may itself wait for the snapshot. A restore builds a VM from the
+file's module (through the compile cache), writes the state into a fresh instance without
+running its start function, and makes its pending async host calls live again under their ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import structlog
+
+from protocol.errors import InvalidParamsError, InvalidSnapshotError, RpcError
+from protocol.methods import (
+    PendingHostCall,
+    VmRestoreParams,
+    VmRestoreResult,
+    VmSnapshotParams,
+    VmSnapshotResult,
+    WasiSettings,
+)
+
+from . import __version__, snapshot_file, snapshots
+from .dispatcher import Dispatcher, Reply
+from .guest_abi import CallState
+from .isolate import Isolate
+from .modules import CompiledModule
+from .snapshot_file import PendingCall, SnapshotState
+from .vm import AsyncCall, Job, Vm
+from .wasmbin import Instrumented, WasmFormatError, instrument
+
+if TYPE_CHECKING:
+    from .vms import VmService
+
+log = structlog.get_logger()
+INSTRUMENT_ID = "sidecar-instrument-1"  # names the rewrite in compile-cache keys
+
+
+def instrument_or_keep(wasm: bytes) -> bytes:
+    """The load-time transform. A module our rewriter cannot read (wasmtime accepted it) still
+    runs, uninstrumented; a snapshot of it then says why it cannot be taken."""
+    try:
+        return instrument(wasm).wasm
+    except WasmFormatError as exc:
+        log.warning("instrumentation_skipped", reason=str(exc))
+        return wasm
+
+
+class SnapshotMethods:
+    def __init__(self, service: VmService) -> None:
+        self.service = service
+        self._instrumented: OrderedDict[str, Instrumented] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def register(self, dispatcher: Dispatcher) -> None:
+        dispatcher.route("vm.snapshot", "deferred", self.vm_snapshot)
+        dispatcher.route("vm.restore", "deferred", self.vm_restore)
+
+    def vm_snapshot(self, params: VmSnapshotParams, reply: Reply) -> None:
+        vm = self.service.find(params.vm_id)
+        if vm.mode != "stateful" or vm.compiled.command:
+            raise InvalidParamsError("only stateful VMs that keep an instance hold state to snapshot", path="$.vm_id")
+        if vm.busy:
+            raise InvalidParamsError(
+                "the VM has guest frames on its stack (a call is running or waits on the host); "
+                "snapshot it when it is idle", path="$.vm_id", state="busy",
+            )
+        instrumented = self.instrumented(vm.compiled)
+        snapshots.require_snapshottable(instrumented)
+        path = Path(params.path)
+
+        def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmSnapshotResult:
+            assert isolate is not None
+            memories, globals_ = snapshots.capture(isolate, instrumented)
+            self.service.runtime.yield_reading()  # encoding and writing a big memory takes a while
+            if params.format == "wasm":
+                blob = snapshots.to_wasm(instrumented, memories, globals_)
+            else:
+                blob = snapshot_file.encode(self._state(vm, memories, globals_))
+            capacity = vm.limits.runner_snapshot_bytes
+            if len(blob) > capacity:
+                raise vm.limits.exceeded("runner_snapshot_bytes", len(blob), vm_id=vm.vm_id)
+            try:
+                snapshot_file.write_atomically(path, blob)
+            except OSError as exc:
+                raise InvalidParamsError(f"cannot write {path}: {exc.strerror}", path="$.path") from None
+            log.info("vm_snapshotted", vm_id=vm.vm_id, path=str(path), format=params.format, size=len(blob))
+            return VmSnapshotResult(path=str(path), size_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+
+        vm.submit(Job(reply, work))
+
+    def vm_restore(self, params: VmRestoreParams, reply: Reply) -> None:
+        service = self.service
+        service.runtime.yield_reading()  # reading a file and maybe compiling: let another thread read input
+        state = snapshot_file.read(Path(params.path), service.limits.runner_snapshot_bytes)
+        try:
+            limits = service.limits.tightened(state.limits)
+            wasi = msgspec.convert(state.wasi, WasiSettings)
+        except (RpcError, msgspec.ValidationError) as exc:
+            raise InvalidSnapshotError(f"snapshot settings do not fit this sidecar: {exc}", stage="bounds") from None
+        if params.limits:
+            limits = limits.tightened(params.limits)
+        if len(state.pending_host_calls) > limits.vm_host_calls_in_flight:
+            raise InvalidSnapshotError("more pending host calls than vm_host_calls_in_flight", stage="bounds")
+        compiled = service.compile(state.module, limits)
+        instrumented = self.instrumented(compiled)
+        if not instrumented.snapshottable:
+            raise InvalidSnapshotError("the snapshot's module cannot be restored faithfully", stage="module",
+                                       reasons=list(instrumented.reasons))
+
+        def build(vm: Vm) -> None:
+            snapshots.apply(vm.idle_instance(), instrumented, state.memories, state.globals, limits)
+            vm.next_ticket = state.next_ticket
+            for call in state.pending_host_calls:
+                vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, bytes(call.params)))
+
+        vm = service.add_vm(compiled, limits, state.mode, wasi, restore=build)
+        log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
+        reply.result(VmRestoreResult(
+            vm_id=vm.vm_id,
+            pending_host_calls=[
+                PendingHostCall(id=call.id, method=call.method, params=msgspec.json.decode(call.params))
+                for call in state.pending_host_calls
+            ],
+        ))
+
+    def instrumented(self, compiled: CompiledModule) -> Instrumented:
+        """The instrumentation facts of a loaded module (instrumenting is idempotent)."""
+        with self._lock:
+            found = self._instrumented.get(compiled.module_id)
+        if found is None:
+            try:
+                found = instrument(compiled.wasm)
+            except WasmFormatError as exc:
+                raise InvalidParamsError(f"this VM's module cannot be snapshotted: {exc}", path="$.vm_id") from None
+            with self._lock:
+                self._instrumented[compiled.module_id] = found
+                while len(self._instrumented) > self.service.limits.runner_modules:
+                    self._instrumented.popitem(last=False)
+        return found
+
+    def _state(self, vm: Vm, memories: list, globals_: list) -> SnapshotState:
+        overrides = {row["name"]: row["value"] for row in vm.limits.rows() if row["source"] == "vm"}
+        return SnapshotState(
+            module_id=vm.compiled.module_id,
+            module=vm.compiled.source,
+            mode=vm.mode,  # type: ignore[arg-type]
+            limits=overrides,
+            wasi=msgspec.to_builtins(vm.wasi),
+            memories=memories,
+            globals=globals_,
+            pending_host_calls=[
+                PendingCall(id=call.request_id, ticket=ticket, method=call.method, params=msgspec.Raw(call.params))
+                for ticket, call in sorted(vm.async_calls.items())
+            ],
+            next_ticket=vm.next_ticket,
+            sidecar_version=__version__,
+        )
