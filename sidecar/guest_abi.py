@@ -90,7 +90,7 @@ class GuestAbi:
                 return handler(memory, args)
             except GuestFault as fault:
                 if self.state.fault is None and self.state.exceeded is None:
-                    self.state.fault = ("memory_out_of_bounds", str(fault))
+                    self.state.fault = (fault.code, str(fault))
                 raise
 
         return call

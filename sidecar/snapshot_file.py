@@ -53,7 +53,7 @@ class PendingCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: str
     ticket: NonNegative
     method: str
-    params: msgspec.Raw
+    params: bytes  # compact JSON text, as the guest sent it
 
 
 class SnapshotState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

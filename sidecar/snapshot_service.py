@@ -122,14 +122,14 @@ class SnapshotMethods:
             snapshots.apply(vm.idle_instance(), instrumented, state.memories, state.globals, limits)
             vm.next_ticket = state.next_ticket
             for call in state.pending_host_calls:
-                vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, bytes(call.params)))
+                vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, call.params))
 
         vm = service.add_vm(compiled, limits, state.mode, wasi, restore=build)
         log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
         reply.result(VmRestoreResult(
             vm_id=vm.vm_id,
             pending_host_calls=[
-                PendingHostCall(id=call.id, method=call.method, params=msgspec.json.decode(call.params))
+                PendingHostCall(id=call.id, method=call.method, params=msgspec.Raw(call.params))
                 for call in state.pending_host_calls
             ],
         ))
@@ -160,7 +160,7 @@ class SnapshotMethods:
             memories=memories,
             globals=globals_,
             pending_host_calls=[
-                PendingCall(id=call.request_id, ticket=ticket, method=call.method, params=msgspec.Raw(call.params))
+                PendingCall(id=call.request_id, ticket=ticket, method=call.method, params=call.params)
                 for ticket, call in sorted(vm.async_calls.items())
             ],
             next_ticket=vm.next_ticket,

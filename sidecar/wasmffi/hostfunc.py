@@ -33,7 +33,11 @@ _SLOTS = itertools.count(1)
 
 
 class GuestFault(Exception):
-    """Raised by a host function when the guest broke the ABI (bad pointer, bad length...)."""
+    """Raised by a host function when the guest broke the ABI; `code` names how (a trap code)."""
+
+    def __init__(self, message: str, code: str = "memory_out_of_bounds") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class GuestMemory:
@@ -51,7 +55,7 @@ class GuestMemory:
             extern = _ffi.wasmtime_extern_t()
             found = _ffi.wasmtime_caller_export_get(self._caller, _MEMORY_EXPORT, len(_MEMORY_EXPORT), ctypes.byref(extern))
             if not found or extern.kind != _ffi.WASMTIME_EXTERN_MEMORY.value:
-                raise GuestFault("the guest exports no memory named `memory` (guest ABI v1)")
+                raise GuestFault("the guest exports no memory named `memory` (guest ABI v1)", "abi_violation")
             context = _ffi.wasmtime_caller_context(self._caller)
             memory = ctypes.byref(extern.of.memory)
             self._base = ctypes.cast(_ffi.wasmtime_memory_data(context, memory), ctypes.c_void_p).value or 0
