@@ -30,7 +30,7 @@ TimeoutMs = Annotated[
 Number = int | float
 # Values are numbers or strings with a unit ("64MiB"); the limits inventory parses and bounds them.
 LimitOverrides = Annotated[
-    dict[str, Annotated[int, Meta(ge=0)] | str],
+    dict[str, int | str],  # values are checked by name, so an error can name the limit
     Meta(description="Per-VM budgets by limit name; may only tighten the sidecar's own value."),
 ]
 
