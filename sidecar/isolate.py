@@ -66,6 +66,7 @@ class Isolate:
         self._fast: dict[str, FastCall] = {}
         self.memory_bytes = 0  # retained linear memory after the last call; read without the store
         self.calls = 0
+        self.in_guest = False  # guest frames on this store's stack right now (no snapshot then)
         self.store = wasmtime.Store(engine)
         self.store.set_limits(
             memory_size=limits.vm_memory_bytes,
@@ -150,12 +151,15 @@ class Isolate:
         self.store.set_epoch_deadline(1)
         if self.limits.vm_fuel:
             self.store.set_fuel(self.limits.vm_fuel)
+        self.in_guest = True
         try:
             return action()
         except wasmtime.ExitTrap as exc:
             raise _Exited(exc.code) from None
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             raise self._translate(exc, state, timeout_ms) from None
+        finally:
+            self.in_guest = False
 
     def _decide(self) -> int | str:
         """Epoch tick while the guest runs (on its thread): stop it, or let it go on one more tick."""

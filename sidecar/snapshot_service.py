@@ -70,7 +70,7 @@ class SnapshotMethods:
         vm = self.service.find(params.vm_id)
         if vm.mode != "stateful" or vm.compiled.command:
             raise InvalidParamsError("only stateful VMs that keep an instance hold state to snapshot", path="$.vm_id")
-        if vm.busy:
+        if vm.in_guest:
             raise InvalidParamsError(
                 "the VM has guest frames on its stack (a call is running or waits on the host); "
                 "snapshot it when it is idle", path="$.vm_id", state="busy",

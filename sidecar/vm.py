@@ -134,6 +134,11 @@ class Vm:
         return bool(self._running)
 
     @property
+    def in_guest(self) -> bool:
+        """Guest code is on some instance's stack (running, or blocked in `host_call`)."""
+        return any(isolate.in_guest for isolate in list(self._live))
+
+    @property
     def memory_bytes(self) -> int:
         """Linear memory retained by the live instances (as of their last call)."""
         return sum(isolate.memory_bytes for isolate in list(self._live))

@@ -1,0 +1,22 @@
+"""The README's demo host runs end to end against a real sidecar process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from .support import WAIT
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo_host.py"
+
+
+def test_demo_host_greets_survives_faults_and_restores_elsewhere() -> None:
+    done = subprocess.run([sys.executable, str(DEMO)], capture_output=True, text=True, timeout=WAIT * 3)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "greet('Ada') -> 'Good " in out and "(greeting #1)" in out and "(greeting #3)" in out
+    assert "add(2**40, 2) -> 1099511627778" in out
+    assert "crash() -> error -32003 trap" in out
+    assert "spin() -> error -32004 timeout" in out
+    assert "in a second sidecar process: 'Good " in out and "(greeting #4)" in out
