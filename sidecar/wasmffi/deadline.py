@@ -23,12 +23,13 @@ with no callback set is a `wasmtime.Trap` with `trap_code == TrapCode.INTERRUPT`
 from __future__ import annotations
 
 import ctypes
-import itertools
 import re
 from collections.abc import Callable
 
 import wasmtime
 from wasmtime import _bindings, _ffi
+
+from .slots import Slots, c_text
 
 __all__ = ["live_deadline_callbacks", "set_deadline_callback", "trap_message"]
 
@@ -40,12 +41,8 @@ _UPDATE_DEADLINE_CONTINUE = 0
 # 2**62 ticks of 1 ms is longer than any process lives, so clamping changes nothing observable.
 _FOREVER_TICKS = 2**62
 
-# Slot number -> decide. The slot number travels through C as the callback's `data`; wasmtime
-# runs the finalizer (which frees the slot) when the store is dropped or the callback replaced,
-# so the registry holds exactly the live stores' callbacks. dict get/pop and count() are atomic
-# under the GIL, which is all the locking the callback and finalizer need.
-_DECIDERS: dict[int, Callable[[], int | str]] = {}
-_SLOTS = itertools.count(1)  # 0 would arrive as NULL/None
+# Freed by wasmtime when the store is dropped or its callback replaced.
+_DECIDERS: Slots[Callable[[], int | str]] = Slots(_FINALIZER_TYPE)
 
 
 def set_deadline_callback(store: wasmtime.Store, decide: Callable[[], int | str]) -> None:
@@ -73,12 +70,11 @@ def set_deadline_callback(store: wasmtime.Store, decide: Callable[[], int | str]
     if not callable(decide):
         raise TypeError(f"decide must be callable, got {type(decide).__name__}")
     store_ptr = store.ptr()  # ValueError('already closed') before anything is registered
-    slot = next(_SLOTS)
-    _DECIDERS[slot] = decide
+    slot = _DECIDERS.add(decide)
     try:
-        _ffi.wasmtime_store_epoch_deadline_callback(store_ptr, _on_deadline, slot, _forget)
+        _ffi.wasmtime_store_epoch_deadline_callback(store_ptr, _on_deadline, slot, _DECIDERS.finalizer)
     except BaseException:
-        _DECIDERS.pop(slot, None)
+        _DECIDERS.discard(slot)
         raise
 
 
@@ -112,7 +108,7 @@ def trap_message(exc: BaseException) -> str:
 @_CALLBACK_TYPE
 def _on_deadline(_context, slot, delta_out, kind_out):  # type: ignore[no-untyped-def]
     try:
-        decide = _DECIDERS.get(slot or 0)
+        decide = _DECIDERS.get(slot)
         if decide is None:
             message = "deadline callback is not registered"
         else:
@@ -134,18 +130,9 @@ def _on_deadline(_context, slot, delta_out, kind_out):  # type: ignore[no-untype
         return _new_error("deadline callback failed")
 
 
-@_FINALIZER_TYPE
-def _forget(slot):  # type: ignore[no-untyped-def]
-    try:
-        _DECIDERS.pop(slot or 0, None)
-    except BaseException:  # noqa: BLE001 - runs from C, possibly late in interpreter shutdown
-        pass
-
-
 def _new_error(message: str) -> int:
     """A fresh `wasmtime_error_t*` as an address; wasmtime takes ownership of it."""
-    raw = message.encode("utf-8", "backslashreplace").replace(b"\0", b"\\0")
-    return ctypes.cast(_ffi.wasmtime_error_new(raw), ctypes.c_void_p).value or 0
+    return ctypes.cast(_ffi.wasmtime_error_new(c_text(message)), ctypes.c_void_p).value or 0
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -163,7 +150,5 @@ def _safe_repr(value: object) -> str:
 
 
 # A store still open at interpreter exit is deleted during teardown, after this module's globals
-# may be gone; wasmtime then calls `_forget` (and could call `_on_deadline`). Keep both thunks
-# alive for the life of the process so that late call lands on valid code.
+# may be gone, and wasmtime could still call `_on_deadline`: keep the thunk alive for good.
 ctypes.pythonapi.Py_IncRef(ctypes.py_object(_on_deadline))
-ctypes.pythonapi.Py_IncRef(ctypes.py_object(_forget))

@@ -12,12 +12,13 @@ Knows nothing about what the functions do.
 from __future__ import annotations
 
 import ctypes
-import itertools
 from collections.abc import Callable, Sequence
 
 import structlog
 import wasmtime
 from wasmtime import _bindings, _ffi
+
+from .slots import Slots, c_text
 
 __all__ = ["GuestFault", "GuestMemory", "define_host_func"]
 
@@ -27,9 +28,9 @@ _FINALIZER_TYPE = _bindings._wasmtime_linker_define_func_unchecked.argtypes[8]
 _KINDS = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64}
 _MEMORY_EXPORT = b"memory"
 
-# Slot -> (function, param kinds, result kinds); the slot travels through C as `data`.
-_FUNCS: dict[int, tuple[Callable[[GuestMemory, list[int]], Sequence[int]], tuple[str, ...], tuple[str, ...]]] = {}
-_SLOTS = itertools.count(1)
+_Entry = tuple[Callable[["GuestMemory", list[int]], Sequence[int]], tuple[str, ...], tuple[str, ...]]
+# (function, param kinds, result kinds); freed by wasmtime when the last instance using it goes.
+_FUNCS: Slots[_Entry] = Slots(_FINALIZER_TYPE)
 
 
 class GuestFault(Exception):
@@ -93,21 +94,21 @@ def define_host_func(
     `GuestFault` traps the guest with its message.
     """
     ty = wasmtime.FuncType([_KINDS[p]() for p in params], [_KINDS[r]() for r in results])
-    slot = next(_SLOTS)
-    _FUNCS[slot] = (function, tuple(params), tuple(results))
+    slot = _FUNCS.add((function, tuple(params), tuple(results)))
     module_bytes, name_bytes = module.encode(), name.encode()
     error = _ffi.wasmtime_linker_define_func_unchecked(
-        linker.ptr(), module_bytes, len(module_bytes), name_bytes, len(name_bytes), ty.ptr(), _trampoline, slot, _forget
+        linker.ptr(), module_bytes, len(module_bytes), name_bytes, len(name_bytes), ty.ptr(), _trampoline, slot,
+        _FUNCS.finalizer,
     )
     if error:
-        _FUNCS.pop(slot, None)
+        _FUNCS.discard(slot)
         raise wasmtime.WasmtimeError._from_ptr(error)
 
 
 @_CALLBACK_TYPE
 def _trampoline(slot, caller, values, _count):  # type: ignore[no-untyped-def]
     try:
-        entry = _FUNCS.get(slot or 0)
+        entry = _FUNCS.get(slot)
         if entry is None:
             return _trap("host function is not registered")
         function, params, results = entry
@@ -125,19 +126,10 @@ def _trampoline(slot, caller, values, _count):  # type: ignore[no-untyped-def]
             return _trap("sidecar host function failed")  # noqa: B012
 
 
-@_FINALIZER_TYPE
-def _forget(slot):  # type: ignore[no-untyped-def]
-    try:
-        _FUNCS.pop(slot or 0, None)
-    except BaseException:  # noqa: BLE001 - runs from C, possibly late in interpreter shutdown
-        pass
-
-
 def _trap(message: str) -> int:
-    raw = message.encode("utf-8", "backslashreplace").replace(b"\0", b"\\0")
+    raw = c_text(message)
     return ctypes.cast(_ffi.wasmtime_trap_new(raw, len(raw)), ctypes.c_void_p).value or 0
 
 
-# See `deadline`: a store freed during interpreter teardown may still call into these thunks.
+# See `deadline`: a store freed during interpreter teardown may still call into this thunk.
 ctypes.pythonapi.Py_IncRef(ctypes.py_object(_trampoline))
-ctypes.pythonapi.Py_IncRef(ctypes.py_object(_forget))

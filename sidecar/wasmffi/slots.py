@@ -1,0 +1,51 @@
+"""Python objects handed to C callbacks by number: the registry shared by every trampoline.
+
+Owns the slot numbers that travel through wasmtime as a callback's `data` pointer and the
+finalizer that frees a slot when wasmtime drops the callback, so a registry holds exactly the
+live callbacks. dict get/pop and count() are atomic under the GIL, which is all the locking a
+callback and its finalizer need.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+
+
+class Slots(Generic[Item]):
+    def __init__(self, finalizer_type: type) -> None:
+        self._items: dict[int, Item] = {}
+        self._numbers = itertools.count(1)  # 0 would arrive from C as NULL/None
+
+        @finalizer_type
+        def forget(slot):  # type: ignore[no-untyped-def]
+            try:
+                self._items.pop(slot or 0, None)
+            except BaseException:  # noqa: BLE001 - runs from C, possibly late in interpreter shutdown
+                pass
+
+        self.finalizer = forget
+        # A store freed during interpreter teardown may still call it: keep it alive for good.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(forget))
+
+    def add(self, item: Item) -> int:
+        slot = next(self._numbers)
+        self._items[slot] = item
+        return slot
+
+    def get(self, slot: int | None) -> Item | None:
+        return self._items.get(slot or 0)
+
+    def discard(self, slot: int) -> None:
+        self._items.pop(slot, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def c_text(message: str) -> bytes:
+    """A message as C text for wasmtime: UTF-8, no NUL bytes inside."""
+    return message.encode("utf-8", "backslashreplace").replace(b"\0", b"\\0")
