@@ -54,7 +54,8 @@ def main() -> None:
     echo_rt, sidecar_rt = latency(ECHO), latency(SIDECAR)
     print("sequential round trip, microseconds")
     print(f"  echo baseline   {summary(echo_rt)}")
-    print(f"  wasm-sidecar    {summary(sidecar_rt)}   p50 ratio {statistics.median(sidecar_rt) / statistics.median(echo_rt):.2f}x")
+    ratio = statistics.median(sidecar_rt) / statistics.median(echo_rt)
+    print(f"  wasm-sidecar    {summary(sidecar_rt)}   p50 ratio {ratio:.2f}x")
     cold = cold_start_ms()
     print(f"cold start to first answer: median {statistics.median(cold):.0f} ms, max {max(cold):.0f} ms "
           "(target <= 400 ms, aim 150 ms)")

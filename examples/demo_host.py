@@ -29,7 +29,8 @@ async def answer_guest(vm_id: str, method: str, params: object) -> object:
 async def main() -> int:
     async with SidecarClient.spawn(host_handler=answer_guest) as sidecar:
         info = await sidecar.request("initialize", {"protocol_version": 1, "client": {"name": "demo", "version": "1"}})
-        print(f"connected to {info['server']['name']} {info['server']['version']} (protocol {info['protocol_version']})")
+        server = info["server"]
+        print(f"connected to {server['name']} {server['version']} (protocol {info['protocol_version']})")
 
         loaded = await sidecar.request("module.load", {"wat": GUEST.read_text()})
         print(f"loaded {GUEST.name}: {loaded['module_id'][:19]}..., compiled in {loaded['compile_ms']} ms")

@@ -18,8 +18,8 @@ import msgspec
 
 from .errors import InvalidParamsError, MethodNotFoundError
 from .methods_session import (
-    Capabilities,
     CancelParams,
+    Capabilities,
     DroppedResponses,
     Empty,
     InitializeParams,

@@ -14,9 +14,8 @@ from typing import Annotated, Any, Literal
 from msgspec import UNSET, Meta, UnsetType
 
 from .base import Wire
-from .methods_session import Recycles
 from .envelope import RequestId
-from .methods_session import Count
+from .methods_session import Count, Recycles
 
 VmId = Annotated[str, Meta(min_length=1, description="Opaque id chosen by the sidecar.")]
 ModuleId = Annotated[str, Meta(pattern=r"^sha256:[0-9a-f]{64}$", description="Content address of a module.")]

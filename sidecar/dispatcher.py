@@ -18,6 +18,7 @@ from typing import Any, Literal
 import anyio
 import msgspec
 import structlog
+from anyio.from_thread import BlockingPortal
 
 from protocol.decoding import IncomingCall, IncomingResponse, Malformed, decode_frame, decode_params
 from protocol.envelope import ErrorObject, RequestId, Response, encode
@@ -30,8 +31,6 @@ from protocol.errors import (
     RpcError,
     env_var_for,
 )
-from anyio.from_thread import BlockingPortal
-
 from protocol.framing import OversizedLine
 from protocol.methods import METHODS, MethodSpec, params_decoder
 

@@ -33,6 +33,7 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "response_read": (("i32",), ()),
     "host_call_async": (("i32", "i32", "i32", "i32"), ("i64",)),
 }
+AbiFunction = Callable[[GuestMemory, list[int]], list[int]]
 ON_RESPONSE = "sidecar_on_response"  # the export an async answer is delivered to
 
 
@@ -82,7 +83,7 @@ class GuestAbi:
         for name, (params, results) in SIGNATURES.items():
             define_host_func(linker, MODULE, name, params, results, self._guarded(handlers[name]))
 
-    def _guarded(self, handler: Callable[[GuestMemory, list[int]], list[int]]) -> Callable[[GuestMemory, list[int]], list[int]]:
+    def _guarded(self, handler: AbiFunction) -> AbiFunction:
         """Remember an ABI fault before it traps, so the call's error carries its trap code."""
 
         def call(memory: GuestMemory, args: list[int]) -> list[int]:
@@ -108,7 +109,9 @@ class GuestAbi:
         state = self.state
         if len(state.output) + len(data) > state.output_cap:
             observed = len(state.output) + len(data)
-            state.exceeded = self.limits.exceeded("vm_output_bytes", observed, capacity=state.output_cap, vm_id=self.vm_id)
+            state.exceeded = self.limits.exceeded(
+                "vm_output_bytes", observed, capacity=state.output_cap, vm_id=self.vm_id
+            )
             raise GuestFault(f"vm_output_bytes exceeded: {observed} > {state.output_cap}")
         state.output += data
         return []

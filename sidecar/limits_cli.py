@@ -18,7 +18,7 @@ import structlog
 
 from . import logs
 from .audit import audit
-from .limits import LimitSpec, Limits, format_value, load_inventory, load_limits
+from .limits import Limits, LimitSpec, format_value, load_inventory, load_limits
 
 _INTRO = """\
 Every bound the sidecar enforces is in this table, generated from `config/limits.toml` by
@@ -106,7 +106,8 @@ def render_table(limits: Limits) -> str:
         for row in limits.rows()
     ]
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    return "".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n" for line in lines)
+    aligned = ("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
+    return "".join(line.rstrip() + "\n" for line in aligned)
 
 
 def render_markdown(inventory: Sequence[LimitSpec]) -> str:

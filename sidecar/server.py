@@ -40,8 +40,8 @@ from protocol.methods import (
 from . import __version__
 from .dispatcher import Dispatcher
 from .hostcalls import HostCalls
-from .limits import Limits
 from .intake import Intake
+from .limits import Limits
 from .transport import FdSink, Outbox
 
 log = structlog.get_logger()
@@ -177,7 +177,9 @@ class Server:
             protocol_version=protocol.PROTOCOL_VERSION,
             server=PeerInfo(name="wasm-sidecar", version=__version__),
             capabilities=Capabilities(
-                methods=sorted(name for name in self.dispatcher.methods() if METHODS[name].direction == "host_to_sidecar"),
+                methods=sorted(
+                    name for name in self.dispatcher.methods() if METHODS[name].direction == "host_to_sidecar"
+                ),
                 guest_abi=1,
                 snapshot_formats=[],
             ),

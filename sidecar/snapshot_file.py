@@ -79,7 +79,8 @@ def sparse_runs(data: bytes) -> list[tuple[int, bytes]]:
     view = memoryview(data)
     start: int | None = None
     for offset in range(0, len(data), SNAPSHOT_CHUNK_BYTES):
-        zero = view[offset : offset + SNAPSHOT_CHUNK_BYTES] == _ZERO_CHUNK[: min(SNAPSHOT_CHUNK_BYTES, len(data) - offset)]
+        chunk = view[offset : offset + SNAPSHOT_CHUNK_BYTES]
+        zero = chunk == _ZERO_CHUNK[: len(chunk)]
         if zero and start is not None:
             runs.append((start, bytes(view[start:offset])))
             start = None

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections import Counter
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +28,7 @@ from protocol.methods import (
     ExportInfo,
     ModuleLoadParams,
     ModuleLoadResult,
+    Recycles,
     VmCallParams,
     VmCallResult,
     VmCreateParams,
@@ -37,7 +38,6 @@ from protocol.methods import (
     VmListResult,
     VmOutputParams,
     VmRunParams,
-    Recycles,
     VmRunResult,
     WasiSettings,
 )

@@ -110,7 +110,8 @@ async def test_notifications_are_never_answered(session) -> None:
             '{"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":[1]}}',
         ]:
             await client.send_frame(line.encode() + b"\n")
-        assert await raw(client, '{"jsonrpc":"2.0","method":"ping","id":0}') == {"jsonrpc": "2.0", "id": 0, "result": {}}
+        answer = await raw(client, '{"jsonrpc":"2.0","method":"ping","id":0}')
+        assert answer == {"jsonrpc": "2.0", "id": 0, "result": {}}
 
 
 async def test_oversized_frame_refused_and_sync_kept(session) -> None:

@@ -13,13 +13,14 @@ from .support import WAIT, memory_session
 
 pytestmark = pytest.mark.anyio
 
-METHODS = ["ping", "initialize", "sidecar.stats", "sidecar.limits", "$/cancelRequest", "vm.list", "no.such", "", "rpc.x"]
+METHODS = ["ping", "initialize", "sidecar.stats", "sidecar.limits", "$/cancelRequest", "vm.list", "no.such", "", "rx"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=8,
 )
-params = st.none() | st.dictionaries(st.sampled_from(["id", "x", "client", "protocol_version"]), json_values, max_size=2)
+param_names = st.sampled_from(["id", "x", "client", "protocol_version"])
+params = st.none() | st.dictionaries(param_names, json_values, max_size=2)
 
 
 @st.composite

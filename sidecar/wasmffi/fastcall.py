@@ -174,7 +174,9 @@ class FastCall:
         for index, name in enumerate(names):
             if name not in _STRUCT_CODES:
                 what = "a reference type" if name == "ref" else name
-                raise TypeError(f"{self._label}: {role} {index} is {what}; FastCall supports only i32, i64, f32 and f64")
+                raise TypeError(
+                    f"{self._label}: {role} {index} is {what}; FastCall supports only i32, i64, f32 and f64"
+                )
         return names
 
 

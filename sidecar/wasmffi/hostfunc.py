@@ -54,7 +54,8 @@ class GuestMemory:
     def _locate(self) -> int:
         if self._base is None:
             extern = _ffi.wasmtime_extern_t()
-            found = _ffi.wasmtime_caller_export_get(self._caller, _MEMORY_EXPORT, len(_MEMORY_EXPORT), ctypes.byref(extern))
+            name = _MEMORY_EXPORT
+            found = _ffi.wasmtime_caller_export_get(self._caller, name, len(name), ctypes.byref(extern))
             if not found or extern.kind != _ffi.WASMTIME_EXTERN_MEMORY.value:
                 raise GuestFault("the guest exports no memory named `memory` (guest ABI v1)", "abi_violation")
             context = _ffi.wasmtime_caller_context(self._caller)

@@ -58,8 +58,8 @@ def enable_pooling(
         raise TypeError(f"expected a wasmtime.Config, got {type(config).__name__}")
     settings: list[tuple[str, int]] = [
         ("total_core_instances", _count("total_core_instances", total_core_instances)),
-        ("total_memories", _count("total_memories", total_core_instances if total_memories is None else total_memories)),
-        ("total_tables", _count("total_tables", total_core_instances if total_tables is None else total_tables)),
+        ("total_memories", _count("total_memories", _default(total_memories, total_core_instances))),
+        ("total_tables", _count("total_tables", _default(total_tables, total_core_instances))),
         ("max_memory_size", _size("max_memory_size", max_memory_size)),
     ]
     if table_elements is not None:
@@ -86,3 +86,7 @@ def _size(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _USIZE:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def _default(value: int | None, fallback: int) -> int:
+    return fallback if value is None else value
