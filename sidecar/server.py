@@ -47,7 +47,6 @@ from .transport import FdSink, Outbox
 log = structlog.get_logger()
 # Native stack a worker needs beyond the guest's own: the sidecar's Python and wasmtime's frames.
 HOST_STACK_MARGIN = 8 << 20
-SHUTDOWN_FLUSH_S = 0.5  # of the one second a host may wait for us to exit after EOF or SIGTERM
 
 
 class Service(Protocol):
@@ -155,10 +154,11 @@ class Server:
             self.dispatcher.cancel_all()
             for service in self._services:
                 await service.close()
-            with anyio.move_on_after(SHUTDOWN_FLUSH_S):
+            half_s = self.limits.protocol_shutdown_ms / 2000  # services took the other half
+            with anyio.move_on_after(half_s):
                 await self.outbox.flush()
             self.outbox.close()
-            await anyio.to_thread.run_sync(self.intake.join, SHUTDOWN_FLUSH_S)
+            await anyio.to_thread.run_sync(self.intake.join, half_s)
         log.info("sidecar_stopped", reason=reason, requests_served=self.dispatcher.requests_served)
 
     def _register_session_methods(self) -> None:

@@ -121,6 +121,7 @@ class Vm:
         self.disposed = False
         self._slots = limits.vm_pool_instances if mode == "stateless" else 1
         self._lock = threading.Lock()
+        self._quiet = threading.Condition(self._lock)  # notified when the last running job ends
         self._queue: deque[Job] = deque()
         self._running: set[Job] = set()
         self._idle: list[Isolate | None] = []
@@ -180,6 +181,11 @@ class Vm:
         self.runtime.hostcalls.abandon_owner(self.vm_id, "VM disposed")
         for isolate in idle:
             self._close(isolate)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no job runs (after `dispose`, guests stop within a tick); False on timeout."""
+        with self._lock:
+            return self._quiet.wait_for(lambda: not self._running, timeout_s)
 
     def _spawn(self, *, start: bool = True) -> Isolate:
         isolate = self.isolate_for(start=start)
@@ -255,9 +261,11 @@ class Vm:
                 job = self._queue.popleft() if self._queue and not self.disposed else None
                 if job is not None:
                     self._running.add(job)
-                elif not self.disposed:
-                    self._idle.append(isolate)
-                    return
+                else:
+                    self._quiet.notify_all()
+                    if not self.disposed:
+                        self._idle.append(isolate)
+                        return
         if isolate is not None:  # disposed while this thread worked: nobody else will close it
             self._close(isolate)
 

@@ -93,11 +93,14 @@ class VmService:
         }
 
     async def close(self) -> None:
+        """Dispose every VM, let running guests stop (the ticker must still run for that), then
+        stop the ticker."""
         with self._lock:
             vms = list(self._vms.values())
             self._vms.clear()
         for vm in vms:
             vm.dispose()
+        await anyio.to_thread.run_sync(_wait_all_idle, vms, self.limits.protocol_shutdown_ms / 2000)
         self.engines.close()
 
     # -- methods ---------------------------------------------------------------------------
@@ -306,6 +309,13 @@ class VmService:
         declared = max(compiled.memory_minimums, default=0)
         if declared > limits.vm_memory_bytes:
             raise limits.exceeded("vm_memory_bytes", declared, module_id=compiled.module_id)
+
+
+def _wait_all_idle(vms: list[Vm], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    for vm in vms:
+        if not vm.wait_idle(max(0.0, deadline - time.monotonic())):
+            log.warning("vm_still_running_at_shutdown", vm_id=vm.vm_id)
 
 
 class _Capture:

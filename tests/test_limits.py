@@ -30,6 +30,7 @@ EXPECTED = {
     "protocol_completed_ids": ("protocol", 4096),
     "protocol_host_call_timeout_ms": ("protocol", 30000),
     "protocol_outbox_bytes": ("protocol", 32 * MIB),
+    "protocol_shutdown_ms": ("protocol", 1000),
     "vm_memory_bytes": ("guest", 128 * MIB),
     "vm_call_timeout_ms": ("guest", 30000),
     "vm_fuel": ("guest", 0),
