@@ -17,6 +17,7 @@ the exact decoder.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 
@@ -229,7 +230,7 @@ def scan_function(body: Reader) -> frozenset[str]:
     if pos >= end or data[end - 1] != END:
         raise WasmFormatError("function body does not end with `end`", end - 1)
     found: set[str] = set()
-    skip = _FAST.match
+    skip = _fast_pattern().match
     while True:
         pos = skip(data, pos, end).end()  # type: ignore[union-attr]  # the pattern matches even b""
         if pos >= end:
@@ -280,6 +281,7 @@ _FAST_TAILS: dict[Immediates, bytes] = {
 }
 
 
+@functools.cache
 def _fast_pattern() -> re.Pattern[bytes]:
     # One alternative per (prefix, immediates) group, its opcodes in one character class.
     # Subopcodes match in their shortest LEB form only; longer forms take the exact path.
@@ -301,5 +303,3 @@ def _fast_pattern() -> re.Pattern[bytes]:
     ]
     return re.compile(b"(?:" + b"|".join(alternatives) + b")*+", re.DOTALL)
 
-
-_FAST = _fast_pattern()
