@@ -172,11 +172,11 @@ def bodies(text: str) -> list[tuple[str, Reader]]:
 
 def exact_only(body: Reader) -> frozenset[str] | tuple[str, int | None]:
     """Scan with the regex fast path disabled; errors as (type, offset) to compare outcomes."""
-    fast, code._FAST = code._FAST, re.compile(b"")
+    fast, code._fast_pattern = code._fast_pattern, lambda: re.compile(b"")
     try:
         return outcome(body)
     finally:
-        code._FAST = fast
+        code._fast_pattern = fast
 
 
 def outcome(body: Reader) -> frozenset[str] | tuple[str, int | None]:
