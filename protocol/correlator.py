@@ -59,13 +59,17 @@ class Correlator:
         self._pending[pending.id] = pending
         return pending
 
-    def adopt(self, pending: Pending) -> None:
+    def adopt(self, pending: Pending) -> bool:
         """Register a call issued by an earlier process (restored from a snapshot) under its id.
 
         Its id carries the other process's token, which is how ids stay unique across processes.
+        False when that id is pending here already (the VM it came from still waits on it).
         """
+        if pending.id in self._pending:
+            return False
         self._completed.pop(pending.id, None)
         self._pending[pending.id] = pending
+        return True
 
     def resolve(self, response_id: RequestId | None) -> Delivered | Dropped:
         key = response_id if isinstance(response_id, str) else None
@@ -97,6 +101,9 @@ class Correlator:
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._pending
 
     def _remember(self, request_id: str, owner: str, how: str) -> None:
         if self.completed_capacity <= 0:

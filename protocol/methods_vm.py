@@ -168,10 +168,13 @@ class VmSnapshotResult(Wire):
 
 
 class VmRestoreParams(Wire):
-    """`limits` applies to the restored VM as it would to `vm.create`."""
+    """`limits` applies to the restored VM as it would to `vm.create`. `wasi` (extension) sets its
+    WASI view; without it the snapshot's args and env are kept and its preopens dropped, since a
+    snapshot file must not grant access to host directories."""
 
     path: HostPath
     limits: LimitOverrides | UnsetType = UNSET
+    wasi: WasiSettings | UnsetType = UNSET
 
 
 class PendingHostCall(Wire):

@@ -121,10 +121,15 @@ class HostCalls:
             return HostAnswer(STATUS_TIMEOUT)
         return waiter.wait(0) or HostAnswer(STATUS_TIMEOUT)  # answered in the same instant
 
-    def adopt(self, request_id: str, owner: str, method: str, waiter: Callable[[HostAnswer], None]) -> None:
-        """Wait again on a call issued by an earlier process (restored from a snapshot), same id."""
+    def adopt(self, request_id: str, owner: str, method: str, waiter: Callable[[HostAnswer], None]) -> bool:
+        """Wait again on a call issued by an earlier process (restored from a snapshot), same id;
+        False if a live VM here still waits on that id."""
         with self._lock:
-            self._correlator.adopt(Pending(request_id, owner, method, None, waiter))
+            return self._correlator.adopt(Pending(request_id, owner, method, None, waiter))
+
+    def is_pending(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._correlator
 
     def abandon(self, request_id: str, reason: str | None = None) -> bool:
         """Give up on one call; with a `reason`, its waiter hears a refusal now (a cancel)."""

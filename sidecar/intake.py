@@ -73,6 +73,11 @@ class Intake:
     def is_leader(self) -> bool:
         return self._leader == threading.get_ident()
 
+    def flush(self) -> None:
+        """Write the reading thread's gathered answers now (a no-op on other threads)."""
+        if self._leader == threading.get_ident():
+            self._flush()
+
     def yield_leadership(self) -> None:
         """Called by a thread that may keep the host waiting: if it reads, another thread takes over.
 

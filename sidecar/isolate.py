@@ -89,7 +89,7 @@ class Isolate:
                 limits.vm_call_timeout_ms,
             )
             self._memories = self._distinct_memories()
-            if start and START_EXPORT in self.instance.exports(self.store):
+            if start and any(export.name == START_EXPORT for export in compiled.exports):
                 # Instrumentation moved the start function here so that it runs under the budgets.
                 deadline = time.monotonic() + limits.vm_call_timeout_ms / 1000
                 self.call(START_EXPORT, [], CallState(deadline=deadline), limits.vm_call_timeout_ms)
@@ -199,6 +199,10 @@ class Isolate:
             if isinstance(item, wasmtime.Memory):
                 found.setdefault(ctypes.addressof(item.data_ptr(self.store).contents), item)
         return list(found.values())
+
+    def refresh_memory(self) -> None:
+        """Re-read the retained memory figure (after a restore wrote memory from outside a call)."""
+        self._refresh_memory()
 
     def _refresh_memory(self) -> None:
         self.memory_bytes = sum(memory.data_len(self.store) for memory in self._memories)

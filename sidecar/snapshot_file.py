@@ -74,20 +74,23 @@ _decoder = msgspec.msgpack.Decoder(SnapshotState)
 
 
 def sparse_runs(data: bytes) -> list[tuple[int, bytes]]:
-    """The non-zero chunks of `data`, adjacent ones merged into runs."""
+    """The non-zero chunks of `data`, adjacent ones merged into runs.
+
+    Slices of `bytes` compare with memcmp; memoryview slices would compare item by item, which
+    made a 64 MiB scan take 200 ms instead of 13.
+    """
     runs: list[tuple[int, bytes]] = []
-    view = memoryview(data)
     start: int | None = None
     for offset in range(0, len(data), SNAPSHOT_CHUNK_BYTES):
-        chunk = view[offset : offset + SNAPSHOT_CHUNK_BYTES]
+        chunk = data[offset : offset + SNAPSHOT_CHUNK_BYTES]
         zero = chunk == _ZERO_CHUNK[: len(chunk)]
         if zero and start is not None:
-            runs.append((start, bytes(view[start:offset])))
+            runs.append((start, data[start:offset]))
             start = None
         elif not zero and start is None:
             start = offset
     if start is not None:
-        runs.append((start, bytes(view[start:])))
+        runs.append((start, data[start:]))
     return runs
 
 
@@ -151,10 +154,34 @@ def parse(blob: bytes) -> SnapshotState:
         raise InvalidSnapshotError(f"snapshot body is malformed: {exc}", stage="format") from None
     if "sha256:" + hashlib.sha256(state.module).hexdigest() != state.module_id:
         raise InvalidSnapshotError("embedded module does not match its module_id", stage="module")
+    _check_consistent(state)
+    return state
+
+
+def _check_consistent(state: SnapshotState) -> None:
+    """What the checksum cannot vouch for: a file written by someone else may lie consistently."""
+    if state.mode != "stateful":
+        raise InvalidSnapshotError("only stateful VMs are snapshotted", stage="format", mode=state.mode)
+    for kind, indices in (("memory", [m.index for m in state.memories]), ("global", [g.index for g in state.globals])):
+        if len(set(indices)) != len(indices):
+            raise InvalidSnapshotError(f"a {kind} appears twice", stage="format")
     for memory in state.memories:
         for offset, data in memory.runs:
             if offset + len(data) > memory.size_bytes:
                 raise InvalidSnapshotError(
                     f"memory {memory.index} has data past its size", stage="bounds", memory=memory.index
                 )
-    return state
+    tickets = [call.ticket for call in state.pending_host_calls]
+    ids = [call.id for call in state.pending_host_calls]
+    if len(set(tickets)) != len(tickets) or len(set(ids)) != len(ids):
+        raise InvalidSnapshotError("a pending host call appears twice", stage="format")
+    if any(ticket >= state.next_ticket for ticket in tickets):
+        raise InvalidSnapshotError("a pending host call has a ticket never issued", stage="format")
+    for call in state.pending_host_calls:
+        try:  # these go to the host verbatim: anything but one compact JSON value would break the channel
+            if msgspec.json.format(call.params, indent=-1) != call.params:
+                raise ValueError("not compact")
+        except (msgspec.DecodeError, ValueError):
+            raise InvalidSnapshotError(
+                "a pending host call's params are not compact JSON", stage="format", id=call.id
+            ) from None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import structlog
 
-from protocol.errors import InvalidParamsError, InvalidSnapshotError, RpcError
+from protocol.errors import InvalidModuleError, InvalidParamsError, InvalidSnapshotError, RpcError
 from protocol.methods import (
     PendingHostCall,
     VmRestoreParams,
@@ -54,6 +54,15 @@ def instrument_or_keep(wasm: bytes) -> bytes:
     except WasmFormatError as exc:
         log.warning("instrumentation_skipped", reason=str(exc))
         return wasm
+
+
+def _restored_wasi(saved: dict, given: WasiSettings | msgspec.UnsetType) -> WasiSettings:
+    """The WASI view of a restored VM. A snapshot file is untrusted, so it never grants access to
+    host directories: its args and env are kept, its preopens are dropped, and a host that wants
+    directories (or another view) passes `wasi` to `vm.restore`."""
+    if isinstance(given, WasiSettings):
+        return given
+    return msgspec.structs.replace(msgspec.convert(saved, WasiSettings), preopens=[])
 
 
 class SnapshotMethods:
@@ -105,24 +114,39 @@ class SnapshotMethods:
         state = snapshot_file.read(Path(params.path), service.limits.runner_snapshot_bytes)
         try:
             limits = service.limits.tightened(state.limits)
-            wasi = msgspec.convert(state.wasi, WasiSettings)
+            wasi = _restored_wasi(state.wasi, params.wasi)
         except (RpcError, msgspec.ValidationError) as exc:
             raise InvalidSnapshotError(f"snapshot settings do not fit this sidecar: {exc}", stage="bounds") from None
         if params.limits:
             limits = limits.tightened(params.limits)
         if len(state.pending_host_calls) > limits.vm_host_calls_in_flight:
-            raise InvalidSnapshotError("more pending host calls than vm_host_calls_in_flight", stage="bounds")
-        compiled = service.compile(state.module, limits)
+            raise InvalidSnapshotError("more pending host calls than vm_host_calls_in_flight", stage="bounds",
+                                       limit="vm_host_calls_in_flight", capacity=limits.vm_host_calls_in_flight,
+                                       observed=len(state.pending_host_calls))
+        live = [call.id for call in state.pending_host_calls if service.runtime.hostcalls.is_pending(call.id)]
+        if live:
+            raise InvalidSnapshotError(
+                "a VM of this sidecar still waits on this snapshot's host calls; dispose it first",
+                stage="pending", ids=live,
+            )
+        try:
+            compiled = service.compile(state.module, limits)
+        except InvalidModuleError as exc:
+            raise InvalidSnapshotError(f"the embedded module is unusable: {exc.message}", stage="module") from None
         instrumented = self.instrumented(compiled)
         if not instrumented.snapshottable:
             raise InvalidSnapshotError("the snapshot's module cannot be restored faithfully", stage="module",
                                        reasons=list(instrumented.reasons))
 
         def build(vm: Vm) -> None:
-            snapshots.apply(vm.idle_instance(), instrumented, state.memories, state.globals, limits)
+            isolate = vm.idle_instance()
+            snapshots.apply(isolate, instrumented, state.memories, state.globals, limits)
+            isolate.refresh_memory()
             vm.next_ticket = state.next_ticket
             for call in state.pending_host_calls:
-                vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, call.params))
+                if not vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, call.params)):
+                    raise InvalidSnapshotError("a pending host call is live in this sidecar", stage="pending",
+                                               ids=[call.id])
 
         vm = service.add_vm(compiled, limits, state.mode, wasi, restore=build)
         log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))

@@ -53,6 +53,7 @@ class Runtime:
 
     hostcalls: HostCalls
     yield_reading: Callable[[], None]
+    flush_answers: Callable[[], None]  # write what the reading thread has gathered, now
     send: Callable[[bytes], None]
 
 
@@ -202,8 +203,10 @@ class Vm:
 
     def idle_instance(self) -> Isolate:
         """The one instance of a new stateful VM, for a restore to write its state into."""
-        assert self.mode == "stateful" and not self._running and self._idle[0] is not None
-        return self._idle[0]
+        isolate = self._idle[0] if self.mode == "stateful" and not self._running and self._idle else None
+        if isolate is None:
+            raise InternalError("a restore needs a new stateful VM with one idle instance")
+        return isolate
 
     # -- async host calls ----------------------------------------------------------------
 
@@ -224,10 +227,13 @@ class Vm:
         self.async_calls[ticket] = AsyncCall(request_id, method, params)
         return ticket
 
-    def adopt_async(self, ticket: int, call: AsyncCall) -> None:
-        """A pending call restored from a snapshot: live again under its original id."""
+    def adopt_async(self, ticket: int, call: AsyncCall) -> bool:
+        """A pending call restored from a snapshot: live again under its original id (False if
+        a VM of this process still waits on that id)."""
+        if not self.runtime.hostcalls.adopt(call.request_id, self.vm_id, call.method, self._answer_to(ticket)):
+            return False
         self.async_calls[ticket] = call
-        self.runtime.hostcalls.adopt(call.request_id, self.vm_id, call.method, self._answer_to(ticket))
+        return True
 
     def _answer_to(self, ticket: int) -> Callable[[HostAnswer], None]:
         def deliver(answer: HostAnswer) -> None:
@@ -276,18 +282,24 @@ class Vm:
         try:
             result = job.work(self, isolate, job.state)
         except RpcError as exc:
-            job.reply.error(exc)
+            outcome: tuple[object, RpcError | None] = (None, exc)
             # The guest stopped mid-way (trap, timeout, cancel, budget): its state is suspect.
             job.state.trapped = isinstance(exc, _GUEST_STOPPED)
         except Exception as exc:  # a sidecar bug costs this request, never the VM or the process
             log.error("vm_job_failed", vm_id=self.vm_id, method=job.reply.method, exc_info=exc)
-            job.reply.error(InternalError(f"internal error in {job.reply.method}"))
+            outcome = (None, InternalError(f"internal error in {job.reply.method}"))
         else:
-            job.reply.result(result)
-        finally:
-            self.calls += 1
-            log.debug("vm_job_done", vm_id=self.vm_id, method=job.reply.method,
-                      elapsed_ms=round((time.perf_counter() - started) * 1000, 3))
+            outcome = (result, None)
+            # A cancel that reached the guest in a host call may let it return normally.
+            job.state.trapped = job.state.stop is not None
+        self.calls += 1  # before the answer: a host that has it sees the call counted
+        log.debug("vm_job_done", vm_id=self.vm_id, method=job.reply.method,
+                  elapsed_ms=round((time.perf_counter() - started) * 1000, 3))
+        value, error = outcome
+        if error is None:
+            job.reply.result(value)
+        else:
+            job.reply.error(error)
 
     def _recycle_if_due(self, isolate: Isolate | None, job: Job) -> Isolate | None:
         """Stateless only: retire a used-up instance once the answer has gone out, and start its
@@ -307,6 +319,7 @@ class Vm:
         self.recycles[reason] += 1
         log.debug("instance_recycled", vm_id=self.vm_id, reason=reason, calls=isolate.calls,
                   memory_bytes=isolate.memory_bytes)
+        self.runtime.flush_answers()  # the answer leaves before the replacement is built
         self._close(isolate)
         try:
             return self._spawn()

@@ -410,5 +410,5 @@ def vm_service(server: Any) -> VmService:
     """The service as the server builds it, once its outbox, host calls and intake exist."""
     engines = Engines(server.limits)
     engines.start()
-    runtime = Runtime(server.hostcalls, server.intake.yield_leadership, server.outbox.send)
+    runtime = Runtime(server.hostcalls, server.intake.yield_leadership, server.intake.flush, server.outbox.send)
     return VmService(server.limits, runtime, ModuleStore(server.limits, engines), engines)

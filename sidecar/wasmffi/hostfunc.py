@@ -12,6 +12,7 @@ Knows nothing about what the functions do.
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -27,6 +28,8 @@ _CALLBACK_TYPE = _bindings._wasmtime_linker_define_func_unchecked.argtypes[6]
 _FINALIZER_TYPE = _bindings._wasmtime_linker_define_func_unchecked.argtypes[8]
 _KINDS = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64}
 _MEMORY_EXPORT = b"memory"
+_FUNC_TYPES: weakref.WeakKeyDictionary[wasmtime.Engine, dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType]]
+_FUNC_TYPES = weakref.WeakKeyDictionary()
 
 _Entry = tuple[Callable[["GuestMemory", list[int]], Sequence[int]], tuple[str, ...], tuple[str, ...]]
 # (function, param kinds, result kinds); freed by wasmtime when the last instance using it goes.
@@ -94,7 +97,7 @@ def define_host_func(
     `memory` is the caller's, valid only during that call (looked up only if used). Raising
     `GuestFault` traps the guest with its message.
     """
-    ty = wasmtime.FuncType([_KINDS[p]() for p in params], [_KINDS[r]() for r in results])
+    ty = _func_type(linker.engine, tuple(params), tuple(results))
     slot = _FUNCS.add((function, tuple(params), tuple(results)))
     module_bytes, name_bytes = module.encode(), name.encode()
     error = _ffi.wasmtime_linker_define_func_unchecked(
@@ -125,6 +128,19 @@ def _trampoline(slot, caller, values, _count):  # type: ignore[no-untyped-def]
             log.error("host_function_failed", error=type(exc).__name__, detail=str(exc))
         finally:
             return _trap("sidecar host function failed")  # noqa: B012
+
+
+def _func_type(engine: wasmtime.Engine, params: tuple[str, ...], results: tuple[str, ...]) -> wasmtime.FuncType:
+    """Built once per engine and signature: every instance needs the same few. A function type
+    used with a linker of another engine aborts the process, hence one table per engine."""
+    table = _FUNC_TYPES.get(engine)
+    if table is None:
+        table = _FUNC_TYPES.setdefault(engine, {})
+    key = (params, results)
+    ty = table.get(key)
+    if ty is None:
+        ty = table.setdefault(key, wasmtime.FuncType([_KINDS[p]() for p in params], [_KINDS[r]() for r in results]))
+    return ty
 
 
 def _trap(message: str) -> int:

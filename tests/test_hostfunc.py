@@ -1,0 +1,104 @@
+"""Host functions through our own trampoline: faults trap only their caller, never the process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import wasmtime
+
+from sidecar.wasmffi import FastCall, GuestFault, define_host_func, trap_message
+
+from .support import WAIT
+
+GUEST = """(module
+  (import "sidecar" "double" (func $double (param i32) (result i32)))
+  (import "sidecar" "peek" (func $peek (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 8) "\\2a")
+  (func (export "twice") (param i32) (result i32) (call $double (local.get 0)))
+  (func (export "peek") (param i32) (result i32) (call $peek (local.get 0))))"""
+
+
+def double(memory, args):  # type: ignore[no-untyped-def]
+    if args[0] < 0:
+        raise GuestFault("negative input", "abi_violation")
+    return [args[0] * 2]
+
+
+def peek(memory, args):  # type: ignore[no-untyped-def]
+    return [memory.read(args[0], 1)[0]]
+
+
+def instance(engine: wasmtime.Engine) -> tuple[wasmtime.Store, FastCall, FastCall]:
+    linker = wasmtime.Linker(engine)
+    define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], double)
+    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek)
+    store = wasmtime.Store(engine)
+    exports = linker.instantiate(store, wasmtime.Module(engine, GUEST)).exports(store)
+    return store, FastCall(store, exports["twice"]), FastCall(store, exports["peek"])
+
+
+def test_results_and_memory_reads() -> None:
+    store, twice, peek_at = instance(wasmtime.Engine())
+    assert twice([21]) == [42]
+    assert peek_at([8]) == [42]
+    store.close()
+
+
+@pytest.mark.parametrize(("call", "arg", "message"), [
+    ("twice", -1, "negative input"),
+    ("peek", 65536, "outside its memory of 65536 bytes"),
+    ("peek", -1, "guest range [4294967295, +1)"),
+])  # fmt: skip
+def test_a_fault_traps_that_call_and_the_instance_serves_on(call: str, arg: int, message: str) -> None:
+    store, twice, peek_at = instance(wasmtime.Engine())
+    with pytest.raises(wasmtime.WasmtimeError) as caught:
+        (twice if call == "twice" else peek_at)([arg])
+    assert message in trap_message(caught.value)
+    assert twice([5]) == [10]
+    store.close()
+
+
+def test_faults_on_one_thread_never_surface_in_another() -> None:
+    """wasmtime-py's own route shares one exception slot between threads; ours shares nothing."""
+    engine = wasmtime.Engine()
+    errors: list[BaseException] = []
+
+    def hammer(faulty: bool) -> None:
+        store, twice, _ = instance(engine)
+        try:
+            for _ in range(2000):
+                if faulty:
+                    with pytest.raises(wasmtime.WasmtimeError):
+                        twice([-1])
+                else:
+                    assert twice([3]) == [6]
+        except BaseException as exc:  # collected and re-raised by the test thread
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=hammer, args=(index % 2 == 0,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert not errors
+
+
+def test_host_functions_on_many_engines_never_abort() -> None:
+    """A function type shared across engines aborts the process: run it where that would show."""
+    code = (
+        "import wasmtime\n"
+        "from tests.test_hostfunc import instance\n"
+        "for _ in range(3):\n"
+        "    store, twice, _ = instance(wasmtime.Engine())\n"
+        "    assert twice([2]) == [4]\n"
+        "    store.close()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-1000:]
