@@ -19,7 +19,7 @@ import wasmtime
 
 from protocol.errors import LimitExceededError
 
-from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, refusal
+from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, bounded, refusal
 from .limits import Limits
 from .wasmffi import GuestFault, GuestMemory, define_host_func
 
@@ -143,7 +143,7 @@ class GuestAbi:
             return self._answer(HostAnswer(STATUS_TIMEOUT))
         answer = self.hostcalls.call_blocking(self.vm_id, method, params, remaining, self._track)
         state.host_call_id = None
-        return self._answer(answer)
+        return self._answer(bounded(answer, self.limits, self.vm_id))
 
     def _host_call_async(self, memory: GuestMemory, args: list[int]) -> list[int]:
         request = self._request(memory, args)

@@ -155,20 +155,20 @@ class HostCalls:
             log.info("response_dropped", reason=verdict.reason, request_id=response.id, vm_id=verdict.owner)
             return
         pending = verdict.pending
-        pending.waiter(self._answer_from(response, pending.owner))
+        pending.waiter(_answer_from(response))
 
-    def _answer_from(self, response: IncomingResponse, owner: str) -> HostAnswer:
-        if response.error is not None:
-            status, payload = STATUS_HOST_ERROR, msgspec.json.encode(response.error)
-        else:
-            status, payload = STATUS_OK, msgspec.json.format(bytes(response.result), indent=-1)
-        capacity = self._limits.vm_host_call_bytes
-        if len(payload) > capacity:
-            self._limits.exhausted("vm_host_call_bytes", len(payload), capacity=capacity, vm_id=owner)
-            return refusal(
-                "host answer larger than vm_host_call_bytes",
-                limit="vm_host_call_bytes",
-                capacity=capacity,
-                observed=len(payload),
-            )
-        return HostAnswer(status, payload)
+
+def _answer_from(response: IncomingResponse) -> HostAnswer:
+    if response.error is not None:
+        return HostAnswer(STATUS_HOST_ERROR, msgspec.json.encode(response.error))
+    return HostAnswer(STATUS_OK, msgspec.json.format(bytes(response.result), indent=-1))
+
+
+def bounded(answer: HostAnswer, limits: Limits, vm_id: str) -> HostAnswer:
+    """The answer a guest may read: past its `vm_host_call_bytes`, a refusal naming that limit."""
+    capacity = limits.vm_host_call_bytes
+    if len(answer.payload) <= capacity or answer.status not in (STATUS_OK, STATUS_HOST_ERROR):
+        return answer
+    limits.exhausted("vm_host_call_bytes", len(answer.payload), capacity=capacity, vm_id=vm_id)
+    return refusal("host answer larger than vm_host_call_bytes", limit="vm_host_call_bytes",
+                   capacity=capacity, observed=len(answer.payload))

@@ -37,7 +37,7 @@ from protocol.methods import WasiSettings
 
 from .dispatcher import Reply
 from .guest_abi import ON_RESPONSE, CallState
-from .hostcalls import STATUS_HOST_ERROR, STATUS_OK, STATUS_REFUSED, HostAnswer, HostCalls
+from .hostcalls import STATUS_HOST_ERROR, STATUS_OK, STATUS_REFUSED, HostAnswer, HostCalls, bounded
 from .isolate import Isolate
 from .limits import Limits
 from .modules import CompiledModule
@@ -247,6 +247,7 @@ class Vm:
         self.async_calls.pop(ticket, None)
         if isolate is None:
             return
+        answer = bounded(answer, self.limits, self.vm_id)
         status = answer.status if answer.status in (STATUS_OK, STATUS_HOST_ERROR) else STATUS_REFUSED
         state.response = answer.payload
         state.deadline = time.monotonic() + self.limits.vm_call_timeout_ms / 1000
@@ -290,8 +291,12 @@ class Vm:
             outcome = (None, InternalError(f"internal error in {job.reply.method}"))
         else:
             outcome = (result, None)
-            # A cancel that reached the guest in a host call may let it return normally.
-            job.state.trapped = job.state.stop is not None
+            if job.state.stop is not None:
+                # A cancel or dispose that reached the guest in a host call may let it return
+                # normally before the next tick: its result is not an answer for a call that ended.
+                outcome = (None, RequestCancelledError(f"the call was stopped: VM {job.state.stop}",
+                                                       vm_id=self.vm_id, reason=job.state.stop))
+                job.state.trapped = True
         self.calls += 1  # before the answer: a host that has it sees the call counted
         log.debug("vm_job_done", vm_id=self.vm_id, method=job.reply.method,
                   elapsed_ms=round((time.perf_counter() - started) * 1000, 3))
