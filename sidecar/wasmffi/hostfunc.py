@@ -28,7 +28,8 @@ _CALLBACK_TYPE = _bindings._wasmtime_linker_define_func_unchecked.argtypes[6]
 _FINALIZER_TYPE = _bindings._wasmtime_linker_define_func_unchecked.argtypes[8]
 _KINDS = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64}
 _MEMORY_EXPORT = b"memory"
-_FUNC_TYPES: weakref.WeakKeyDictionary[wasmtime.Engine, dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType]]
+_Signature = tuple[tuple[str, ...], tuple[str, ...]]
+_FUNC_TYPES: weakref.WeakKeyDictionary[wasmtime.Engine, dict[_Signature, wasmtime.FuncType]]
 _FUNC_TYPES = weakref.WeakKeyDictionary()
 
 _Entry = tuple[Callable[["GuestMemory", list[int]], Sequence[int]], tuple[str, ...], tuple[str, ...]]
