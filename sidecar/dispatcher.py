@@ -159,6 +159,18 @@ class Dispatcher:
     def route(self, method: str, kind: RouteKind, handler: Callable[..., Any]) -> None:
         self._routes[method] = Route(kind, handler, METHODS[method], params_decoder(method))
 
+    def is_cheap(self, line: bytes | OversizedLine) -> bool:
+        """Whether handling `line` is quick and never runs a guest: responses, errors, inline
+        methods. A thread that must not be held up (a guest waiting on the host) may handle it."""
+        if isinstance(line, OversizedLine):
+            return True
+        for item in decode_frame(line).items:
+            if isinstance(item, IncomingCall):
+                route = self._routes.get(item.method)
+                if route is not None and route.kind != "inline":
+                    return False
+        return True
+
     def flush(self) -> None:
         """Write the answers the reading thread gathered, in one go."""
         if self._collected:

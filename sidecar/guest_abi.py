@@ -10,6 +10,7 @@ about stores or threads: the isolate binds these functions to one instance and i
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,13 +62,13 @@ class GuestAbi:
         vm_id: str,
         limits: Limits,
         hostcalls: HostCalls,
-        before_wait: Callable[[], None],
+        wait_serving: Callable[[threading.Event, float], None],
         issue_async: Callable[[str, bytes], int],
     ) -> None:
         self.vm_id = vm_id
         self.limits = limits
         self.hostcalls = hostcalls
-        self.before_wait = before_wait
+        self.wait_serving = wait_serving  # keeps reading input while the answer is out
         self.issue_async = issue_async  # the VM keeps async calls: they outlive this instance's call
         self.state = CallState()
 
@@ -141,7 +142,7 @@ class GuestAbi:
         remaining = state.deadline - time.monotonic()
         if remaining <= 0:
             return self._answer(HostAnswer(STATUS_TIMEOUT))
-        answer = self.hostcalls.call_blocking(self.vm_id, method, params, remaining, self._track)
+        answer = self.hostcalls.call_blocking(self.vm_id, method, params, remaining, self._track, self.wait_serving)
         state.host_call_id = None
         return self._answer(bounded(answer, self.limits, self.vm_id))
 
@@ -154,7 +155,6 @@ class GuestAbi:
 
     def _track(self, request_id: str) -> None:
         self.state.host_call_id = request_id
-        self.before_wait()
 
     def _answer(self, answer: HostAnswer) -> list[int]:
         self.state.response = answer.payload

@@ -51,20 +51,20 @@ def refusal(reason: str, **details: object) -> HostAnswer:
 class BlockingCall:
     """A call whose guest thread waits for the answer (`host_call`)."""
 
-    __slots__ = ("id", "_event", "_answer")
+    __slots__ = ("id", "event", "_answer")
 
     def __init__(self) -> None:
         self.id = ""
-        self._event = threading.Event()
+        self.event = threading.Event()
         self._answer: HostAnswer | None = None
 
     def __call__(self, answer: HostAnswer) -> None:
         self._answer = answer
-        self._event.set()
+        self.event.set()
 
     def wait(self, timeout_s: float) -> HostAnswer | None:
         """The answer, or None when the time ran out first."""
-        if not self._event.wait(timeout_s):
+        if not self.event.wait(timeout_s):
             return None
         return self._answer
 
@@ -100,12 +100,14 @@ class HostCalls:
         params_json: bytes,
         timeout_s: float | None = None,
         on_issued: Callable[[str], None] | None = None,
+        wait_serving: Callable[[threading.Event, float], None] | None = None,
     ) -> HostAnswer:
         """Issue and wait; on timeout the call is abandoned, so a late answer is dropped as stale.
 
         The wait is `protocol_host_call_timeout_ms`, or less when the caller's own deadline
         (what is left of the guest's call budget) comes first. `on_issued(id)` runs before the
-        wait: the caller may need to let go of input reading, or to record the id for a cancel.
+        wait (a caller records the id for a cancel); `wait_serving(event, timeout)` is how a
+        thread that reads input keeps reading until its answer comes.
         """
         limit_s = self._limits.protocol_host_call_timeout_ms / 1000
         timeout_s = limit_s if timeout_s is None else min(timeout_s, limit_s)
@@ -113,6 +115,8 @@ class HostCalls:
         waiter.id = self.issue(owner, method, params_json, waiter)
         if on_issued is not None:
             on_issued(waiter.id)
+        if wait_serving is not None:
+            wait_serving(waiter.event, timeout_s)
         answer = waiter.wait(timeout_s)
         if answer is not None:
             return answer

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 import wasmtime
+from wasmtime import _ffi
 
 from protocol.errors import (
     CallTimeoutError,
@@ -30,9 +31,9 @@ from protocol.errors import (
 )
 
 from .guest_abi import CallState, GuestAbi
-from .hostcalls import HostCalls
 from .limits import Limits
 from .modules import CompiledModule
+from .runtime import Runtime
 from .wasmbin import PREFIX, START_EXPORT
 from .wasmffi import FastCall, set_deadline_callback, trap_message
 
@@ -51,8 +52,7 @@ class Isolate:
         compiled: CompiledModule,
         engine: wasmtime.Engine,
         limits: Limits,
-        hostcalls: HostCalls,
-        yield_reading: Callable[[], None],
+        runtime: Runtime,
         issue_async: Callable[[str, bytes], int],
         wasi: wasmtime.WasiConfig | None = None,
         *,
@@ -62,12 +62,14 @@ class Isolate:
         self.vm_id = vm_id
         self.compiled = compiled
         self.limits = limits
-        self._yield_reading = yield_reading
+        self._yield_reading = runtime.yield_reading
         self._fast: dict[str, FastCall] = {}
         self.memory_bytes = 0  # retained linear memory after the last call; read without the store
         self.calls = 0
         self.in_guest = False  # guest frames on this store's stack right now (no snapshot then)
+        self._fuel = limits.vm_fuel  # read on every call: kept out of the limits lookup
         self.store = wasmtime.Store(engine)
+        self._context = self.store._context()  # the raw context, for the per-call deadline
         self.store.set_limits(
             memory_size=limits.vm_memory_bytes,
             table_elements=limits.vm_table_elements,
@@ -79,7 +81,7 @@ class Isolate:
         if compiled.wasi:  # a WASI guest in a store without WASI aborts the process
             linker.define_wasi()
             self.store.set_wasi(wasi if wasi is not None else wasmtime.WasiConfig())
-        self.abi = GuestAbi(vm_id, limits, hostcalls, yield_reading, issue_async)
+        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, runtime.wait_serving, issue_async)
         self.abi.define(linker)
         set_deadline_callback(self.store, self._decide)
         try:
@@ -89,6 +91,7 @@ class Isolate:
                 limits.vm_call_timeout_ms,
             )
             self._memories = self._distinct_memories()
+            self._memory_handles = [ctypes.byref(memory._memory) for memory in self._memories]
             if start and any(export.name == START_EXPORT for export in compiled.exports):
                 # Instrumentation moved the start function here so that it runs under the budgets.
                 deadline = time.monotonic() + limits.vm_call_timeout_ms / 1000
@@ -148,9 +151,9 @@ class Isolate:
     def _guarded(self, action: Callable[[], object], state: CallState, timeout_ms: int):  # type: ignore[no-untyped-def]
         """Run guest code with this call's state, deadline and fuel; translate what it raises."""
         self.abi.state = state
-        self.store.set_epoch_deadline(1)
-        if self.limits.vm_fuel:
-            self.store.set_fuel(self.limits.vm_fuel)
+        _ffi.wasmtime_context_set_epoch_deadline(self._context, 1)
+        if self._fuel:
+            self.store.set_fuel(self._fuel)
         self.in_guest = True
         try:
             return action()
@@ -205,7 +208,8 @@ class Isolate:
         self._refresh_memory()
 
     def _refresh_memory(self) -> None:
-        self.memory_bytes = sum(memory.data_len(self.store) for memory in self._memories)
+        context = self._context
+        self.memory_bytes = sum(_ffi.wasmtime_memory_data_size(context, handle) for handle in self._memory_handles)
 
 
 def _link(linker: wasmtime.Linker, store: wasmtime.Store, module: wasmtime.Module) -> wasmtime.Instance:

@@ -38,6 +38,7 @@ Source = Literal["default", "env", "vm"]
 _SCALES: dict[str, dict[str, int]] = {
     "bytes": {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40},
     "ms": {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000},
+    "us": {"us": 1, "ms": 1000, "s": 1_000_000},
 }
 # Dimensionless units: the name only says what is counted, so values are bare numbers.
 COUNT_UNITS = frozenset(

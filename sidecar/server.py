@@ -94,9 +94,11 @@ class Server:
             self._in_fd,
             LineFramer(self.limits.protocol_frame_bytes),
             handle_line=lambda line: self.dispatcher.handle_line(line),
+            is_cheap=lambda line: self.dispatcher.is_cheap(line),
             flush=lambda: self.dispatcher.flush(),
             threads=self.limits.runner_worker_threads,
             on_end=self._end_from_thread,
+            spin_s=self.limits.runner_input_spin_us / 1e6,
         )
         self.hostcalls = HostCalls(self.limits, self.outbox.send)
         async with BlockingPortal() as portal, anyio.create_task_group() as tg:

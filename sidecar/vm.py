@@ -41,20 +41,24 @@ from .hostcalls import STATUS_HOST_ERROR, STATUS_OK, STATUS_REFUSED, HostAnswer,
 from .isolate import Isolate
 from .limits import Limits
 from .modules import CompiledModule
+from .runtime import Runtime
 
 log = structlog.get_logger()
 Mode = Literal["stateful", "stateless"]
 _GUEST_STOPPED = (GuestTrapError, CallTimeoutError, RequestCancelledError, LimitExceededError)
 
 
-@dataclass
-class Runtime:
-    """What every VM shares: the process's host calls, the reading hand-off, the output channel."""
+@dataclass(frozen=True, slots=True)
+class CallBudget:
+    """The guest limits every call reads, looked up once per VM instead of once per call."""
 
-    hostcalls: HostCalls
-    yield_reading: Callable[[], None]
-    flush_answers: Callable[[], None]  # write what the reading thread has gathered, now
-    send: Callable[[bytes], None]
+    input_bytes: int
+    output_bytes: int
+    fuel: int
+
+    @classmethod
+    def of(cls, limits: Limits) -> CallBudget:
+        return cls(limits.vm_input_bytes, limits.vm_output_bytes, limits.vm_fuel)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class Vm:
         self.compiled = compiled
         self.engine = engine
         self.limits = limits
+        self.budget = CallBudget.of(limits)
         self.mode = mode
         self.wasi = wasi
         self.runtime = runtime
@@ -124,7 +129,8 @@ class Vm:
         self._lock = threading.Lock()
         self._quiet = threading.Condition(self._lock)  # notified when the last running job ends
         self._queue: deque[Job] = deque()
-        self._running: set[Job] = set()
+        self._running: set[Job] = set()  # jobs holding an instance slot, bookkeeping included
+        self._working = 0  # jobs whose work has not finished: what `busy` reports
         self._idle: list[Isolate | None] = []
         self._live: list[Isolate] = []
         # A command (`_start`) is run fresh by every `vm.run`, so its VM keeps no instance; other
@@ -133,7 +139,8 @@ class Vm:
 
     @property
     def busy(self) -> bool:
-        return bool(self._running)
+        """Some request's work is under way (its answer not yet decided)."""
+        return self._working > 0
 
     @property
     def in_guest(self) -> bool:
@@ -196,10 +203,8 @@ class Vm:
 
     def isolate_for(self, wasi: wasmtime.WasiConfig | None = None, *, start: bool = True) -> Isolate:
         """A new instance of this VM's module with its budgets (not yet part of its pool)."""
-        return Isolate(
-            self.vm_id, self.compiled, self.engine, self.limits, self.runtime.hostcalls,
-            self.runtime.yield_reading, self.issue_async, wasi, start=start,
-        )
+        return Isolate(self.vm_id, self.compiled, self.engine, self.limits, self.runtime, self.issue_async, wasi,
+                       start=start)
 
     def idle_instance(self) -> Isolate:
         """The one instance of a new stateful VM, for a restore to write its state into."""
@@ -279,7 +284,8 @@ class Vm:
     def _execute(self, job: Job, isolate: Isolate | None) -> None:
         if job.reply.done:  # cancelled while it waited in the queue
             return
-        started = time.perf_counter()
+        with self._lock:  # stateless pools run jobs on several threads at once
+            self._working += 1
         try:
             result = job.work(self, isolate, job.state)
         except RpcError as exc:
@@ -297,9 +303,9 @@ class Vm:
                 outcome = (None, RequestCancelledError(f"the call was stopped: VM {job.state.stop}",
                                                        vm_id=self.vm_id, reason=job.state.stop))
                 job.state.trapped = True
-        self.calls += 1  # before the answer: a host that has it sees the call counted
-        log.debug("vm_job_done", vm_id=self.vm_id, method=job.reply.method,
-                  elapsed_ms=round((time.perf_counter() - started) * 1000, 3))
+        with self._lock:  # before the answer: a host that has it sees the call counted, the VM idle
+            self._working -= 1
+            self.calls += 1
         value, error = outcome
         if error is None:
             job.reply.result(value)

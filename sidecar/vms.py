@@ -49,8 +49,9 @@ from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
 from .modules import CompiledModule, ModuleStore, read_source
+from .runtime import Runtime
 from .snapshot_service import INSTRUMENT_ID, SnapshotMethods, instrument_or_keep
-from .vm import Job, Mode, Runtime, Vm
+from .vm import Job, Mode, Vm
 from .wasmbin import PREFIX
 from .wasmffi import set_wasi_stdin_bytes
 
@@ -173,8 +174,8 @@ class VmService:
         if params.export.startswith(PREFIX):
             raise InvalidParamsError(f"exports named {PREFIX}* belong to the sidecar", path="$.export")
         data = _payload(params.input, params.input_base64)
-        capacity = vm.limits.vm_input_bytes
-        if len(data) > capacity:
+        budget = vm.budget
+        if len(data) > budget.input_bytes:
             raise vm.limits.exceeded("vm_input_bytes", len(data), vm_id=vm.vm_id)
         timeout_ms = _timeout(params.timeout_ms, vm.limits)
 
@@ -182,13 +183,13 @@ class VmService:
             if isolate is None:
                 raise InvalidParamsError("this VM holds a WASI command: use vm.run", path="$.vm_id")
             state.input = data
-            state.output_cap = vm.limits.vm_output_bytes
-            state.deadline = time.monotonic() + timeout_ms / 1000
+            state.output_cap = budget.output_bytes
             started = time.perf_counter()
+            state.deadline = time.monotonic() + timeout_ms / 1000
             results = isolate.call(params.export, params.args, state, timeout_ms)
             elapsed = (time.perf_counter() - started) * 1000
             text, binary = _text_or_base64(bytes(state.output))
-            fuel = isolate.fuel_used(vm.limits.vm_fuel) if vm.limits.vm_fuel else None
+            fuel = isolate.fuel_used(budget.fuel) if budget.fuel else None
             return VmCallResult(
                 results=results,
                 output=text,
@@ -410,5 +411,6 @@ def vm_service(server: Any) -> VmService:
     """The service as the server builds it, once its outbox, host calls and intake exist."""
     engines = Engines(server.limits)
     engines.start()
-    runtime = Runtime(server.hostcalls, server.intake.yield_leadership, server.intake.flush, server.outbox.send)
+    intake = server.intake
+    runtime = Runtime(server.hostcalls, intake.yield_leadership, intake.flush, intake.wait_serving, server.outbox.send)
     return VmService(server.limits, runtime, ModuleStore(server.limits, engines), engines)

@@ -52,13 +52,14 @@ EXPECTED = {
     "runner_worker_threads": ("runner", 16),
     "runner_cache_bytes": ("runner", 2 << 30),
     "runner_snapshot_bytes": ("runner", 1 << 30),
+    "runner_input_spin_us": ("runner", 50),
     "runner_epoch_tick_ms": ("runner", 1),
     "wasm_page_bytes": ("invariant", 65536),
     "timer_max_ms": ("invariant", 2147483647),
     "snapshot_chunk_bytes": ("invariant", 4096),
     "snapshot_data_segments_max": ("invariant", 10000),
 }
-ZERO_MEANS_OFF = {"vm_fuel", "vm_recycle_after_calls", "vm_recycle_memory_bytes", "runner_cache_bytes"}
+ZERO_MEANS_OFF = {"vm_fuel", "vm_recycle_after_calls", "vm_recycle_memory_bytes", "runner_cache_bytes", "runner_input_spin_us"}
 
 
 def ignored(logs: list[dict]) -> list[dict]:
