@@ -5,6 +5,7 @@ Run: `python benchmarks/bench_core.py` (numbers go to stdout; nothing is asserte
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -43,7 +44,8 @@ def exit_after_eof_ms(runs: int = 5) -> list[float]:
     for _ in range(runs):
         peer = Peer(SIDECAR)
         vm = peer.request("vm.create", {"wat": spin})["result"]["vm_id"]
-        peer.send(b'{"jsonrpc":"2.0","id":9,"method":"vm.call","params":{"vm_id":"%s","export":"spin"}}\n' % vm.encode())
+        call = {"jsonrpc": "2.0", "id": 9, "method": "vm.call", "params": {"vm_id": vm, "export": "spin"}}
+        peer.send(json.dumps(call).encode() + b"\n")
         started = time.perf_counter()
         peer.proc.stdin.close()
         peer.proc.wait(10)

@@ -66,14 +66,15 @@ def bench_calls(runs: int) -> None:
         rows = [
             ("add(i32,i32)->i32  Func.__call__", best_us(lambda: add(store, 1, 2), n=20_000, runs=runs)),
             ("add(i32,i32)->i32  FastCall", best_us(lambda: fast_add(args), n=100_000, runs=runs)),
-            ("add, unsigned arg  FastCall (slow path)", best_us(lambda: fast_add([0xFFFFFFFF, 2]), n=50_000, runs=runs)),
+            ("add, unsigned arg  FastCall (slow path)",
+             best_us(lambda: fast_add([0xFFFFFFFF, 2]), n=50_000, runs=runs)),
             ("nop()              Func.__call__", best_us(lambda: nop(store), n=20_000, runs=runs)),
             ("nop()              FastCall", best_us(lambda: fast_nop([]), n=100_000, runs=runs)),
             ("FastCall(store, add) construction", best_us(lambda: FastCall(store, add), n=2_000, runs=runs)),
         ]
     finally:
         store.close()
-    print("host->guest calls (µs per call, best of %d runs)" % runs)
+    print(f"host->guest calls (µs per call, best of {runs} runs)")
     for label, us in rows:
         print(f"  {label:42s} {us:8.2f}")
 
@@ -87,7 +88,7 @@ def _engine(pooling: bool) -> wasmtime.Engine:
 
 
 def bench_instantiate(runs: int) -> None:
-    print("store + instantiate + close, small module (µs each, best of %d runs)" % runs)
+    print(f"store + instantiate + close, small module (µs each, best of {runs} runs)")
     for pooling in (False, True):
         label = "pooling" if pooling else "default"
         created = time.perf_counter()
@@ -95,20 +96,20 @@ def bench_instantiate(runs: int) -> None:
         engine_ms = (time.perf_counter() - created) * 1e3
         module = wasmtime.Module(engine, SMALL)
 
-        def cycle() -> None:
+        def cycle(engine: wasmtime.Engine = engine, module: wasmtime.Module = module) -> None:
             store = wasmtime.Store(engine)
             store.set_epoch_deadline(1)
             wasmtime.Instance(store, module, [])
             store.close()
 
-        def store_only() -> None:
+        def store_only(engine: wasmtime.Engine = engine) -> None:
             wasmtime.Store(engine).close()
 
         one = best_us(cycle, n=3_000, runs=runs)
         bare = best_us(store_only, n=3_000, runs=runs)
         per_thread: list[float] = []
 
-        def worker() -> None:
+        def worker(per_thread: list[float] = per_thread, cycle: object = cycle) -> None:
             per_thread.append(best_us(cycle, n=3_000, runs=1))
 
         threads = [threading.Thread(target=worker) for _ in range(2)]

@@ -132,7 +132,8 @@ def test_a_tree_that_reads_everything_is_clean(tmp_path):
     root = tmp_path / "sidecar"
     root.mkdir()
     inventory = load_inventory()
-    (root / "uses.py").write_text("".join(f"def use_{s.name}(limits):\n    return limits.{s.name}\n" for s in inventory))
+    uses = "".join(f"def use_{s.name}(limits):\n    return limits.{s.name}\n" for s in inventory)
+    (root / "uses.py").write_text(uses)
     assert audit([root], inventory=inventory) == []
 
 

@@ -59,7 +59,9 @@ EXPECTED = {
     "snapshot_chunk_bytes": ("invariant", 4096),
     "snapshot_data_segments_max": ("invariant", 10000),
 }
-ZERO_MEANS_OFF = {"vm_fuel", "vm_recycle_after_calls", "vm_recycle_memory_bytes", "runner_cache_bytes", "runner_input_spin_us"}
+ZERO_MEANS_OFF = {
+    "vm_fuel", "vm_recycle_after_calls", "vm_recycle_memory_bytes", "runner_cache_bytes", "runner_input_spin_us"
+}
 
 
 def ignored(logs: list[dict]) -> list[dict]:

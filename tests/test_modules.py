@@ -226,7 +226,7 @@ def test_a_plain_module_is_neither_wasi_nor_command(store: ModuleStore) -> None:
 
 def test_v128_signatures_are_named_without_aborting(tmp_path: Path) -> None:
     # In a subprocess: were `str(ValType)` used, wasmtime 50 would abort the whole test run.
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json, wasmtime
         from sidecar.engines import Engines, EngineSettings
         from sidecar.limits import load_limits
@@ -235,8 +235,8 @@ def test_v128_signatures_are_named_without_aborting(tmp_path: Path) -> None:
             (import "env" "h" (func (param v128 i32) (result v128)))
             (global (export "vg") v128 (v128.const i64x2 0 0))
             (func (export "splat") (param i32) (result v128) (i32x4.splat (local.get 0))))''')
-        with Engines(load_limits({{}})) as engines:
-            m = ModuleStore(load_limits({{}}), engines, None).load(bytes(wasm), EngineSettings(False, 1 << 20))
+        with Engines(load_limits({})) as engines:
+            m = ModuleStore(load_limits({}), engines, None).load(bytes(wasm), EngineSettings(False, 1 << 20))
         print(json.dumps([[e.name, e.kind, e.params or None, e.results or None] for e in m.imports + m.exports]))
     """)
     env = {**os.environ, "SIDECAR_RUNNER_CACHE_BYTES": "0", "PYTHONPATH": str(REPO)}

@@ -646,14 +646,18 @@ def test_fastcall_with_a_foreign_store_is_a_value_error_not_an_abort() -> None:
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env, check=False)
+    argv = [sys.executable, "-c", script]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
     assert done.returncode == 0, done.stderr
     assert "refused: wasm function belongs to another store" in done.stdout
 
 
 # --- pooling allocator --------------------------------------------------------------------------
 
-POOLED = '(module (memory (export "memory") 1) (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0))))'
+POOLED = (
+    '(module (memory (export "memory") 1)'
+    ' (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0))))'
+)
 
 
 @pytest.fixture
@@ -682,7 +686,8 @@ def test_pooling_capacity_is_fixed_and_slots_are_reused(pooled_engine: wasmtime.
 def test_pooling_max_memory_size_caps_growth_and_refuses_big_modules(pooled_engine: wasmtime.Engine) -> None:
     store = wasmtime.Store(pooled_engine)
     try:
-        grow = FastCall(store, wasmtime.Instance(store, wasmtime.Module(pooled_engine, POOLED), []).exports(store)["grow"])
+        instance = wasmtime.Instance(store, wasmtime.Module(pooled_engine, POOLED), [])
+        grow = FastCall(store, instance.exports(store)["grow"])
         assert grow([3]) == [1]  # 4 pages: exactly the cap
         assert grow([1]) == [-1]  # past it: -1, as with Store.set_limits
     finally:
