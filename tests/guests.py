@@ -109,31 +109,3 @@ async def dropped(client: SidecarClient, reason: str, count: int) -> dict[str, A
             stats = await client.request("sidecar.stats")
             if stats["responses_dropped"][reason] >= count:
                 return stats
-
-
-# -- the compile cache ------------------------------------------------------------------------
-
-_session_cache: Path | None = None
-
-
-def session_cache_dir(factory: pytest.TempPathFactory) -> Path:
-    """One compile-cache directory for the whole test session (made on first use)."""
-    global _session_cache
-    if _session_cache is None:
-        _session_cache = factory.mktemp("compile-cache")
-    return _session_cache
-
-
-def compile_cache_fixture() -> Any:
-    """An autouse fixture for a test module: every sidecar of its tests (in-process, or spawned,
-    which inherits the environment) caches compiled code in the session's directory, so no test
-    reads what an earlier run left and no test pays for a compile an earlier test made.
-    Use: `compile_cache_dir = compile_cache_fixture()` at module level."""
-
-    @pytest.fixture(autouse=True)
-    def compile_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-        directory = session_cache_dir(tmp_path_factory)
-        monkeypatch.setenv("SIDECAR_CACHE_DIR", str(directory))
-        return directory
-
-    return compile_cache_dir

@@ -26,11 +26,10 @@ import pytest
 
 from protocol.client import RemoteError, SidecarClient
 
-from .guests import call, compile_cache_fixture, refused, rpc, vm_info, wat
+from .guests import call, refused, rpc, vm_info, wat
 from .support import WAIT, process_session
 
 pytestmark = pytest.mark.anyio
-compile_cache_dir = compile_cache_fixture()
 
 GUEST = "stateless_counter"
 PAGE = 65536

@@ -14,7 +14,6 @@ import pytest
 
 from .guests import (
     call,
-    compile_cache_fixture,
     new_vm,
     output_bytes,
     refused,
@@ -25,7 +24,6 @@ from .guests import (
 from .support import WAIT, memory_session
 
 pytestmark = pytest.mark.anyio
-compile_cache_dir = compile_cache_fixture()
 MiB = 1 << 20
 PAGE = 65536
 

@@ -12,7 +12,6 @@ import pytest
 
 from .guests import (
     call,
-    compile_cache_fixture,
     module_id,
     new_vm,
     refused,
@@ -23,7 +22,6 @@ from .guests import (
 )
 
 pytestmark = pytest.mark.anyio
-compile_cache_dir = compile_cache_fixture()
 
 ABI_IMPORTS = {
     "input_len": ([], ["i32"]),

@@ -23,21 +23,18 @@ from protocol.client import RemoteError, SidecarClient
 
 from .assets.cpython import cpython_wasm
 from .guests import (
-    compile_cache_fixture,
     refused,
     rpc,
-    session_cache_dir,
     vm_info,
 )
 from .support import WAIT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-compile_cache_dir = compile_cache_fixture()
 COMPILE_WAIT = 300  # seconds: the one real compile of 20 MB, on a busy 2-core machine
 
 
 @pytest.fixture(scope="session")
-def cpython(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cpython() -> Path:
     """The module's path, its compiled code already in the session's compile cache.
 
     A real sidecar compiles it, so the cache entry is whatever the sidecar itself would look
@@ -45,7 +42,7 @@ def cpython(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     path = cpython_wasm()
     request = {"jsonrpc": "2.0", "id": 1, "method": "module.load", "params": {"path": str(path)}}
-    env = {**os.environ, "SIDECAR_CACHE_DIR": str(session_cache_dir(tmp_path_factory))}
+    env = dict(os.environ)  # the session's private compile cache (tests/conftest.py) included
     with subprocess.Popen(
         [sys.executable, "-m", "sidecar"],
         stdin=subprocess.PIPE,

@@ -17,7 +17,6 @@ from protocol.client import HostError, RemoteError
 
 from .guests import (
     call,
-    compile_cache_fixture,
     dropped,
     new_vm,
     output_bytes,
@@ -30,7 +29,6 @@ from .guests import (
 from .support import WAIT, process_session
 
 pytestmark = pytest.mark.anyio
-compile_cache_dir = compile_cache_fixture()
 
 
 class GatedHost:
