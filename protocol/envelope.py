@@ -72,8 +72,3 @@ _encoder = msgspec.json.Encoder()
 def encode(message: Wire) -> bytes:
     """One frame: compact JSON and the terminating newline."""
     return _encoder.encode(message) + b"\n"
-
-
-def encode_many(messages: list[Wire]) -> bytes:
-    """A batch response: one JSON array on one line."""
-    return _encoder.encode(messages) + b"\n"

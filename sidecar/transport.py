@@ -5,8 +5,9 @@ outbox that any thread may send frames through; `sidecar.intake` reads the input
 A frame is written straight to the pipe by the thread that produced it when nothing is queued
 (a guest's worker answers its own `vm.call` without a thread hand-off); what the pipe cannot
 take at once waits in the outbox and a drainer task on the event loop writes it when the pipe
-is writable. Past `protocol_outbox_bytes` queued, worker threads block and the event loop stops
-reading input, so a host that reads slowly slows the sidecar down instead of growing its memory.
+is writable. Past `protocol_outbox_bytes` queued, every thread but the event loop's blocks in
+`send`, the one reading input among them, so a host that reads slowly slows the sidecar down
+instead of growing its memory (the event loop only sends a bounded number of task answers).
 Knows nothing about JSON-RPC.
 """
 
@@ -67,14 +68,9 @@ class Outbox:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._loop_thread = threading.get_ident()
-        self._room_event = anyio.Event()
         self._idle_event = anyio.Event()
         self.closed = False
         self.broken = False  # the peer went away: the server shuts down
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._queued_bytes
 
     def send(self, data: bytes) -> None:
         """Send one or more frames. Never blocks the event loop; other threads wait for room."""
@@ -97,14 +93,6 @@ class Outbox:
                 while self._queued_bytes > self._capacity and not self.closed:
                     self._room.wait()
 
-    def over_capacity(self) -> bool:
-        return self._queued_bytes > self._capacity
-
-    async def wait_for_room(self) -> None:
-        while self.over_capacity() and not self.closed:
-            self._room_event = anyio.Event()
-            await self._room_event.wait()
-
     async def run_drainer(self) -> None:
         """Write queued frames as the peer accepts them; returns once closed or broken."""
         try:
@@ -123,10 +111,8 @@ class Outbox:
                 with self._lock:
                     self._draining = False
                     self._room.notify_all()
-                self._room_event.set()
                 self._idle_event.set()
         finally:
-            self._room_event.set()
             self._idle_event.set()
             self._close_wake()
 
@@ -141,7 +127,6 @@ class Outbox:
             self.closed = True
             self._room.notify_all()
             self._poke()
-        self._room_event.set()
         self._idle_event.set()
 
     def _take(self) -> bytes | None:
