@@ -198,6 +198,7 @@ def replacement_in_process(runs: int = 2_000) -> None:
     from sidecar.isolate import Isolate
     from sidecar.limits import load_limits
     from sidecar.modules import ModuleStore
+    from sidecar.runtime import Runtime
     from sidecar.snapshot_service import INSTRUMENT_ID, instrument_or_keep
 
     limits = load_limits({})
@@ -207,9 +208,10 @@ def replacement_in_process(runs: int = 2_000) -> None:
                               transform=instrument_or_keep, transform_id=INSTRUMENT_ID)
         engine = engines.get(compiled.settings)
         hostcalls = HostCalls(limits, lambda _frame: None)
+        runtime = Runtime(hostcalls, lambda: None, lambda: None, lambda _event, _timeout: None, lambda _frame: None)
 
         def spawn() -> Isolate:
-            return Isolate("vm-bench", compiled, engine, limits, hostcalls, lambda: None, lambda _m, _p: -3)
+            return Isolate("vm-bench", compiled, engine, limits, runtime, lambda _m, _p: -3)
 
         isolate = spawn()
         spawn_times, close_times = [], []

@@ -20,7 +20,7 @@ import msgspec
 import structlog
 from anyio.from_thread import BlockingPortal
 
-from protocol.decoding import IncomingCall, IncomingResponse, Malformed, decode_frame, decode_params
+from protocol.decoding import Frame, IncomingCall, IncomingResponse, Malformed, decode_frame, decode_params
 from protocol.envelope import ErrorObject, RequestId, Response, encode
 from protocol.errors import (
     InternalError,
@@ -145,6 +145,7 @@ class Dispatcher:
         self._routes: dict[str, Route] = {}
         self._in_flight: dict[object, Reply] = {}
         self._collected: list[bytes] = []  # the reading thread's answers, written once per chunk
+        self._peeked: tuple[bytes, Frame] | None = None  # the frame `is_cheap` just decoded
         self._served_lock = threading.Lock()
         self._loop_thread = threading.get_ident()  # constructed on the event loop
         self.requests_served = 0
@@ -164,7 +165,9 @@ class Dispatcher:
         methods. A thread that must not be held up (a guest waiting on the host) may handle it."""
         if isinstance(line, OversizedLine):
             return True
-        for item in decode_frame(line).items:
+        frame = decode_frame(line)
+        self._peeked = (line, frame)  # handled next, by this same thread: decode it once
+        for item in frame.items:
             if isinstance(item, IncomingCall):
                 route = self._routes.get(item.method)
                 if route is not None and route.kind != "inline":
@@ -190,7 +193,8 @@ class Dispatcher:
             )
             self._collected.append(_encode_response(None, None, refused))
             return
-        frame = decode_frame(line)
+        peeked, self._peeked = self._peeked, None
+        frame = peeked[1] if peeked is not None and peeked[0] is line else decode_frame(line)
         if not frame.batch:
             self._handle_item(frame.items[0], None)
             return
