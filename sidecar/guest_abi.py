@@ -22,7 +22,7 @@ from protocol.errors import LimitExceededError
 
 from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, bounded, refusal
 from .limits import Limits
-from .wasmffi import GuestFault, GuestMemory, define_host_func
+from .wasmffi import GuestFault, GuestMemory, MemorySlot, define_host_func
 
 MODULE = "sidecar"
 # name -> (params, results): the signatures a guest must import them with.
@@ -71,6 +71,7 @@ class GuestAbi:
         self.wait_serving = wait_serving  # keeps reading input while the answer is out
         self.issue_async = issue_async  # the VM keeps async calls: they outlive this instance's call
         self.state = CallState()
+        self.memory = MemorySlot()  # the instance fills it in once it exists
 
     def define(self, linker: wasmtime.Linker) -> None:
         handlers = {
@@ -82,7 +83,7 @@ class GuestAbi:
             "host_call_async": self._host_call_async,
         }
         for name, (params, results) in SIGNATURES.items():
-            define_host_func(linker, MODULE, name, params, results, self._guarded(handlers[name]))
+            define_host_func(linker, MODULE, name, params, results, self._guarded(handlers[name]), self.memory)
 
     def _guarded(self, handler: AbiFunction) -> AbiFunction:
         """Remember an ABI fault before it traps, so the call's error carries its trap code."""

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import structlog
 import wasmtime
 from wasmtime import _ffi
+from wasmtime._instance import InstanceExports
 
 from protocol.errors import (
     CallTimeoutError,
@@ -90,7 +91,12 @@ class Isolate:
                 CallState(deadline=time.monotonic() + limits.vm_call_timeout_ms / 1000),
                 limits.vm_call_timeout_ms,
             )
-            self._memories = self._distinct_memories()
+            exports = self.instance.exports(self.store)
+            self._memories = self._distinct_memories(exports)
+            abi_memory = exports.get("memory")
+            if isinstance(abi_memory, wasmtime.Memory):
+                self._abi_memory = abi_memory  # kept alive: the slot refers into it
+                self.abi.memory.handle = ctypes.byref(abi_memory._memory)
             self._memory_handles = [ctypes.byref(memory._memory) for memory in self._memories]
             if start and any(export.name == START_EXPORT for export in compiled.exports):
                 # Instrumentation moved the start function here so that it runs under the budgets.
@@ -195,10 +201,10 @@ class Isolate:
         self.limits.exhausted(budget, capacity, capacity=capacity, vm_id=self.vm_id)
         return GuestTrapError(code, message, vm_id=self.vm_id, limit=budget, env=env_var_for(budget), capacity=capacity)
 
-    def _distinct_memories(self) -> list[wasmtime.Memory]:
+    def _distinct_memories(self, exports: InstanceExports) -> list[wasmtime.Memory]:
         """Each exported memory once: instrumentation exports a memory under a second name."""
         found: dict[int, wasmtime.Memory] = {}
-        for item in self.instance.exports(self.store).by_index:
+        for item in exports.by_index:
             if isinstance(item, wasmtime.Memory):
                 found.setdefault(ctypes.addressof(item.data_ptr(self.store).contents), item)
         return list(found.values())

@@ -24,7 +24,7 @@ what a trap means. Pinned to wasmtime-py 50.x (the private `_ffi`/`_bindings` la
 
 from .deadline import live_deadline_callbacks, set_deadline_callback, trap_message
 from .fastcall import FastCall, store_id
-from .hostfunc import GuestFault, GuestMemory, define_host_func
+from .hostfunc import GuestFault, GuestMemory, MemorySlot, define_host_func
 from .pooling import enable_pooling
 from .valtypes import value_type_names
 from .wasi import set_wasi_stdin_bytes
@@ -33,6 +33,7 @@ __all__ = [
     "FastCall",
     "GuestFault",
     "GuestMemory",
+    "MemorySlot",
     "define_host_func",
     "enable_pooling",
     "live_deadline_callbacks",

@@ -21,7 +21,7 @@ from wasmtime import _bindings, _ffi
 
 from .slots import Slots, c_text
 
-__all__ = ["GuestFault", "GuestMemory", "define_host_func"]
+__all__ = ["GuestFault", "GuestMemory", "MemorySlot", "define_host_func"]
 
 log = structlog.get_logger()
 _CALLBACK_TYPE = _bindings._wasmtime_linker_define_func_unchecked.argtypes[6]
@@ -32,7 +32,9 @@ _Signature = tuple[tuple[str, ...], tuple[str, ...]]
 _FUNC_TYPES: weakref.WeakKeyDictionary[wasmtime.Engine, dict[_Signature, wasmtime.FuncType]]
 _FUNC_TYPES = weakref.WeakKeyDictionary()
 
-_Entry = tuple[Callable[["GuestMemory", list[int]], Sequence[int]], tuple[str, ...], tuple[str, ...]]
+_Entry = tuple[
+    Callable[["GuestMemory", list[int]], Sequence[int]], tuple[str, ...], tuple[str, ...], "MemorySlot | None"
+]
 # (function, param kinds, result kinds); freed by wasmtime when the last instance using it goes.
 _FUNCS: Slots[_Entry] = Slots(_FINALIZER_TYPE)
 
@@ -45,18 +47,32 @@ class GuestFault(Exception):
         self.code = code
 
 
+class MemorySlot:
+    """Where an instance's `memory` export is, once known: saves a lookup by name on every call."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self) -> None:
+        self.handle: object | None = None  # ctypes reference to its `wasmtime_memory_t`
+
+
 class GuestMemory:
-    """The calling instance's exported `memory`, looked up per call (growth can move it)."""
+    """The calling instance's exported `memory`, located per call (growth can move it)."""
 
-    __slots__ = ("_caller", "_base", "size")
+    __slots__ = ("_caller", "_handle", "_base", "size")
 
-    def __init__(self, caller: object) -> None:
+    def __init__(self, caller: object, handle: object | None = None) -> None:
         self._caller = caller
+        self._handle = handle
         self._base: int | None = None
         self.size = 0
 
     def _locate(self) -> int:
-        if self._base is None:
+        if self._base is None and self._handle is not None:
+            context = _ffi.wasmtime_caller_context(self._caller)
+            self._base = ctypes.cast(_ffi.wasmtime_memory_data(context, self._handle), ctypes.c_void_p).value or 0
+            self.size = _ffi.wasmtime_memory_data_size(context, self._handle)
+        elif self._base is None:
             extern = _ffi.wasmtime_extern_t()
             name = _MEMORY_EXPORT
             found = _ffi.wasmtime_caller_export_get(self._caller, name, len(name), ctypes.byref(extern))
@@ -92,14 +108,15 @@ def define_host_func(
     params: Sequence[str],
     results: Sequence[str],
     function: Callable[[GuestMemory, list[int]], Sequence[int]],
+    memory: MemorySlot | None = None,
 ) -> None:
     """Define `module.name` in `linker`; `function(memory, args) -> results` runs per call.
 
-    `memory` is the caller's, valid only during that call (looked up only if used). Raising
-    `GuestFault` traps the guest with its message.
+    `memory` is the caller's, valid only during that call (located only if used, through the
+    `MemorySlot` when its owner filled it in). Raising `GuestFault` traps the guest with its message.
     """
     ty = _func_type(linker.engine, tuple(params), tuple(results))
-    slot = _FUNCS.add((function, tuple(params), tuple(results)))
+    slot = _FUNCS.add((function, tuple(params), tuple(results), memory))
     module_bytes, name_bytes = module.encode(), name.encode()
     error = _ffi.wasmtime_linker_define_func_unchecked(
         linker.ptr(), module_bytes, len(module_bytes), name_bytes, len(name_bytes), ty.ptr(), _trampoline, slot,
@@ -116,9 +133,9 @@ def _trampoline(slot, caller, values, _count):  # type: ignore[no-untyped-def]
         entry = _FUNCS.get(slot)
         if entry is None:
             return _trap("host function is not registered")
-        function, params, results = entry
+        function, params, results, memory = entry
         args = [getattr(values[i], kind) for i, kind in enumerate(params)]
-        produced = function(GuestMemory(caller), args)
+        produced = function(GuestMemory(caller, memory.handle if memory is not None else None), args)
         for i, kind in enumerate(results):
             setattr(values[i], kind, produced[i])
         return 0
