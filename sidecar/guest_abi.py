@@ -33,6 +33,7 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "host_call": (("i32", "i32", "i32", "i32"), ("i32",)),
     "response_read": (("i32",), ()),
     "host_call_async": (("i32", "i32", "i32", "i32"), ("i64",)),
+    "response_len": ((), ("i32",)),  # extension: the error JSON's length after a -1 status
 }
 AbiFunction = Callable[[GuestMemory, list[int]], list[int]]
 ON_RESPONSE = "sidecar_on_response"  # the export an async answer is delivered to
@@ -81,6 +82,7 @@ class GuestAbi:
             "host_call": self._host_call,
             "response_read": self._response_read,
             "host_call_async": self._host_call_async,
+            "response_len": self._response_len,
         }
         for name, (params, results) in SIGNATURES.items():
             define_host_func(linker, MODULE, name, params, results, self._guarded(handlers[name]), self.memory)
@@ -160,6 +162,9 @@ class GuestAbi:
     def _answer(self, answer: HostAnswer) -> list[int]:
         self.state.response = answer.payload
         return [len(answer.payload) if answer.status == 0 else answer.status]
+
+    def _response_len(self, memory: GuestMemory, args: list[int]) -> list[int]:
+        return [len(self.state.response)]
 
     def _response_read(self, memory: GuestMemory, args: list[int]) -> list[int]:
         memory.write(args[0], self.state.response)

@@ -22,7 +22,7 @@ import structlog
 import wasmtime
 
 from protocol.envelope import Notification, encode
-from protocol.errors import InvalidModuleError, InvalidParamsError, VmNotFoundError
+from protocol.errors import InvalidModuleError, InvalidParamsError, RpcError, VmNotFoundError
 from protocol.methods import (
     Empty,
     ExportInfo,
@@ -155,6 +155,9 @@ class VmService:
         try:
             vm = Vm(vm_id, compiled, self.engines.get(compiled.settings), limits, mode, wasi, self.runtime,
                     start=restore is None)
+        except RpcError as exc:  # e.g. its start function trapped: no VM exists to name
+            exc.details.pop("vm_id", None)
+            raise
             if restore is not None:
                 try:
                     restore(vm)
