@@ -125,14 +125,8 @@ class Intake:
 
     def _lead_while_possible(self, me: int) -> None:
         while self._leader == me and not self._stopping:
-            if not self._backlog:
-                chunk = self._read()
-                if chunk is None:
-                    return
-                if not chunk:
-                    self._finish("end_of_input")
-                    return
-                self._backlog.extend(self._framer.feed(chunk))
+            if not self._backlog and not self._fill():
+                return
             while self._backlog and self._leader == me:
                 if self.closing:
                     self._backlog.clear()
@@ -143,6 +137,18 @@ class Intake:
             if self.closing:
                 self._finish("shutdown_requested")
                 return
+
+    def _fill(self, timeout_s: float | None = None) -> bool:
+        """Read the next chunk's frames into the backlog; False when stopped, out of time or at
+        the end of input."""
+        chunk = self._read(timeout_s)
+        if chunk is None:
+            return False
+        if not chunk:
+            self._finish("end_of_input")
+            return False
+        self._backlog.extend(self._framer.feed(chunk))
+        return True
 
     def _read(self, timeout_s: float | None = None) -> bytes | None:
         """The next chunk, b"" at end of input, None when stopped (or `timeout_s` ran out).
@@ -191,13 +197,8 @@ class Intake:
                 continue
             self._flush()
             remaining = deadline - time.monotonic()
-            chunk = self._read(remaining) if remaining > 0 else None
-            if chunk is None:
+            if remaining <= 0 or not self._fill(remaining):
                 return
-            if not chunk:
-                self._finish("end_of_input")
-                return
-            self._backlog.extend(self._framer.feed(chunk))
         if self._leader == me:
             self._flush()
 
