@@ -153,11 +153,12 @@ class VmService:
             vm_id = f"vm-{next(self._ids)}"
             self._starting += 1
         try:
-            vm = Vm(vm_id, compiled, self.engines.get(compiled.settings), limits, mode, wasi, self.runtime,
-                    start=restore is None)
-        except RpcError as exc:  # e.g. its start function trapped: no VM exists to name
-            exc.details.pop("vm_id", None)
-            raise
+            try:
+                vm = Vm(vm_id, compiled, self.engines.get(compiled.settings), limits, mode, wasi, self.runtime,
+                        start=restore is None)
+            except RpcError as exc:  # e.g. its start function trapped: no VM exists to name
+                exc.details.pop("vm_id", None)
+                raise
             if restore is not None:
                 try:
                     restore(vm)
