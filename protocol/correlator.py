@@ -105,6 +105,9 @@ class Correlator:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._pending
 
+    def get(self, request_id: str) -> Pending | None:
+        return self._pending.get(request_id)
+
     def _remember(self, request_id: str, owner: str, how: str) -> None:
         if self.completed_capacity <= 0:
             return

@@ -136,12 +136,14 @@ class Dispatcher:
         portal: BlockingPortal,
         on_response: Callable[[IncomingResponse], None],
         is_leader: Callable[[], bool],
+        response_runs_guest: Callable[[IncomingResponse], bool],
     ) -> None:
         self._limits = limits
         self._send = send
         self._portal = portal
         self._on_response = on_response
         self._is_leader = is_leader
+        self._response_runs_guest = response_runs_guest  # an async answer runs the guest's callback
         self._routes: dict[str, Route] = {}
         self._in_flight: dict[object, Reply] = {}
         self._collected: list[bytes] = []  # the reading thread's answers, written once per chunk
@@ -172,6 +174,8 @@ class Dispatcher:
                 route = self._routes.get(item.method)
                 if route is not None and route.kind != "inline":
                     return False
+            elif isinstance(item, IncomingResponse) and self._response_runs_guest(item):
+                return False
         return True
 
     def flush(self) -> None:

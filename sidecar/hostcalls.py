@@ -81,6 +81,14 @@ class HostCalls:
     def pending(self) -> int:
         return len(self._correlator)
 
+    def runs_guest(self, response: IncomingResponse) -> bool:
+        """Whether delivering `response` runs guest code: an async call's answer does (the VM's
+        `sidecar_on_response`); a blocking call's only wakes its waiter; a stray one is dropped."""
+        key = response.id if isinstance(response.id, str) else None
+        with self._lock:
+            pending = self._correlator.get(key) if key is not None else None
+        return pending is not None and not isinstance(pending.waiter, BlockingCall)
+
     def pending_for(self, owner: str) -> int:
         with self._lock:
             return len(self._correlator.pending_of(owner))

@@ -104,7 +104,8 @@ class Server:
         async with BlockingPortal() as portal, anyio.create_task_group() as tg:
             self._portal = portal
             self.dispatcher = Dispatcher(
-                self.limits, self.outbox.send, portal, self.hostcalls.deliver, self.intake.is_leader
+                self.limits, self.outbox.send, portal, self.hostcalls.deliver, self.intake.is_leader,
+                self.hostcalls.runs_guest,
             )
             self._register_session_methods()
             for factory in self._service_factories:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import anyio
+import msgspec
 import pytest
 
 from protocol.client import HostError, RemoteError
@@ -201,3 +202,22 @@ async def test_host_call_wait_is_bounded_by_the_protocol_limit() -> None:
             answer = await anyio.to_thread.run_sync(server.hostcalls.call_blocking, "vm-1", "m", b"{}", WAIT)
         assert answer.status == STATUS_TIMEOUT and asked.is_set()
         assert server.hostcalls.pending == 0
+
+
+def test_only_answers_to_async_calls_count_as_running_guest_code() -> None:
+    """A thread waiting in `host_call` handles cheap frames itself; an async call's answer runs
+    the guest's `sidecar_on_response`, so it must go to another thread instead."""
+    from protocol.decoding import IncomingResponse
+    from sidecar.hostcalls import BlockingCall, HostCalls
+    from sidecar.limits import load_limits
+
+    hostcalls = HostCalls(load_limits({}), lambda frame: None)
+    blocking = hostcalls.issue("vm-1", "m", b"{}", BlockingCall())
+    durable = hostcalls.issue("vm-1", "m", b"{}", lambda answer: None)
+
+    def answer(request_id: object) -> IncomingResponse:
+        return IncomingResponse(request_id, msgspec.Raw(b"1"), None)
+
+    assert not hostcalls.runs_guest(answer(blocking))
+    assert hostcalls.runs_guest(answer(durable))
+    assert not hostcalls.runs_guest(answer("never-issued")) and not hostcalls.runs_guest(answer(7))
