@@ -15,10 +15,10 @@ import argparse
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import wasmtime
+from harness import best_us
 
 try:
     from sidecar.wasmffi import FastCall, enable_pooling
@@ -39,17 +39,6 @@ SMALL = """
   (data (i32.const 1024) "some initial data")
   (func (export "add") (param i32 i32) (result i32) (i32.add (local.get 0) (local.get 1))))
 """
-
-
-def best_us(op: Callable[[], object], *, n: int, runs: int) -> float:
-    """Best mean µs per call of `op` over `runs` runs of `n` calls."""
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(n):
-            op()
-        best = min(best, (time.perf_counter() - start) / n)
-    return best * 1e6
 
 
 def bench_calls(runs: int) -> None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 
 import wasmtime
-from harness import ECHO, ROOT, SIDECAR, Peer, percentile, round_trips, summary
+from harness import ECHO, ROOT, SIDECAR, Peer, best_us, percentile, round_trips, summary
 
 sys.path.insert(0, str(ROOT))  # run from a source tree: `sidecar` and `tests.assets` importable
 
@@ -47,17 +47,6 @@ def ok(reply: dict) -> dict:
     if "error" in reply:
         raise RuntimeError(f"the sidecar refused: {reply['error']}")
     return reply["result"]
-
-
-def best_us(op, *, n: int, runs: int) -> float:  # type: ignore[no-untyped-def]
-    """Best mean µs per call over `runs` runs of `n` calls (the least disturbed run)."""
-    best = float("inf")
-    for _ in range(runs):
-        started = time.perf_counter()
-        for _ in range(n):
-            op()
-        best = min(best, (time.perf_counter() - started) / n)
-    return best * 1e6
 
 
 def in_process(calls: int, runs: int) -> tuple[float, float]:

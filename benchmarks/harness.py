@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +101,17 @@ def round_trips(peer: Peer, frame: bytes, count: int) -> list[float]:
         peer.read_lines(1)
         times.append((time.perf_counter() - started) * 1e6)
     return times
+
+
+def best_us(op: Callable[[], object], *, n: int, runs: int) -> float:
+    """Best mean µs per call of `op` over `runs` runs of `n` calls (the least disturbed run)."""
+    best = float("inf")
+    for _ in range(runs):
+        started = time.perf_counter()
+        for _ in range(n):
+            op()
+        best = min(best, (time.perf_counter() - started) / n)
+    return best * 1e6
 
 
 def percentile(values: list[float], fraction: float) -> float:
