@@ -276,20 +276,21 @@ def _section(module: Module, section_id: int, what: str, item: Callable[[Reader]
     return items
 
 
+def _single_u32(module: Module, section_id: int, what: str) -> int | None:
+    """The one u32 a start or data count section holds, or None without that section."""
+    section = module.get(section_id)
+    if section is None:
+        return None
+    r = section.reader()
+    value = r.u32()
+    r.expect_end(what)
+    return value
+
+
 def decode(module: Module) -> Decoded:
     types = [t for group in _section(module, ids.TYPE, "type", _rectype) for t in group]
-    start_section = module.get(ids.START)
-    start = None
-    if start_section is not None:
-        r = start_section.reader()
-        start = r.u32()
-        r.expect_end("start section")
-    count_section = module.get(ids.DATA_COUNT)
-    data_count = None
-    if count_section is not None:
-        r = count_section.reader()
-        data_count = r.u32()
-        r.expect_end("data count section")
+    start = _single_u32(module, ids.START, "start section")
+    data_count = _single_u32(module, ids.DATA_COUNT, "data count section")
     decoded = Decoded(
         types=tuple(types),
         imports=_section(module, ids.IMPORT, "import", _import),
