@@ -52,14 +52,19 @@ def events(stderr: bytes) -> list[dict]:
     return [json.loads(line) for line in stderr.splitlines() if line.strip()]
 
 
+def ping_then_end_input(proc: subprocess.Popen[bytes]) -> list[dict]:
+    """One answered ping, then end of input: the exit code must be 0; returns the log events."""
+    proc.stdin.write(PING)
+    proc.stdin.flush()
+    assert read_line(proc)["result"] == {}
+    proc.stdin.close()
+    assert proc.wait(WAIT) == 0
+    return events(proc.stderr.read())
+
+
 def test_end_of_input_exits_zero_and_logs_why() -> None:
     with spawn() as proc:
-        proc.stdin.write(PING)
-        proc.stdin.flush()
-        assert read_line(proc)["result"] == {}
-        proc.stdin.close()
-        assert proc.wait(WAIT) == 0
-        logged = events(proc.stderr.read())
+        logged = ping_then_end_input(proc)
         assert any(e["event"] == "sidecar_stopped" and e["reason"] == "end_of_input" for e in logged)
 
 
@@ -158,12 +163,7 @@ def test_console_log_format_and_bad_log_settings() -> None:
 
 def test_bad_limit_variable_warns_and_serves() -> None:
     with spawn(env={"SIDECAR_PROTOCOL_FRAME_BYTES": "lots"}) as proc:
-        proc.stdin.write(PING)
-        proc.stdin.flush()
-        assert read_line(proc)["result"] == {}
-        proc.stdin.close()
-        assert proc.wait(WAIT) == 0
-        logged = events(proc.stderr.read())
+        logged = ping_then_end_input(proc)
         assert any(
             e["event"] == "limit_env_ignored" and e["variable"] == "SIDECAR_PROTOCOL_FRAME_BYTES" for e in logged
         )
