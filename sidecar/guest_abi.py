@@ -10,9 +10,8 @@ about stores or threads: the isolate binds these functions to one instance and i
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -35,7 +34,7 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "host_call_async": (("i32", "i32", "i32", "i32"), ("i64",)),
     "response_len": ((), ("i32",)),  # extension: the error JSON's length after a -1 status
 }
-AbiFunction = Callable[[GuestMemory, list[int]], list[int]]
+AbiFunction = Callable[[GuestMemory, Sequence[int]], list[int]]
 ON_RESPONSE = "sidecar_on_response"  # the export an async answer is delivered to
 
 
@@ -63,7 +62,7 @@ class GuestAbi:
         vm_id: str,
         limits: Limits,
         hostcalls: HostCalls,
-        wait_serving: Callable[[threading.Event, float], None],
+        wait_serving: Callable[[Callable[[], bool], float], None],
         issue_async: Callable[[str, bytes], int],
     ) -> None:
         self.vm_id = vm_id
@@ -90,7 +89,7 @@ class GuestAbi:
     def _guarded(self, handler: AbiFunction) -> AbiFunction:
         """Remember an ABI fault before it traps, so the call's error carries its trap code."""
 
-        def call(memory: GuestMemory, args: list[int]) -> list[int]:
+        def call(memory: GuestMemory, args: Sequence[int]) -> list[int]:
             try:
                 return handler(memory, args)
             except GuestFault as fault:
@@ -100,14 +99,14 @@ class GuestAbi:
 
         return call
 
-    def _input_len(self, memory: GuestMemory, args: list[int]) -> list[int]:
+    def _input_len(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         return [len(self.state.input)]
 
-    def _input_read(self, memory: GuestMemory, args: list[int]) -> list[int]:
+    def _input_read(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         memory.write(args[0], self.state.input)
         return []
 
-    def _output_write(self, memory: GuestMemory, args: list[int]) -> list[int]:
+    def _output_write(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         pointer, length = args
         data = memory.read(pointer, length)
         state = self.state
@@ -120,7 +119,7 @@ class GuestAbi:
         state.output += data
         return []
 
-    def _request(self, memory: GuestMemory, args: list[int]) -> tuple[str, bytes] | HostAnswer:
+    def _request(self, memory: GuestMemory, args: Sequence[int]) -> tuple[str, bytes] | HostAnswer:
         """The method and compact params JSON a guest asks with, or the refusal it gets instead."""
         method_ptr, method_len, params_ptr, params_len = args
         capacity = self.limits.vm_host_call_bytes
@@ -136,7 +135,7 @@ class GuestAbi:
         except msgspec.DecodeError as exc:
             return refusal(f"host_call params are not JSON: {exc}")
 
-    def _host_call(self, memory: GuestMemory, args: list[int]) -> list[int]:
+    def _host_call(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
         if isinstance(request, HostAnswer):
             return self._answer(request)
@@ -149,7 +148,7 @@ class GuestAbi:
         state.host_call_id = None
         return self._answer(bounded(answer, self.limits, self.vm_id))
 
-    def _host_call_async(self, memory: GuestMemory, args: list[int]) -> list[int]:
+    def _host_call_async(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
         if isinstance(request, HostAnswer):
             self.state.response = request.payload
@@ -163,9 +162,9 @@ class GuestAbi:
         self.state.response = answer.payload
         return [len(answer.payload) if answer.status == 0 else answer.status]
 
-    def _response_len(self, memory: GuestMemory, args: list[int]) -> list[int]:
+    def _response_len(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         return [len(self.state.response)]
 
-    def _response_read(self, memory: GuestMemory, args: list[int]) -> list[int]:
+    def _response_read(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         memory.write(args[0], self.state.response)
         return []

@@ -49,22 +49,31 @@ def refusal(reason: str, **details: object) -> HostAnswer:
 
 
 class BlockingCall:
-    """A call whose guest thread waits for the answer (`host_call`)."""
+    """A call whose guest thread waits for the answer (`host_call`).
 
-    __slots__ = ("id", "event", "_answer")
+    A bare lock, held until the answer comes, is the gate: a `threading.Event` costs ~2 µs to
+    build, a noticeable share of a host call. The correlator delivers each call at most once.
+    """
+
+    __slots__ = ("id", "_answer", "_gate")
 
     def __init__(self) -> None:
         self.id = ""
-        self.event = threading.Event()
         self._answer: HostAnswer | None = None
+        self._gate = threading.Lock()
+        self._gate.acquire()
 
     def __call__(self, answer: HostAnswer) -> None:
-        self._answer = answer
-        self.event.set()
+        if self._answer is None:
+            self._answer = answer
+            self._gate.release()
+
+    def answered(self) -> bool:
+        return self._answer is not None
 
     def wait(self, timeout_s: float) -> HostAnswer | None:
         """The answer, or None when the time ran out first."""
-        if not self.event.wait(timeout_s):
+        if self._answer is None and not self._gate.acquire(timeout=max(0.0, timeout_s)):
             return None
         return self._answer
 
@@ -108,13 +117,13 @@ class HostCalls:
         params_json: bytes,
         timeout_s: float | None = None,
         on_issued: Callable[[str], None] | None = None,
-        wait_serving: Callable[[threading.Event, float], None] | None = None,
+        wait_serving: Callable[[Callable[[], bool], float], None] | None = None,
     ) -> HostAnswer:
         """Issue and wait; on timeout the call is abandoned, so a late answer is dropped as stale.
 
         The wait is `protocol_host_call_timeout_ms`, or less when the caller's own deadline
         (what is left of the guest's call budget) comes first. `on_issued(id)` runs before the
-        wait (a caller records the id for a cancel); `wait_serving(event, timeout)` is how a
+        wait (a caller records the id for a cancel); `wait_serving(answered, timeout)` is how a
         thread that reads input keeps reading until its answer comes.
         """
         limit_s = self._limits.protocol_host_call_timeout_ms / 1000
@@ -124,7 +133,7 @@ class HostCalls:
         if on_issued is not None:
             on_issued(waiter.id)
         if wait_serving is not None:
-            wait_serving(waiter.event, timeout_s)
+            wait_serving(waiter.answered, timeout_s)
         answer = waiter.wait(timeout_s)
         if answer is not None:
             return answer

@@ -179,16 +179,16 @@ class Intake:
                     return b""
         return None
 
-    def wait_serving(self, ready: threading.Event, timeout_s: float) -> None:
+    def wait_serving(self, ready: Callable[[], bool], timeout_s: float) -> None:
         """Called by a thread about to wait up to `timeout_s` for `ready`, an answer that arrives
         as input (a guest blocked in `host_call`). If that thread reads the input, it goes on
         reading and handling cheap frames itself, so the answer reaches it without waking any
         other thread; the first frame that needs real work makes it hand reading over instead.
-        Returns when `ready` is set, the time is up, or it no longer reads.
+        Returns when `ready()` is true, the time is up, or it no longer reads.
         """
         me = threading.get_ident()
         deadline = time.monotonic() + timeout_s
-        while self._leader == me and not ready.is_set() and not self._stopping and not self.closing:
+        while self._leader == me and not ready() and not self._stopping and not self.closing:
             if self._backlog:
                 if not self._is_cheap(self._backlog[0]):
                     self.yield_leadership()

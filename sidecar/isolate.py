@@ -95,8 +95,7 @@ class Isolate:
             self._memories = self._distinct_memories(exports)
             abi_memory = exports.get("memory")
             if isinstance(abi_memory, wasmtime.Memory):
-                self._abi_memory = abi_memory  # kept alive: the slot refers into it
-                self.abi.memory.handle = ctypes.byref(abi_memory._memory)
+                self.abi.memory.bind(self.store, abi_memory)
             self._memory_handles = [ctypes.byref(memory._memory) for memory in self._memories]
             if start and any(export.name == START_EXPORT for export in compiled.exports):
                 # Instrumentation moved the start function here so that it runs under the budgets.

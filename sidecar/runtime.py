@@ -6,7 +6,6 @@ input reading, the output channel) so that VMs and isolates know them without kn
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,5 +17,5 @@ class Runtime:
     hostcalls: HostCalls
     yield_reading: Callable[[], None]  # hand input reading to another thread (work may be long)
     flush_answers: Callable[[], None]  # write what the reading thread has gathered, now
-    wait_serving: Callable[[threading.Event, float], None]  # wait for an answer, reading meanwhile
+    wait_serving: Callable[[Callable[[], bool], float], None]  # wait for an answer, reading meanwhile
     send: Callable[[bytes], None]

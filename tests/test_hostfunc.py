@@ -9,7 +9,7 @@ import threading
 import pytest
 import wasmtime
 
-from sidecar.wasmffi import FastCall, GuestFault, define_host_func, trap_message
+from sidecar.wasmffi import FastCall, GuestFault, MemorySlot, define_host_func, trap_message
 
 from .support import WAIT
 
@@ -102,3 +102,63 @@ def test_host_functions_on_many_engines_never_abort() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-1000:]
+
+
+GROWING = """(module
+  (import "sidecar" "peek" (func $peek (param i32) (result i32)))
+  (import "sidecar" "wide" (func $wide (param i64 i32) (result i64)))
+  (memory (export "memory") 1)
+  (func (export "grow_and_poke") (param i32)
+    (drop (memory.grow (i32.const 1)))
+    (i32.store8 (local.get 0) (i32.const 7)))
+  (func (export "peek") (param i32) (result i32) (call $peek (local.get 0)))
+  (func (export "wide") (param i64 i32) (result i64) (call $wide (local.get 0) (local.get 1))))"""
+
+
+def test_a_bound_memory_slot_follows_growth() -> None:
+    """The slot path locates memory on every call: bytes past the first page appear once grown."""
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    linker = wasmtime.Linker(engine)
+    slot = MemorySlot()
+    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek, slot)
+    define_host_func(linker, "sidecar", "wide", ["i64", "i32"], ["i64"], lambda memory, args: [args[0] - args[1]])
+    exports = linker.instantiate(store, wasmtime.Module(engine, GROWING)).exports(store)
+    slot.bind(store, exports["memory"])
+    peek_at, grow = FastCall(store, exports["peek"]), FastCall(store, exports["grow_and_poke"])
+    with pytest.raises(wasmtime.WasmtimeError) as caught:
+        peek_at([70_000])
+    assert "outside its memory of 65536 bytes" in trap_message(caught.value)
+    grow([70_000])
+    assert peek_at([70_000]) == [7]
+    assert FastCall(store, exports["wide"])([2**40, 1]) == [2**40 - 1]  # i64 both ways, beside an i32
+    store.close()
+
+
+def test_a_guest_without_memory_traps_when_a_host_function_needs_it() -> None:
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    linker = wasmtime.Linker(engine)
+    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek)
+    guest = (
+        '(module (import "sidecar" "peek" (func $p (param i32) (result i32)))'
+        ' (func (export "f") (result i32) (call $p (i32.const 0))))'
+    )
+    call = FastCall(store, linker.instantiate(store, wasmtime.Module(engine, guest)).exports(store)["f"])
+    with pytest.raises(wasmtime.WasmtimeError) as caught:
+        call([])
+    assert "exports no memory named `memory`" in trap_message(caught.value)
+    store.close()
+
+
+def test_a_host_function_returning_the_wrong_results_traps_with_a_generic_message() -> None:
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    linker = wasmtime.Linker(engine)
+    define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], lambda memory, args: [])
+    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek)
+    call = FastCall(store, linker.instantiate(store, wasmtime.Module(engine, GUEST)).exports(store)["twice"])
+    with pytest.raises(wasmtime.WasmtimeError) as caught:
+        call([1])
+    assert "sidecar host function failed" in trap_message(caught.value)
+    store.close()

@@ -30,12 +30,10 @@ import wasmtime
 from wasmtime import _ffi
 from wasmtime import _func as _wasmtime_func
 
-from .valtypes import value_type_names
+from .valtypes import RAW_STRUCT_CODES, raw_layout, value_type_names
 
 __all__ = ["FastCall", "store_id"]
 
-_STRUCT_CODES = {"i32": "i", "i64": "q", "f32": "f", "f64": "d"}
-_RAW_SLOT = ctypes.sizeof(_ffi.wasmtime_val_raw_t)  # every value occupies one 16-byte slot
 _INT_BITS = {"i32": 32, "i64": 64}
 _F32 = struct.Struct("<f")
 
@@ -107,8 +105,8 @@ class FastCall:
         self._result_kinds = self._supported(names[len(params) :], "result")
         self._nparams = len(self._param_kinds)
         self._nslots = max(self._nparams, len(self._result_kinds))
-        self._pack = _layout(self._param_kinds).pack_into
-        self._unpack = _layout(self._result_kinds).unpack_from
+        self._pack = raw_layout(self._param_kinds).pack_into
+        self._unpack = raw_layout(self._result_kinds).unpack_from
         self._buf = (_ffi.wasmtime_val_raw_t * max(self._nslots, 1))()
         self._trap = ctypes.c_void_p()
         # Our own copy of the handle, so nothing outside can change what the address points to.
@@ -172,21 +170,12 @@ class FastCall:
 
     def _supported(self, names: tuple[str, ...], role: str) -> tuple[str, ...]:
         for index, name in enumerate(names):
-            if name not in _STRUCT_CODES:
+            if name not in RAW_STRUCT_CODES:
                 what = "a reference type" if name == "ref" else name
                 raise TypeError(
                     f"{self._label}: {role} {index} is {what}; FastCall supports only i32, i64, f32 and f64"
                 )
         return names
-
-
-def _layout(kinds: tuple[str, ...]) -> struct.Struct:
-    """Little-endian values, one per 16-byte `wasmtime_val_raw_t` slot."""
-    parts = []
-    for kind in kinds:
-        code = _STRUCT_CODES[kind]
-        parts.append(f"{code}{_RAW_SLOT - struct.calcsize('<' + code)}x")
-    return struct.Struct("<" + "".join(parts))
 
 
 def _coerce_one(value: object, kind: str, index: int, label: str) -> int | float:

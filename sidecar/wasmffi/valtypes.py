@@ -13,12 +13,13 @@ candidate kind; wasmtime refuses a mismatch with an error, never a panic. Owns n
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Sequence
 
 import wasmtime
 from wasmtime import _ffi
 
-__all__ = ["value_type_names"]
+__all__ = ["RAW_STRUCT_CODES", "raw_layout", "value_type_names"]
 
 # Numeric kinds first (what a call path supports), most common first; v128 last, for the message.
 _CANDIDATES = (
@@ -28,6 +29,20 @@ _CANDIDATES = (
     ("f32", _ffi.WASMTIME_F32),
     ("v128", _ffi.WASMTIME_V128),
 )
+# The numeric kinds as `struct` codes, and the 16-byte `wasmtime_val_raw_t` slot each value takes
+# in the arrays that calls in either direction pass.
+RAW_STRUCT_CODES = {"i32": "i", "i64": "q", "f32": "f", "f64": "d"}
+_RAW_SLOT = ctypes.sizeof(_ffi.wasmtime_val_raw_t)
+
+
+def raw_layout(kinds: Sequence[str]) -> struct.Struct:
+    """Little-endian values of `kinds` (numeric only), one per raw slot: packs or reads a whole
+    argument or result array in one step."""
+    parts = []
+    for kind in kinds:
+        code = RAW_STRUCT_CODES[kind]
+        parts.append(f"{code}{_RAW_SLOT - struct.calcsize('<' + code)}x")
+    return struct.Struct("<" + "".join(parts))
 
 
 def value_type_names(engine: wasmtime.Engine, valtypes: Iterable[wasmtime.ValType]) -> tuple[str, ...]:
