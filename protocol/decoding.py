@@ -9,7 +9,6 @@ field). This module knows the envelope rules, not which methods exist.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -18,8 +17,7 @@ from .envelope import JSONRPC_VERSION, RawEnvelope, RequestId
 from .errors import InvalidParamsError, InvalidRequestError, ParseError, RpcError
 
 
-@dataclass(frozen=True, slots=True)
-class IncomingCall:
+class IncomingCall(msgspec.Struct, frozen=True):
     """A request (`id` set) or a notification (`id` is None and `notification` is true)."""
 
     method: str
@@ -28,8 +26,7 @@ class IncomingCall:
     notification: bool
 
 
-@dataclass(frozen=True, slots=True)
-class IncomingResponse:
+class IncomingResponse(msgspec.Struct, frozen=True):
     """An answer to one of our own requests; `error` is the host's error object, loosely read."""
 
     id: RequestId | None
@@ -37,8 +34,7 @@ class IncomingResponse:
     error: dict[str, Any] | None
 
 
-@dataclass(frozen=True, slots=True)
-class Malformed:
+class Malformed(msgspec.Struct, frozen=True):
     """An item that gets an error response (`id` null when it could not be read)."""
 
     error: RpcError
@@ -48,8 +44,7 @@ class Malformed:
 Item = IncomingCall | IncomingResponse | Malformed
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(msgspec.Struct, frozen=True):
     """What one line held. `batch` frames are answered with one array of their responses."""
 
     items: list[Item]
@@ -59,11 +54,12 @@ class Frame:
 _envelope_decoder = msgspec.json.Decoder(RawEnvelope)
 _batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _any_decoder = msgspec.json.Decoder()
+_JSON_WHITESPACE = b" \t\r\n"
 _PATH_IN_MESSAGE = re.compile(r" - at `(?P<path>[^`]*)`$")
 
 
 def decode_frame(line: bytes) -> Frame:
-    if line.lstrip()[:1] == b"[":
+    if _first_byte(line) == b"[":
         return _decode_batch(line)
     return Frame([_decode_item(line)], batch=False)
 
@@ -98,6 +94,11 @@ def _refuse_shape(data: bytes, reason: str) -> Malformed:
     return Malformed(InvalidRequestError(f"not a JSON-RPC 2.0 message: {reason}"), _valid_id(request_id))
 
 
+def _first_byte(data: bytes | msgspec.Raw) -> bytes:
+    """The first byte that is not JSON whitespace (b"" if none)."""
+    return bytes(data).lstrip(_JSON_WHITESPACE)[:1]
+
+
 def _valid_id(value: Any) -> RequestId | None:
     return value if type(value) in (str, int) else None
 
@@ -127,7 +128,7 @@ def _classify_call(env: RawEnvelope, request_id: RequestId | None, has_id: bool)
         return Malformed(InvalidRequestError('"method" must be a string'), request_id)
     if env.result is not msgspec.UNSET or env.error is not msgspec.UNSET:
         return Malformed(InvalidRequestError('a request carries no "result" or "error"'), request_id)
-    if env.params is not msgspec.UNSET and bytes(env.params).lstrip()[:1] not in (b"{", b"["):
+    if env.params is not msgspec.UNSET and _first_byte(env.params) not in (b"{", b"["):
         return Malformed(InvalidRequestError('"params" must be an object or an array'), request_id)
     return IncomingCall(env.method, env.params, request_id, notification=not has_id)
 
@@ -135,7 +136,7 @@ def _classify_call(env: RawEnvelope, request_id: RequestId | None, has_id: bool)
 def decode_params(decoder: msgspec.json.Decoder, params: msgspec.Raw | msgspec.UnsetType) -> Any:
     """Stage 4: params into the method's type; -32602 names the bad field's path."""
     raw = b"{}" if params is msgspec.UNSET else params
-    if bytes(raw).lstrip()[:1] == b"[":
+    if _first_byte(raw) == b"[":
         raise InvalidParamsError("params must be an object (named parameters)", path="$")
     try:
         return decoder.decode(raw)

@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 
 import structlog
 import wasmtime
-from wasmtime import _ffi
 from wasmtime._instance import InstanceExports
 
 from protocol.errors import (
@@ -36,7 +35,7 @@ from .limits import Limits
 from .modules import CompiledModule
 from .runtime import Runtime
 from .wasmbin import PREFIX, START_EXPORT
-from .wasmffi import FastCall, set_deadline_callback, trap_message
+from .wasmffi import EpochDeadline, FastCall, MemorySlot, set_deadline_callback, trap_message
 
 log = structlog.get_logger()
 _ARGUMENT = re.compile(r"argument (\d+)")
@@ -70,7 +69,7 @@ class Isolate:
         self.in_guest = False  # guest frames on this store's stack right now (no snapshot then)
         self._fuel = limits.vm_fuel  # read on every call: kept out of the limits lookup
         self.store = wasmtime.Store(engine)
-        self._context = self.store._context()  # the raw context, for the per-call deadline
+        self._arm_deadline = EpochDeadline(self.store)
         self.store.set_limits(
             memory_size=limits.vm_memory_bytes,
             table_elements=limits.vm_table_elements,
@@ -96,7 +95,7 @@ class Isolate:
             abi_memory = exports.get("memory")
             if isinstance(abi_memory, wasmtime.Memory):
                 self.abi.memory.bind(self.store, abi_memory)
-            self._memory_handles = [ctypes.byref(memory._memory) for memory in self._memories]
+            self._memory_slots = [MemorySlot().bind(self.store, memory) for memory in self._memories]
             if start and any(export.name == START_EXPORT for export in compiled.exports):
                 # Instrumentation moved the start function here so that it runs under the budgets.
                 deadline = time.monotonic() + limits.vm_call_timeout_ms / 1000
@@ -156,7 +155,7 @@ class Isolate:
     def _guarded(self, action: Callable[[], object], state: CallState, timeout_ms: int):  # type: ignore[no-untyped-def]
         """Run guest code with this call's state, deadline and fuel; translate what it raises."""
         self.abi.state = state
-        _ffi.wasmtime_context_set_epoch_deadline(self._context, 1)
+        self._arm_deadline(1)
         if self._fuel:
             self.store.set_fuel(self._fuel)
         self.in_guest = True
@@ -213,8 +212,7 @@ class Isolate:
         self._refresh_memory()
 
     def _refresh_memory(self) -> None:
-        context = self._context
-        self.memory_bytes = sum(_ffi.wasmtime_memory_data_size(context, handle) for handle in self._memory_handles)
+        self.memory_bytes = sum(slot.data_size() for slot in self._memory_slots)
 
 
 def _link(linker: wasmtime.Linker, store: wasmtime.Store, module: wasmtime.Module) -> wasmtime.Instance:

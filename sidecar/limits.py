@@ -229,16 +229,15 @@ class Limits:
     ceiling for `tightened()`, which is how `vm.create` narrows budgets for one VM.
     """
 
-    __slots__ = ("_specs", "_values", "_sources")
-
     def __init__(self, specs: Mapping[str, LimitSpec], values: Mapping[str, int], sources: Mapping[str, Source]):
+        # The values also live in the instance dict: a hot path reads a few limits per request,
+        # and a plain attribute costs ~30 ns where a `__getattr__` fallback costs ~1 µs.
+        self.__dict__.update(values)
         object.__setattr__(self, "_specs", dict(specs))
         object.__setattr__(self, "_values", dict(values))
         object.__setattr__(self, "_sources", dict(sources))
 
-    def __getattr__(self, name: str) -> int:
-        if not name.startswith("_") and name in self._values:
-            return self._values[name]
+    def __getattr__(self, name: str) -> int:  # only reached for names that are not limits
         raise AttributeError(f"no limit named {name!r}")
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -246,9 +245,6 @@ class Limits:
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError("Limits is frozen")
-
-    def __dir__(self) -> list[str]:
-        return [*super().__dir__(), *self._values]
 
     def __repr__(self) -> str:
         changed = ", ".join(f"{n}={v}" for n, v in self._values.items() if self._sources[n] != "default")

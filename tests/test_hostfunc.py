@@ -129,10 +129,14 @@ def test_a_bound_memory_slot_follows_growth() -> None:
     with pytest.raises(wasmtime.WasmtimeError) as caught:
         peek_at([70_000])
     assert "outside its memory of 65536 bytes" in trap_message(caught.value)
+    assert slot.data_size() == 65536
     grow([70_000])
     assert peek_at([70_000]) == [7]
+    assert slot.data_size() == 2 * 65536
     assert FastCall(store, exports["wide"])([2**40, 1]) == [2**40 - 1]  # i64 both ways, beside an i32
     store.close()
+    with pytest.raises(ValueError, match="closed"):
+        slot.data_size()  # the context is freed memory now: refused, never read
 
 
 def test_a_guest_without_memory_traps_when_a_host_function_needs_it() -> None:

@@ -23,6 +23,7 @@ import pytest
 import wasmtime
 
 from sidecar.wasmffi import (
+    EpochDeadline,
     FastCall,
     enable_pooling,
     live_deadline_callbacks,
@@ -412,6 +413,25 @@ def test_deadline_without_callback_is_a_trap_with_interrupt_code() -> None:
         assert trap_message(info.value) == "wasm trap: interrupt"
     finally:
         g.store.close()
+
+
+def test_epoch_deadline_arms_the_store_and_refuses_a_closed_one() -> None:
+    """No ticker runs: a deadline 0 ticks away is already due, one a million away never comes."""
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    engine = wasmtime.Engine(config)
+    g = Guest(engine, wasmtime.Module(engine, GUEST))
+    arm = EpochDeadline(g.store)
+    add = g.fast("add")
+    arm(0)
+    with pytest.raises(wasmtime.Trap) as info:
+        add([2, 3])
+    assert info.value.trap_code == wasmtime.TrapCode.INTERRUPT
+    arm(1_000_000)
+    assert add([2, 3]) == [5]
+    g.store.close()
+    with pytest.raises(ValueError, match="closed"):
+        arm(1)
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,9 @@
 Owns every direct use of wasmtime's C API in the sidecar, each wrapped so that misuse is a
 Python exception rather than an abort, a leak, or an exception crossing the C boundary:
 - `set_deadline_callback(store, decide)`: per-store epoch deadline callback, how a running
-  guest is stopped early (cancel, dispose, a per-call timeout). `trap_message(exc)` reads the
-  root cause back out of the error it produces, which is a `WasmtimeError`, not a `Trap`
-  (details in `deadline`).
+  guest is stopped early (cancel, dispose, a per-call timeout); `EpochDeadline(store)` re-arms
+  the deadline before each call. `trap_message(exc)` reads the root cause back out of the
+  error it produces, which is a `WasmtimeError`, not a `Trap` (details in `deadline`).
 - `set_wasi_stdin_bytes(config, data)`: WASI stdin from a byte string.
 - `FastCall(store, func)`: the host->guest call path for numeric exports, ~1 µs of Python per
   call instead of ~20; `store_id(store)` to check an object belongs to a store before use.
@@ -14,7 +14,8 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
   `Func.__call__` all make).
 - `define_host_func(linker, ...)`: host functions that trap only their own caller
   (`GuestFault`), never through wasmtime-py's process-global exception slot, and `GuestMemory`,
-  the caller's memory with bounds-checked reads and writes.
+  the caller's memory with bounds-checked reads and writes, found through a `MemorySlot`.
+- `capi`: our own prototypes of the C functions on those per-call paths (plain addresses).
 - `enable_pooling(config, ...)`: the pooling instance allocator (measured ~20-30% faster
   instantiation; fixed capacity and a large address-space reservation, see `pooling`).
 
@@ -22,7 +23,7 @@ Knows nothing about VMs, budgets, limits or the protocol: callers decide deadlin
 what a trap means. Pinned to wasmtime-py 50.x (the private `_ffi`/`_bindings` layout).
 """
 
-from .deadline import live_deadline_callbacks, set_deadline_callback, trap_message
+from .deadline import EpochDeadline, live_deadline_callbacks, set_deadline_callback, trap_message
 from .fastcall import FastCall, store_id
 from .hostfunc import GuestFault, GuestMemory, MemorySlot, define_host_func
 from .pooling import enable_pooling
@@ -30,6 +31,7 @@ from .valtypes import value_type_names
 from .wasi import set_wasi_stdin_bytes
 
 __all__ = [
+    "EpochDeadline",
     "FastCall",
     "GuestFault",
     "GuestMemory",

@@ -29,9 +29,10 @@ from collections.abc import Callable
 import wasmtime
 from wasmtime import _bindings, _ffi
 
+from . import capi
 from .slots import Slots, c_text
 
-__all__ = ["live_deadline_callbacks", "set_deadline_callback", "trap_message"]
+__all__ = ["EpochDeadline", "live_deadline_callbacks", "set_deadline_callback", "trap_message"]
 
 # Reuse the exact ctypes types of the binding: ctypes refuses a callback of a look-alike type.
 _CALLBACK_TYPE = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[1]
@@ -76,6 +77,21 @@ def set_deadline_callback(store: wasmtime.Store, decide: Callable[[], int | str]
     except BaseException:
         _DECIDERS.discard(slot)
         raise
+
+
+class EpochDeadline:
+    """`deadline(ticks)` sets the store's epoch deadline `ticks` from now: done before every call
+    into a guest, so it is one raw C call (~0.3 µs) instead of wasmtime-py's typed wrapper."""
+
+    __slots__ = ("_context", "_store")
+
+    def __init__(self, store: wasmtime.Store) -> None:
+        self._store = store
+        self._context = capi.address(store._context())
+
+    def __call__(self, ticks: int) -> None:
+        self._store._context()  # ValueError('already closed'): the context would be freed memory
+        capi.context_set_epoch_deadline(self._context, ticks)
 
 
 def live_deadline_callbacks() -> int:

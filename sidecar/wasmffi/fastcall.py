@@ -30,18 +30,13 @@ import wasmtime
 from wasmtime import _ffi
 from wasmtime import _func as _wasmtime_func
 
+from . import capi
 from .valtypes import RAW_STRUCT_CODES, raw_layout, value_type_names
 
 __all__ = ["FastCall", "store_id"]
 
 _INT_BITS = {"i32": 32, "i64": 64}
 _F32 = struct.Struct("<f")
-
-# CDLL.__getitem__ makes a new foreign-function object, so these argtypes do not touch the one
-# wasmtime-py uses. c_void_p arguments take plain ints: the cheapest conversion ctypes has.
-_call_unchecked = _ffi.dll["wasmtime_func_call_unchecked"]
-_call_unchecked.restype = ctypes.c_void_p
-_call_unchecked.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 
 _STORE_IDS: weakref.WeakKeyDictionary[wasmtime.Store, int] = weakref.WeakKeyDictionary()
 _STORE_IDS_LOCK = threading.Lock()
@@ -113,7 +108,7 @@ class FastCall:
         self._func = _ffi.wasmtime_func_t.from_buffer_copy(func._func)
         self._store = store
         # The context pointer is stable for the store's life; each call still checks the store is open.
-        self._context_addr = ctypes.cast(store._context(), ctypes.c_void_p).value
+        self._context_addr = capi.address(store._context())
         self._func_addr = ctypes.addressof(self._func)
         self._buf_addr = ctypes.addressof(self._buf)
         self._trap_addr = ctypes.addressof(self._trap)
@@ -145,7 +140,9 @@ class FastCall:
             packed = False  # unsigned ints, ints for floats, or a real error: the slow path decides
         if not packed:
             self._pack(self._buf, 0, *self._coerce(args))
-        error = _call_unchecked(self._context_addr, self._func_addr, self._buf_addr, self._nslots, self._trap_addr)
+        error = capi.func_call_unchecked(
+            self._context_addr, self._func_addr, self._buf_addr, self._nslots, self._trap_addr
+        )
         if error is not None or self._trap.value is not None:
             self._raise(error)
         return list(self._unpack(self._buf, 0))
