@@ -41,6 +41,10 @@ log = structlog.get_logger()
 _ARGUMENT = re.compile(r"argument (\d+)")
 _TRAP_CODES = {code: code.name.lower() for code in wasmtime.TrapCode}
 _TIMEOUT, _CANCELLED, _DISPOSED = "timeout", "cancelled", "disposed"
+# A deadline one tick away fires at the next tick boundary, which may be a microsecond away: two
+# ticks make the first check come after at least one whole tick of running, so only a guest that
+# really runs that long makes its thread hand input reading over (see `_decide`).
+_FIRST_CHECK_TICKS = 2
 # Traps that mean a guest budget ran out: their errors name the limit like any other.
 _BUDGET_OF_TRAP = {"out_of_fuel": "vm_fuel", "stack_overflow": "vm_stack_bytes"}
 
@@ -81,7 +85,8 @@ class Isolate:
         if compiled.wasi:  # a WASI guest in a store without WASI aborts the process
             linker.define_wasi()
             self.store.set_wasi(wasi if wasi is not None else wasmtime.WasiConfig())
-        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, runtime.wait_serving, issue_async)
+        self._wait_serving = runtime.wait_serving
+        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, self._wait_for_host, issue_async)
         self.abi.define(linker)
         set_deadline_callback(self.store, self._decide)
         try:
@@ -155,7 +160,7 @@ class Isolate:
     def _guarded(self, action: Callable[[], object], state: CallState, timeout_ms: int):  # type: ignore[no-untyped-def]
         """Run guest code with this call's state, deadline and fuel; translate what it raises."""
         self.abi.state = state
-        self._arm_deadline(1)
+        self._arm_deadline(_FIRST_CHECK_TICKS)
         if self._fuel:
             self.store.set_fuel(self._fuel)
         self.in_guest = True
@@ -167,6 +172,12 @@ class Isolate:
             raise self._translate(exc, state, timeout_ms) from None
         finally:
             self.in_guest = False
+
+    def _wait_for_host(self, answered: Callable[[], bool], timeout_s: float) -> None:
+        """A guest blocked in `host_call` is not running: once answered, it gets a fresh first
+        check, so a short call does not give up input reading for the time the host took."""
+        self._wait_serving(answered, timeout_s)
+        self._arm_deadline(_FIRST_CHECK_TICKS)
 
     def _decide(self) -> int | str:
         """Epoch tick while the guest runs (on its thread): stop it, or let it go on one more tick."""
