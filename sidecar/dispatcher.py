@@ -136,6 +136,7 @@ class Dispatcher:
         portal: BlockingPortal,
         on_response: Callable[[IncomingResponse], None],
         is_leader: Callable[[], bool],
+        more_input: Callable[[], bool],
         response_runs_guest: Callable[[IncomingResponse], bool],
     ) -> None:
         self._limits = limits
@@ -143,6 +144,7 @@ class Dispatcher:
         self._portal = portal
         self._on_response = on_response
         self._is_leader = is_leader
+        self._more_input = more_input  # frames of the reading thread's chunk are still unhandled
         self._response_runs_guest = response_runs_guest  # an async answer runs the guest's callback
         self._routes: dict[str, Route] = {}
         self._in_flight: dict[object, Reply] = {}
@@ -239,11 +241,15 @@ class Dispatcher:
 
     def _deliver(self, frame: bytes) -> None:
         """The reading thread's answers join its chunk's write, keeping input order; any other
-        answer (a task's, a thread's that gave up reading) goes out at once."""
-        if self._is_leader():
-            self._collected.append(frame)
-        else:
+        answer (a task's, a thread's that gave up reading) goes out at once. The answer to the
+        chunk's last frame leaves at once too, with those gathered before it: the host should
+        not wait for the bookkeeping that follows an answer."""
+        if not self._is_leader():
             self._send(frame)
+            return
+        self._collected.append(frame)
+        if not self._more_input():
+            self.flush()
 
     def _handle_call(self, call: IncomingCall, batch: _Batch | None) -> None:
         route = self._routes.get(call.method)

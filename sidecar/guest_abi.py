@@ -34,7 +34,6 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "host_call_async": (("i32", "i32", "i32", "i32"), ("i64",)),
     "response_len": ((), ("i32",)),  # extension: the error JSON's length after a -1 status
 }
-AbiFunction = Callable[[GuestMemory, Sequence[int]], list[int]]
 ON_RESPONSE = "sidecar_on_response"  # the export an async answer is delivered to
 
 
@@ -84,20 +83,12 @@ class GuestAbi:
             "response_len": self._response_len,
         }
         for name, (params, results) in SIGNATURES.items():
-            define_host_func(linker, MODULE, name, params, results, self._guarded(handlers[name]), self.memory)
+            define_host_func(linker, MODULE, name, params, results, handlers[name], self.memory, self._on_fault)
 
-    def _guarded(self, handler: AbiFunction) -> AbiFunction:
+    def _on_fault(self, fault: GuestFault) -> None:
         """Remember an ABI fault before it traps, so the call's error carries its trap code."""
-
-        def call(memory: GuestMemory, args: Sequence[int]) -> list[int]:
-            try:
-                return handler(memory, args)
-            except GuestFault as fault:
-                if self.state.fault is None and self.state.exceeded is None:
-                    self.state.fault = (fault.code, str(fault))
-                raise
-
-        return call
+        if self.state.fault is None and self.state.exceeded is None:
+            self.state.fault = (fault.code, str(fault))
 
     def _input_len(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         return [len(self.state.input)]

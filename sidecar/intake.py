@@ -78,6 +78,10 @@ class Intake:
     def is_leader(self) -> bool:
         return self._leader == threading.get_ident()
 
+    def has_backlog(self) -> bool:
+        """Frames already read are still waiting to be handled."""
+        return bool(self._backlog)
+
     def flush(self) -> None:
         """Write the reading thread's gathered answers now (a no-op on other threads)."""
         if self._leader == threading.get_ident():

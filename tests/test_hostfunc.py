@@ -166,3 +166,22 @@ def test_a_host_function_returning_the_wrong_results_traps_with_a_generic_messag
         call([1])
     assert "sidecar host function failed" in trap_message(caught.value)
     store.close()
+
+
+def test_on_fault_hears_each_fault_before_the_trap_and_cannot_break_it() -> None:
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    linker = wasmtime.Linker(engine)
+    heard: list[GuestFault] = []
+    define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], double, on_fault=heard.append)
+    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek, on_fault=lambda fault: 1 / 0)
+    exports = linker.instantiate(store, wasmtime.Module(engine, GUEST)).exports(store)
+    twice, peek_at = FastCall(store, exports["twice"]), FastCall(store, exports["peek"])
+    assert twice([4]) == [8] and not heard
+    with pytest.raises(wasmtime.WasmtimeError):
+        twice([-1])
+    assert [(fault.code, str(fault)) for fault in heard] == [("abi_violation", "negative input")]
+    with pytest.raises(wasmtime.WasmtimeError) as caught:
+        peek_at([1 << 20])  # its on_fault raises: the guest still traps with the fault's own message
+    assert "outside its memory" in trap_message(caught.value)
+    store.close()

@@ -41,9 +41,10 @@ _Signature = tuple[tuple[str, ...], tuple[str, ...]]
 _FUNC_TYPES: weakref.WeakKeyDictionary[wasmtime.Engine, dict[_Signature, wasmtime.FuncType]]
 _FUNC_TYPES = weakref.WeakKeyDictionary()
 
-_Entry = tuple[Callable[["GuestMemory", Sequence[int]], Sequence[int]], "_RawValues", "_RawValues",
-               "MemorySlot | None"]
-# (function, params, results, memory); freed by wasmtime when the last instance using it goes.
+_HostFunction = Callable[["GuestMemory", Sequence[int]], Sequence[int]]
+_OnFault = Callable[["GuestFault"], None]
+_Entry = tuple[_HostFunction, "_RawValues", "_RawValues", "MemorySlot | None", "_OnFault | None"]
+# (function, params, results, memory, on_fault); freed by wasmtime when the last instance using it goes.
 _FUNCS: Slots[_Entry] = Slots(_FINALIZER_TYPE)
 
 
@@ -136,16 +137,18 @@ def define_host_func(
     name: str,
     params: Sequence[str],
     results: Sequence[str],
-    function: Callable[[GuestMemory, Sequence[int]], Sequence[int]],
+    function: _HostFunction,
     memory: MemorySlot | None = None,
+    on_fault: _OnFault | None = None,
 ) -> None:
     """Define `module.name` in `linker`; `function(memory, args) -> results` runs per call.
 
     `memory` is the caller's, valid only during that call (located only if used, through the
-    `MemorySlot` once its owner bound it). Raising `GuestFault` traps the guest with its message.
+    `MemorySlot` once its owner bound it). Raising `GuestFault` traps the guest with its message,
+    after `on_fault(fault)` has told the owner why.
     """
     ty = _func_type(linker.engine, tuple(params), tuple(results))
-    slot = _FUNCS.add((function, _RawValues(params), _RawValues(results), memory))
+    slot = _FUNCS.add((function, _RawValues(params), _RawValues(results), memory, on_fault))
     module_bytes, name_bytes = module.encode(), name.encode()
     error = _define_func_unchecked(
         capi.address(linker.ptr()), module_bytes, len(module_bytes), name_bytes, len(name_bytes),
@@ -175,20 +178,35 @@ class _RawValues:
 
 @_CALLBACK_TYPE
 def _trampoline(slot, caller, values, _count):  # type: ignore[no-untyped-def]
+    on_fault = None
     try:
         entry = _FUNCS.get(slot)
         if entry is None:
             return _trap("host function is not registered")
-        function, params, results, memory = entry
+        function, params, results, memory, on_fault = entry
         results.write(values, function(GuestMemory(caller, memory), params.read(values)))
         return 0
     except GuestFault as fault:
-        return _trap(str(fault))
+        return _fault_trap(fault, on_fault)
     except BaseException as exc:  # noqa: BLE001 - must not cross the C boundary
-        try:
-            log.error("host_function_failed", error=type(exc).__name__, detail=str(exc))
-        finally:
-            return _trap("sidecar host function failed")  # noqa: B012
+        _log_failure(exc)
+        return _trap("sidecar host function failed")
+
+
+def _fault_trap(fault: GuestFault, on_fault: _OnFault | None) -> int:
+    try:
+        if on_fault is not None:
+            on_fault(fault)
+    except BaseException as exc:  # noqa: BLE001 - the guest still traps with its own message
+        _log_failure(exc)
+    return _trap(str(fault))
+
+
+def _log_failure(exc: BaseException) -> None:
+    try:
+        log.error("host_function_failed", error=type(exc).__name__, detail=str(exc))
+    except BaseException:  # noqa: BLE001 - nothing may cross the C boundary, not even a logging failure
+        pass
 
 
 def _func_type(engine: wasmtime.Engine, params: tuple[str, ...], results: tuple[str, ...]) -> wasmtime.FuncType:
