@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 
@@ -29,23 +30,30 @@ log = structlog.get_logger()
 Line = bytes | OversizedLine
 
 
+class FrameHandler(Protocol):
+    """What the intake hands frames to (the dispatcher)."""
+
+    def handle_line(self, line: Line) -> None: ...
+
+    def is_cheap(self, line: Line) -> bool: ...
+
+    def flush(self) -> None: ...
+
+
 class Intake:
     def __init__(
         self,
         fd: int,
         framer: LineFramer,
-        handle_line: Callable[[Line], None],
-        is_cheap: Callable[[Line], bool],
-        flush: Callable[[], None],
         threads: int,
         on_end: Callable[[str], None],
         spin_s: float = 0.0,
     ) -> None:
         self._fd = fd
         self._framer = framer
-        self._handle_line = handle_line
-        self._is_cheap = is_cheap
-        self._flush = flush
+        self._handle_line: Callable[[Line], None]
+        self._is_cheap: Callable[[Line], bool]
+        self._flush: Callable[[], None]
         self._thread_count = max(2, threads)  # one reads while another may run a guest
         self._on_end = on_end
         self._spin_s = spin_s
@@ -60,9 +68,11 @@ class Intake:
         self._threads: list[threading.Thread] = []
         self.closing = False  # set by `shutdown`: the rest of the input is not served
 
-    def start(self, stack_bytes: int) -> None:
-        """Start the threads with `stack_bytes` of native stack each: guests run on them, and a
-        guest's wasm stack lives on the native one, so it must hold `vm_stack_bytes` and more."""
+    def start(self, frames: FrameHandler, stack_bytes: int) -> None:
+        """Start handing frames to `frames`, on threads with `stack_bytes` of native stack each:
+        guests run on them, and a guest's wasm stack lives on the native one, so it must hold
+        `vm_stack_bytes` and more. (The handler comes this late because it needs the intake.)"""
+        self._handle_line, self._is_cheap, self._flush = frames.handle_line, frames.is_cheap, frames.flush
         previous = threading.stack_size(stack_bytes)
         try:
             self._start_threads()

@@ -93,9 +93,6 @@ class Server:
         self.intake = Intake(
             self._in_fd,
             LineFramer(self.limits.protocol_frame_bytes),
-            handle_line=lambda line: self.dispatcher.handle_line(line),
-            is_cheap=lambda line: self.dispatcher.is_cheap(line),
-            flush=lambda: self.dispatcher.flush(),
             threads=self.limits.runner_worker_threads,
             on_end=self._end_from_thread,
             spin_s=self.limits.runner_input_spin_us / 1e6,
@@ -115,7 +112,7 @@ class Server:
             tg.start_soon(self._drain)
             if self._handle_signals:
                 await tg.start(self._watch_signals)
-            self.intake.start(self.limits.vm_stack_bytes + HOST_STACK_MARGIN)
+            self.intake.start(self.dispatcher, self.limits.vm_stack_bytes + HOST_STACK_MARGIN)
             log.info("sidecar_started", version=__version__, protocol_version=protocol.PROTOCOL_VERSION)
             task_status.started()
             await self._stopped.wait()
