@@ -14,6 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
+
 from .envelope import RequestId
 
 DropReason = Literal["unmatched", "duplicate", "stale"]
@@ -21,8 +23,7 @@ _ANSWERED = "answered"
 _ABANDONED = "abandoned"
 
 
-@dataclass(slots=True)
-class Pending:
+class Pending(msgspec.Struct):
     """One outbound request waiting for its answer. `waiter` is whatever the caller waits on."""
 
     id: str
@@ -32,13 +33,11 @@ class Pending:
     waiter: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class Delivered:
+class Delivered(msgspec.Struct, frozen=True):
     pending: Pending
 
 
-@dataclass(frozen=True, slots=True)
-class Dropped:
+class Dropped(msgspec.Struct, frozen=True):
     reason: DropReason
     owner: str | None = None
 

@@ -54,12 +54,11 @@ class Frame(msgspec.Struct, frozen=True):
 _envelope_decoder = msgspec.json.Decoder(RawEnvelope)
 _batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _any_decoder = msgspec.json.Decoder()
-_JSON_WHITESPACE = b" \t\r\n"
 _PATH_IN_MESSAGE = re.compile(r" - at `(?P<path>[^`]*)`$")
 
 
 def decode_frame(line: bytes) -> Frame:
-    if _first_byte(line) == b"[":
+    if line.lstrip()[:1] == b"[":
         return _decode_batch(line)
     return Frame([_decode_item(line)], batch=False)
 
@@ -94,11 +93,6 @@ def _refuse_shape(data: bytes, reason: str) -> Malformed:
     return Malformed(InvalidRequestError(f"not a JSON-RPC 2.0 message: {reason}"), _valid_id(request_id))
 
 
-def _first_byte(data: bytes | msgspec.Raw) -> bytes:
-    """The first byte that is not JSON whitespace (b"" if none)."""
-    return bytes(data).lstrip(_JSON_WHITESPACE)[:1]
-
-
 def _valid_id(value: Any) -> RequestId | None:
     return value if type(value) in (str, int) else None
 
@@ -128,7 +122,7 @@ def _classify_call(env: RawEnvelope, request_id: RequestId | None, has_id: bool)
         return Malformed(InvalidRequestError('"method" must be a string'), request_id)
     if env.result is not msgspec.UNSET or env.error is not msgspec.UNSET:
         return Malformed(InvalidRequestError('a request carries no "result" or "error"'), request_id)
-    if env.params is not msgspec.UNSET and _first_byte(env.params) not in (b"{", b"["):
+    if env.params is not msgspec.UNSET and bytes(env.params).lstrip()[:1] not in (b"{", b"["):
         return Malformed(InvalidRequestError('"params" must be an object or an array'), request_id)
     return IncomingCall(env.method, env.params, request_id, notification=not has_id)
 
@@ -136,7 +130,7 @@ def _classify_call(env: RawEnvelope, request_id: RequestId | None, has_id: bool)
 def decode_params(decoder: msgspec.json.Decoder, params: msgspec.Raw | msgspec.UnsetType) -> Any:
     """Stage 4: params into the method's type; -32602 names the bad field's path."""
     raw = b"{}" if params is msgspec.UNSET else params
-    if _first_byte(raw) == b"[":
+    if bytes(raw).lstrip()[:1] == b"[":
         raise InvalidParamsError("params must be an object (named parameters)", path="$")
     try:
         return decoder.decode(raw)

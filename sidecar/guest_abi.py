@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import msgspec
 import wasmtime
@@ -37,14 +36,16 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 ON_RESPONSE = "sidecar_on_response"  # the export an async answer is delivered to
 
 
-@dataclass
-class CallState:
-    """What one guest call can see and what it left behind; owned by the thread running it."""
+class CallState(msgspec.Struct):
+    """What one guest call can see and what it left behind; owned by the thread running it.
+
+    (A Struct, not a dataclass: one is built per call, and its constructor runs no Python code.)
+    """
 
     input: bytes = b""
     output_cap: int = 0
     deadline: float = float("inf")
-    output: bytearray = field(default_factory=bytearray)
+    output: bytearray = msgspec.field(default_factory=bytearray)
     response: bytes = b""
     stop: str | None = None  # "cancelled", "timeout" or "disposed": why the deadline callback stopped it
     fault: tuple[str, str] | None = None  # (trap_code, message) of an ABI violation

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import msgspec
 import structlog
@@ -32,8 +31,7 @@ STATUS_TIMEOUT = -2
 STATUS_REFUSED = -3
 
 
-@dataclass(frozen=True, slots=True)
-class HostAnswer:
+class HostAnswer(msgspec.Struct, frozen=True):
     """What the guest reads: a status and compact JSON (the result, or an error object)."""
 
     status: int

@@ -223,7 +223,10 @@ class Isolate:
         self._refresh_memory()
 
     def _refresh_memory(self) -> None:
-        self.memory_bytes = sum(slot.data_size() for slot in self._memory_slots)
+        total = 0
+        for slot in self._memory_slots:  # a plain loop: this runs after every call
+            total += slot.data_size()
+        self.memory_bytes = total
 
 
 def _link(linker: wasmtime.Linker, store: wasmtime.Store, module: wasmtime.Module) -> wasmtime.Instance:

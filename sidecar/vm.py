@@ -18,9 +18,10 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
 import structlog
 import wasmtime
 
@@ -82,14 +83,13 @@ class CallbackReply(Reply):
         super().error(error)
 
 
-@dataclass(eq=False)  # identity: jobs are tracked in sets while they run
-class Job:
+class Job(msgspec.Struct, eq=False):  # identity: jobs are tracked in sets while they run
     """One request's work. `work(vm, isolate, state)` returns the result or raises an RpcError;
     `isolate` is None for a VM that holds a WASI command (each run makes its own)."""
 
     reply: Reply
     work: Callable[[Vm, Isolate | None, CallState], object]
-    state: CallState = field(default_factory=CallState)
+    state: CallState = msgspec.field(default_factory=CallState)
 
     def cancel(self, hostcalls: HostCalls) -> None:
         """From any thread: stop the guest at its next tick and wake it from a host call."""

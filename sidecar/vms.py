@@ -193,13 +193,12 @@ class VmService:
             results = isolate.call(params.export, params.args, state, timeout_ms)
             elapsed = (time.perf_counter() - started) * 1000
             text, binary = _text_or_base64(bytes(state.output))
-            fuel = isolate.fuel_used(budget.fuel) if budget.fuel else None
             return VmCallResult(
                 results=results,
                 output=text,
                 output_base64=binary,
                 elapsed_ms=round(elapsed, 3),
-                **({"fuel_used": fuel} if fuel is not None else {}),
+                fuel_used=isolate.fuel_used(budget.fuel) if budget.fuel else msgspec.UNSET,
             )
 
         vm.submit(Job(reply, work))

@@ -56,27 +56,70 @@ class GuestFault(Exception):
         self.code = code
 
 
-class MemorySlot:
-    """Where one of an instance's memories is, once known: host functions find the caller's
-    memory through it instead of a lookup by name, and its owner reads the size cheaply.
+class GuestMemory:
+    """A guest's linear memory as a host function sees it: bounds-checked reads and writes.
+
+    Located afresh on every access, since growth can move it. Raising `GuestFault` on a range
+    outside it traps the calling guest.
+    """
+
+    __slots__ = ()
+
+    def _where(self) -> tuple[int, int]:
+        """(base address, size in bytes) right now."""
+        raise NotImplementedError
+
+    def read(self, pointer: int, length: int) -> bytes:
+        base, size = self._where()
+        pointer &= 0xFFFFFFFF  # i32 offsets are unsigned addresses
+        if length < 0 or pointer + length > size:
+            raise _outside(pointer, length, size)
+        return ctypes.string_at(base + pointer, length) if length else b""
+
+    def write(self, pointer: int, data: bytes) -> None:
+        base, size = self._where()
+        pointer &= 0xFFFFFFFF
+        if pointer + len(data) > size:
+            raise _outside(pointer, len(data), size)
+        if data:
+            ctypes.memmove(base + pointer, data, len(data))
+
+
+def _outside(pointer: int, length: int, size: int) -> GuestFault:
+    return GuestFault(f"guest range [{pointer}, +{length}) is outside its memory of {size} bytes")
+
+
+class MemorySlot(GuestMemory):
+    """One of an instance's memories, once its owner knows it: host functions reach the caller's
+    memory through it instead of a lookup by name, and the owner reads its size cheaply.
 
     Holds the store's context and the memory's handle as addresses; `bind` keeps the store and
     the `Memory` referenced, so both stay valid for as long as the slot is bound.
     """
 
-    __slots__ = ("context", "handle", "_memory", "_store")
+    __slots__ = ("context", "handle", "_memory", "_store", "_base", "_size")
 
     def __init__(self) -> None:
         self.context = 0
         self.handle = 0  # address of the instance's `wasmtime_memory_t`, 0 until bound
         self._memory: wasmtime.Memory | None = None
         self._store: wasmtime.Store | None = None
+        self._base = 0
+        self._size = -1  # unknown: the first access reads the base
 
     def bind(self, store: wasmtime.Store, memory: wasmtime.Memory) -> MemorySlot:
         self.context = capi.address(store._context())
         self._store, self._memory = store, memory
         self.handle = ctypes.addressof(memory._memory)
         return self
+
+    def _where(self) -> tuple[int, int]:
+        # Only called from inside a call into the store. Memory moves only when it grows, so
+        # the base is re-read only when the size changed: one C call instead of two.
+        size = capi.memory_data_size(self.context, self.handle)
+        if size != self._size:
+            self._base, self._size = capi.memory_data(self.context, self.handle), size
+        return self._base, size
 
     def data_size(self) -> int:
         """The memory's current size in bytes (ValueError once its store is closed)."""
@@ -86,49 +129,26 @@ class MemorySlot:
         return capi.memory_data_size(self.context, self.handle)
 
 
-class GuestMemory:
-    """The calling instance's exported `memory`, located per call (growth can move it)."""
+class _MemoryByName(GuestMemory):
+    """The caller's export named `memory`, looked up through the caller: for host functions
+    without a bound slot (e.g. called by a start function, before its instance exists)."""
 
-    __slots__ = ("_caller", "_slot", "_base", "size")
+    __slots__ = ("_caller", "_located")
 
-    def __init__(self, caller: int, slot: MemorySlot | None = None) -> None:
-        self._caller = caller
-        self._slot = slot
-        self._base: int | None = None
-        self.size = 0
+    def __init__(self, caller: int) -> None:
+        self._caller = caller  # valid only during this host call
+        self._located: tuple[int, int] | None = None
 
-    def _locate(self) -> int:
-        if self._base is not None:
-            return self._base
-        slot = self._slot
-        if slot is not None and slot.handle:
-            # The caller's context is the store's own (same address): no need to ask for it.
-            context, handle = slot.context, slot.handle
-        else:  # not bound (yet): a start function runs before its instance's slot is filled in
+    def _where(self) -> tuple[int, int]:
+        if self._located is None:
             extern = _ffi.wasmtime_extern_t()
-            found = capi.caller_export_get(self._caller, _MEMORY_EXPORT, len(_MEMORY_EXPORT), ctypes.addressof(extern))
+            name = _MEMORY_EXPORT
+            found = capi.caller_export_get(self._caller, name, len(name), ctypes.addressof(extern))
             if not found or extern.kind != _ffi.WASMTIME_EXTERN_MEMORY.value:
                 raise GuestFault("the guest exports no memory named `memory` (guest ABI v1)", "abi_violation")
             context, handle = capi.caller_context(self._caller), ctypes.addressof(extern.of.memory)
-        self._base = capi.memory_data(context, handle)
-        self.size = capi.memory_data_size(context, handle)
-        return self._base
-
-    def _check(self, pointer: int, length: int) -> int:
-        base = self._locate()
-        pointer &= 0xFFFFFFFF  # i32 offsets are unsigned addresses
-        if length < 0 or pointer + length > self.size:
-            raise GuestFault(f"guest range [{pointer}, +{length}) is outside its memory of {self.size} bytes")
-        return base + pointer
-
-    def read(self, pointer: int, length: int) -> bytes:
-        address = self._check(pointer, length)
-        return ctypes.string_at(address, length) if length else b""
-
-    def write(self, pointer: int, data: bytes) -> None:
-        address = self._check(pointer, len(data))
-        if data:
-            ctypes.memmove(address, data, len(data))
+            self._located = (capi.memory_data(context, handle), capi.memory_data_size(context, handle))
+        return self._located
 
 
 def define_host_func(
@@ -160,31 +180,29 @@ def define_host_func(
 
 
 class _RawValues:
-    """One signature's values in wasmtime's array of raw slots, read or written in one step."""
+    """One signature's values in wasmtime's array of raw slots, read or written in one step
+    (the trampoline uses the parts directly: every Python call there is on a guest's path)."""
 
-    __slots__ = ("_layout", "_array")
+    __slots__ = ("array", "pack_into", "unpack_from")
 
     def __init__(self, kinds: Sequence[str]) -> None:
-        self._layout = raw_layout(kinds) if kinds else None
-        self._array = ctypes.c_char * (self._layout.size if self._layout else 1)
-
-    def read(self, address: int) -> tuple[int, ...]:
-        return self._layout.unpack_from(self._array.from_address(address)) if self._layout else ()
-
-    def write(self, address: int, values: Sequence[int]) -> None:
-        if self._layout:
-            self._layout.pack_into(self._array.from_address(address), 0, *values)
+        layout = raw_layout(kinds)
+        self.array = (ctypes.c_char * layout.size) if kinds else None  # None: no values at all
+        self.pack_into, self.unpack_from = layout.pack_into, layout.unpack_from
 
 
 @_CALLBACK_TYPE
 def _trampoline(slot, caller, values, _count):  # type: ignore[no-untyped-def]
     on_fault = None
     try:
-        entry = _FUNCS.get(slot)
+        entry = _FUNCS.items.get(slot)
         if entry is None:
             return _trap("host function is not registered")
         function, params, results, memory, on_fault = entry
-        results.write(values, function(GuestMemory(caller, memory), params.read(values)))
+        args = params.unpack_from(params.array.from_address(values)) if params.array else ()
+        produced = function(memory if memory is not None and memory.handle else _MemoryByName(caller), args)
+        if results.array:
+            results.pack_into(results.array.from_address(values), 0, *produced)
         return 0
     except GuestFault as fault:
         return _fault_trap(fault, on_fault)

@@ -17,13 +17,13 @@ Item = TypeVar("Item")
 
 class Slots(Generic[Item]):
     def __init__(self, finalizer_type: type) -> None:
-        self._items: dict[int, Item] = {}
+        self.items: dict[int, Item] = {}  # read directly by trampolines: a method call costs there
         self._numbers = itertools.count(1)  # 0 would arrive from C as NULL/None
 
         @finalizer_type
         def forget(slot):  # type: ignore[no-untyped-def]
             try:
-                self._items.pop(slot or 0, None)
+                self.items.pop(slot or 0, None)
             except BaseException:  # noqa: BLE001 - runs from C, possibly late in interpreter shutdown
                 pass
 
@@ -33,17 +33,17 @@ class Slots(Generic[Item]):
 
     def add(self, item: Item) -> int:
         slot = next(self._numbers)
-        self._items[slot] = item
+        self.items[slot] = item
         return slot
 
     def get(self, slot: int | None) -> Item | None:
-        return self._items.get(slot or 0)
+        return self.items.get(slot or 0)
 
     def discard(self, slot: int) -> None:
-        self._items.pop(slot, None)
+        self.items.pop(slot, None)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)
 
 
 def c_text(message: str) -> bytes:
