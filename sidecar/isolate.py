@@ -14,11 +14,11 @@ from __future__ import annotations
 import ctypes
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 import wasmtime
-from wasmtime._instance import InstanceExports
+from wasmtime._exportable import AsExtern
 
 from protocol.errors import (
     CallTimeoutError,
@@ -35,7 +35,7 @@ from .limits import Limits
 from .modules import CompiledModule
 from .runtime import Runtime
 from .wasmbin import PREFIX, START_EXPORT
-from .wasmffi import EpochDeadline, FastCall, MemorySlot, set_deadline_callback, trap_message
+from .wasmffi import EpochDeadline, FastCall, MemorySlot, instance_export, set_deadline_callback, trap_message
 
 log = structlog.get_logger()
 _ARGUMENT = re.compile(r"argument (\d+)")
@@ -95,9 +95,10 @@ class Isolate:
                 CallState(deadline=time.monotonic() + limits.vm_call_timeout_ms / 1000),
                 limits.vm_call_timeout_ms,
             )
-            exports = self.instance.exports(self.store)
-            self._memories = self._distinct_memories(exports)
-            abi_memory = exports.get("memory")
+            exported = {export.name: instance_export(self.store, self.instance, export.name)
+                        for export in compiled.exports if export.kind == "memory"}
+            self._memories = self._distinct_memories(exported.values())
+            abi_memory = exported.get("memory")
             if isinstance(abi_memory, wasmtime.Memory):
                 self.abi.memory.bind(self.store, abi_memory)
             self._memory_slots = [MemorySlot().bind(self.store, memory) for memory in self._memories]
@@ -144,7 +145,7 @@ class Isolate:
         self.store.close()
 
     def _bind(self, export: str) -> FastCall:
-        found = self.instance.exports(self.store).get(export)
+        found = instance_export(self.store, self.instance, export)
         if found is None:
             names = sorted(e.name for e in self.compiled.exports if e.kind == "func" and not e.name.startswith(PREFIX))
             raise InvalidParamsError(f"the module has no export {export!r}", path="$.export", exports=names)
@@ -210,10 +211,10 @@ class Isolate:
         self.limits.exhausted(budget, capacity, capacity=capacity, vm_id=self.vm_id)
         return GuestTrapError(code, message, vm_id=self.vm_id, limit=budget, env=env_var_for(budget), capacity=capacity)
 
-    def _distinct_memories(self, exports: InstanceExports) -> list[wasmtime.Memory]:
+    def _distinct_memories(self, exported: Iterable[AsExtern | None]) -> list[wasmtime.Memory]:
         """Each exported memory once: instrumentation exports a memory under a second name."""
         found: dict[int, wasmtime.Memory] = {}
-        for item in exports.by_index:
+        for item in exported:
             if isinstance(item, wasmtime.Memory):
                 found.setdefault(ctypes.addressof(item.data_ptr(self.store).contents), item)
         return list(found.values())

@@ -26,6 +26,7 @@ from sidecar.wasmffi import (
     EpochDeadline,
     FastCall,
     enable_pooling,
+    instance_export,
     live_deadline_callbacks,
     set_deadline_callback,
     set_wasi_stdin_bytes,
@@ -645,6 +646,37 @@ def test_store_id_is_stable_and_matches_the_stores_objects(guest: Guest, engine:
     other = wasmtime.Store(engine)
     assert store_id(other) != store_id(guest.store)
     other.close()
+
+
+def test_instance_export_finds_one_export_by_name(guest: Guest) -> None:
+    add = instance_export(guest.store, guest.instance, "add")
+    assert isinstance(add, wasmtime.Func) and FastCall(guest.store, add)([2, 3]) == [5]
+    assert instance_export(guest.store, guest.instance, "missing") is None
+
+
+def test_instance_export_with_a_foreign_store_is_a_value_error_not_an_abort() -> None:
+    # In a subprocess: were the check missing, wasmtime would abort the whole test run.
+    script = textwrap.dedent(
+        """
+        import wasmtime
+        from sidecar.wasmffi import instance_export
+        engine = wasmtime.Engine()
+        module = wasmtime.Module(engine, '(module (func (export "f") (result i32) (i32.const 1)))')
+        mine, other = wasmtime.Store(engine), wasmtime.Store(engine)
+        instance = wasmtime.Instance(mine, module, [])
+        try:
+            instance_export(other, instance, "f")
+        except ValueError as exc:
+            print("refused:", exc)
+        assert isinstance(instance_export(mine, instance, "f"), wasmtime.Func)
+        mine.close(); other.close()
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert "refused: the instance belongs to another store" in done.stdout
 
 
 def test_fastcall_with_a_foreign_store_is_a_value_error_not_an_abort() -> None:

@@ -8,7 +8,8 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
   error it produces, which is a `WasmtimeError`, not a `Trap` (details in `deadline`).
 - `set_wasi_stdin_bytes(config, data)`: WASI stdin from a byte string.
 - `FastCall(store, func)`: the host->guest call path for numeric exports, ~1 µs of Python per
-  call instead of ~20; `store_id(store)` to check an object belongs to a store before use.
+  call instead of ~20; `store_id(store)` to check an object belongs to a store before use;
+  `instance_export(store, instance, name)`: one export by name, without wrapping them all.
 - `value_type_names(engine, valtypes)`: "i32".."v128"/"ref" without the C call that aborts
   the process on v128 and GC reference types (which `str(ValType)`, `ValType ==` and
   `Func.__call__` all make).
@@ -24,7 +25,7 @@ what a trap means. Pinned to wasmtime-py 50.x (the private `_ffi`/`_bindings` la
 """
 
 from .deadline import EpochDeadline, live_deadline_callbacks, set_deadline_callback, trap_message
-from .fastcall import FastCall, store_id
+from .fastcall import FastCall, instance_export, store_id
 from .hostfunc import GuestFault, GuestMemory, MemorySlot, define_host_func
 from .pooling import enable_pooling
 from .valtypes import value_type_names
@@ -38,6 +39,7 @@ __all__ = [
     "MemorySlot",
     "define_host_func",
     "enable_pooling",
+    "instance_export",
     "live_deadline_callbacks",
     "set_deadline_callback",
     "set_wasi_stdin_bytes",

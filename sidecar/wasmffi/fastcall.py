@@ -29,17 +29,22 @@ from collections.abc import Sequence
 import wasmtime
 from wasmtime import _ffi
 from wasmtime import _func as _wasmtime_func
+from wasmtime._exportable import AsExtern
+from wasmtime._extern import wrap_extern
 
 from . import capi
 from .valtypes import RAW_STRUCT_CODES, raw_layout, value_type_names
 
-__all__ = ["FastCall", "store_id"]
+__all__ = ["FastCall", "instance_export", "store_id"]
 
 _INT_BITS = {"i32": 32, "i64": 64}
 _F32 = struct.Struct("<f")
 
 _STORE_IDS: weakref.WeakKeyDictionary[wasmtime.Store, int] = weakref.WeakKeyDictionary()
 _STORE_IDS_LOCK = threading.Lock()
+# The probe global's type and value: engine-independent, read-only, kept for the process's life.
+_PROBE_TYPE = capi.address(_ffi.wasm_globaltype_new(_ffi.wasm_valtype_new(_ffi.WASM_I32), _ffi.WASM_CONST))
+_PROBE_VALUE = _ffi.wasmtime_val_t(kind=_ffi.WASMTIME_I32)
 
 
 def store_id(store: wasmtime.Store) -> int:
@@ -54,10 +59,26 @@ def store_id(store: wasmtime.Store) -> int:
     with _STORE_IDS_LOCK:
         known = _STORE_IDS.get(store)
         if known is None:
-            probe_type = wasmtime.GlobalType(wasmtime.ValType.i32(), False)
-            known = wasmtime.Global(store, probe_type, wasmtime.Val.i32(0))._global.store_id
-            _STORE_IDS[store] = known
+            probe = _ffi.wasmtime_global_t()
+            error = capi.global_new(capi.address(store._context()), _PROBE_TYPE, ctypes.addressof(_PROBE_VALUE),
+                                    ctypes.addressof(probe))
+            if error:  # never seen: an i32 constant always fits
+                raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(_ffi.wasmtime_error_t)))
+            known = _STORE_IDS[store] = probe.store_id
         return known
+
+
+def instance_export(store: wasmtime.Store, instance: wasmtime.Instance, name: str) -> AsExtern | None:
+    """`instance`'s export `name` (None if it has none), without `Instance.exports(store)`, which
+    wraps every export (~6 µs each) to find one; a store the instance is not from is a ValueError."""
+    if instance._instance.store_id != store_id(store):  # the C lookup aborts the process on a mismatch
+        raise ValueError("the instance belongs to another store; reading its exports there would abort the process")
+    item = _ffi.wasmtime_extern_t()
+    raw = name.encode()
+    if not capi.instance_export_get(capi.address(store._context()), ctypes.addressof(instance._instance), raw,
+                                    len(raw), ctypes.addressof(item)):
+        return None
+    return wrap_extern(item)
 
 
 class FastCall:
