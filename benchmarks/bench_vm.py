@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import wasmtime
 from harness import ECHO, ROOT, SIDECAR, Peer, best_us, percentile, round_trips, summary
@@ -68,43 +69,26 @@ def in_process(calls: int, runs: int) -> tuple[float, float]:
         store.close()
 
 
-def echo_round_trip(calls: int) -> list[float]:
-    peer = Peer(ECHO)
-    try:
-        frame = b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n'
-        round_trips(peer, frame, calls // 5)  # warm-up
-        return round_trips(peer, frame, calls)
-    finally:
-        peer.close()
-
-
 def create_vm(peer: Peer, params: dict) -> str:
     return ok(peer.request("vm.create", params))["vm_id"]
 
 
-def vm_call_round_trip(peer: Peer, calls: int) -> tuple[list[float], list[float]]:
-    """Round trips of `add(2, 40)`, and the `elapsed_ms` the sidecar reported for each (in µs)."""
-    vm_id = create_vm(peer, {"wat": (GUESTS / "numeric.wat").read_text()})
-    frame = ADD % (1, vm_id.encode())
-    times, inside = [], []
-    for index in range(calls + calls // 5):
+def timed(peer: Peer, frame: bytes) -> Callable[[], float]:
+    """One round trip of `frame`, in µs."""
+
+    def once() -> float:
         started = time.perf_counter()
         peer.send(frame)
-        line = peer.read_lines(1)[0]
-        elapsed = (time.perf_counter() - started) * 1e6
-        if index >= calls // 5:
-            times.append(elapsed)
-            inside.append(ok(json.loads(line))["elapsed_ms"] * 1000)
-    assert ok(json.loads(line))["results"] == [42]
-    return times, inside
+        peer.read_lines(1)
+        return (time.perf_counter() - started) * 1e6
+
+    return once
 
 
-def host_call_round_trip(peer: Peer, calls: int) -> list[float]:
-    """Per call: vm.call out, host.call in, our answer out, vm.call's answer in."""
-    vm_id = create_vm(peer, {"wat": (GUESTS / "abi.wat").read_text()})
-    frame = ASK % (1, vm_id.encode())
-    times = []
-    for index in range(calls + calls // 5):
+def timed_host_call(peer: Peer, frame: bytes) -> Callable[[], float]:
+    """vm.call out, host.call in, our answer out, vm.call's answer in, in µs."""
+
+    def once() -> float:
         started = time.perf_counter()
         peer.send(frame)
         request = json.loads(peer.read_lines(1)[0])
@@ -113,11 +97,26 @@ def host_call_round_trip(peer: Peer, calls: int) -> list[float]:
         peer.send(b'{"jsonrpc":"2.0","id":%s,"result":{"v":1}}\n' % json.dumps(request["id"]).encode())
         reply = json.loads(peer.read_lines(1)[0])
         elapsed = (time.perf_counter() - started) * 1e6
-        if index == 0:
-            assert ok(reply)["output"] == '{"v":1}', reply
-        if index >= calls // 5:
-            times.append(elapsed)
-    return times
+        if ok(reply)["output"] != '{"v":1}':
+            raise RuntimeError(f"unexpected answer {reply}")
+        return elapsed
+
+    return once
+
+
+def interleaved(series: dict[str, Callable[[], float]], calls: int, block: int = 150) -> dict[str, list[float]]:
+    """`calls` samples of each series, taken in alternating blocks of `block` calls (after one
+    block each of warm-up). On a machine whose speed drifts over seconds, this keeps a slow
+    phase from landing on one series only: every ratio compares samples of the same moments."""
+    samples: dict[str, list[float]] = {name: [] for name in series}
+    for once in series.values():
+        for _ in range(block):
+            once()
+    while any(len(taken) < calls for taken in samples.values()):
+        for name, once in series.items():
+            samples[name].extend(once() for _ in range(min(block, calls - len(samples[name]))))
+            time.sleep(0.001)  # let a spinning reader settle before the next series
+    return samples
 
 
 def vm_create_round_trip(peer: Peer, count: int) -> list[float]:
@@ -175,24 +174,34 @@ def main() -> None:
     args = parser.parse_args()
 
     func_us, fast_us = in_process(20_000, args.runs)
-    echo = echo_round_trip(args.calls)
-    echo_p50 = statistics.median(echo)
-    print("baselines (µs)")
-    print(f"  echo process round trip       {summary(echo)}")
-    print(f"  in-process Func.__call__      {func_us:.1f} per call")
-    print(f"  in-process FastCall           {fast_us:.1f} per call")
 
     with tempfile.TemporaryDirectory(prefix="bench-vm-cache-") as cache_dir:
         peer = Peer(SIDECAR, {"SIDECAR_CACHE_DIR": cache_dir})
+        echo_peer = Peer(ECHO)
         try:
+            ping_frame = b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n'
             peer.request("ping")
-            ping = round_trips(peer, b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n', args.calls)
-            add, inside = vm_call_round_trip(peer, args.calls)
-            ask = host_call_round_trip(peer, args.calls)
+            numeric = create_vm(peer, {"wat": (GUESTS / "numeric.wat").read_text()})
+            asking = create_vm(peer, {"wat": (GUESTS / "abi.wat").read_text()})
+            inside = [ok(peer.request("vm.call", {"vm_id": numeric, "export": "add", "args": [2, 40]}))["elapsed_ms"]
+                      * 1000 for _ in range(500)]
+            latency = interleaved({
+                "echo": timed(echo_peer, ping_frame),
+                "ping": timed(peer, ping_frame),
+                "add": timed(peer, ADD % (1, numeric.encode())),
+                "ask": timed_host_call(peer, ASK % (1, asking.encode())),
+            }, args.calls)
             create = vm_create_round_trip(peer, max(200, args.calls // 5))
         finally:
+            echo_peer.close()
             peer.close()
+        echo, ping, add, ask = latency["echo"], latency["ping"], latency["add"], latency["ask"]
+        echo_p50 = statistics.median(echo)
         add_p50, ask_p50, create_p50 = statistics.median(add), statistics.median(ask), statistics.median(create)
+        print("baselines (µs; the round trips below were sampled in alternating blocks with the echo)")
+        print(f"  echo process round trip       {summary(echo)}")
+        print(f"  in-process Func.__call__      {func_us:.1f} per call")
+        print(f"  in-process FastCall           {fast_us:.1f} per call")
         print("vm.call add(2, 40) round trip (µs)")
         print(f"  sidecar ping, for reference   {summary(ping)}   ({ratio(statistics.median(ping), echo_p50)} echo)")
         print(f"  wasm-sidecar                  {summary(add)}")
