@@ -15,6 +15,7 @@ import ctypes
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import structlog
 import wasmtime
@@ -91,7 +92,8 @@ class Isolate:
         set_deadline_callback(self.store, self._decide)
         try:
             self.instance = self._guarded(
-                lambda: _link(linker, self.store, compiled.module),
+                lambda _: _link(linker, self.store, compiled.module),
+                (),
                 CallState(deadline=time.monotonic() + limits.vm_call_timeout_ms / 1000),
                 limits.vm_call_timeout_ms,
             )
@@ -114,19 +116,19 @@ class Isolate:
     def call(self, export: str, args: Sequence[int | float], state: CallState, timeout_ms: int) -> list[int | float]:
         fast = self._fast.get(export) or self._bind(export)
         try:
-            return self._guarded(lambda: fast(args), state, timeout_ms)
+            return self._guarded(fast, args, state, timeout_ms)
         except (TypeError, ValueError) as exc:
             found = _ARGUMENT.search(str(exc))
             path = f"$.args[{found.group(1)}]" if found else "$.args"
             raise InvalidParamsError(str(exc), path=path) from None
         finally:
-            self._refresh_memory()
+            self._refresh_memory()  # before the answer: a host that has it sees the memory it left
 
     def run_start(self, state: CallState, timeout_ms: int) -> int:
         """Run a WASI command's `_start`; its exit code (0 when it returns)."""
         start = self._fast.get("_start") or self._bind("_start")
         try:
-            self._guarded(lambda: start([]), state, timeout_ms)
+            self._guarded(start, [], state, timeout_ms)
         except _Exited as exited:
             return exited.code
         finally:
@@ -158,15 +160,17 @@ class Isolate:
         self._fast[export] = fast
         return fast
 
-    def _guarded(self, action: Callable[[], object], state: CallState, timeout_ms: int):  # type: ignore[no-untyped-def]
-        """Run guest code with this call's state, deadline and fuel; translate what it raises."""
+    def _guarded(self, action: Callable[[Sequence[int | float]], Any], args: Sequence[int | float], state: CallState,
+                 timeout_ms: int) -> Any:
+        """Run `action(args)`, guest code, with this call's state, deadline and fuel; translate what
+        it raises."""
         self.abi.state = state
         self._arm_deadline(_FIRST_CHECK_TICKS)
         if self._fuel:
             self.store.set_fuel(self._fuel)
         self.in_guest = True
         try:
-            return action()
+            return action(args)
         except wasmtime.ExitTrap as exc:
             raise _Exited(exc.code) from None
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
