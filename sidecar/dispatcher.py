@@ -137,7 +137,7 @@ class Dispatcher:
         on_response: Callable[[IncomingResponse], None],
         is_leader: Callable[[], bool],
         more_input: Callable[[], bool],
-        response_runs_guest: Callable[[IncomingResponse], bool],
+        deliver_unless_guest: Callable[[IncomingResponse], bool],
     ) -> None:
         self._limits = limits
         self._send = send
@@ -145,11 +145,10 @@ class Dispatcher:
         self._on_response = on_response
         self._is_leader = is_leader
         self._more_input = more_input  # frames of the reading thread's chunk are still unhandled
-        self._response_runs_guest = response_runs_guest  # an async answer runs the guest's callback
+        self._deliver_unless_guest = deliver_unless_guest  # an async answer runs the guest's callback
         self._routes: dict[str, Route] = {}
         self._in_flight: dict[object, Reply] = {}
         self._collected: list[bytes] = []  # the reading thread's answers, written once per chunk
-        self._peeked: tuple[bytes, Frame] | None = None  # the frame `is_cheap` just decoded
         self._served_lock = threading.Lock()
         self._loop_thread = threading.get_ident()  # constructed on the event loop
         self.requests_served = 0
@@ -164,20 +163,25 @@ class Dispatcher:
     def route(self, method: str, kind: RouteKind, handler: Callable[..., Any]) -> None:
         self._routes[method] = Route(kind, handler, METHODS[method], params_decoder(method))
 
-    def is_cheap(self, line: bytes | OversizedLine) -> bool:
-        """Whether handling `line` is quick and never runs a guest: responses, errors, inline
-        methods. A thread that must not be held up (a guest waiting on the host) may handle it."""
+    def handle_if_cheap(self, line: bytes | OversizedLine) -> bool:
+        """Handle `line` now if that is quick and never runs a guest (an answer to a blocking
+        host call, an error, inline methods); otherwise leave it unhandled and return False.
+        How a thread that must not be held up (a guest waiting on the host) reads on."""
         if isinstance(line, OversizedLine):
+            self.handle_line(line)
             return True
         frame = decode_frame(line)
-        self._peeked = (line, frame)  # handled next, by this same thread: decode it once
-        for item in frame.items:
+        items = frame.items
+        if not frame.batch and isinstance(items[0], IncomingResponse):
+            return self._deliver_unless_guest(items[0])  # the common case: decided and done at once
+        for item in items:
+            if isinstance(item, IncomingResponse):  # within a batch: rare, left to another thread
+                return False
             if isinstance(item, IncomingCall):
                 route = self._routes.get(item.method)
                 if route is not None and route.kind != "inline":
                     return False
-            elif isinstance(item, IncomingResponse) and self._response_runs_guest(item):
-                return False
+        self._handle_frame(frame)
         return True
 
     def flush(self) -> None:
@@ -199,8 +203,9 @@ class Dispatcher:
             )
             self._collected.append(_encode_response(None, None, refused))
             return
-        peeked, self._peeked = self._peeked, None
-        frame = peeked[1] if peeked is not None and peeked[0] is line else decode_frame(line)
+        self._handle_frame(decode_frame(line))
+
+    def _handle_frame(self, frame: Frame) -> None:
         if not frame.batch:
             self._handle_item(frame.items[0], None)
             return

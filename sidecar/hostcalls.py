@@ -14,7 +14,7 @@ from collections.abc import Callable
 import msgspec
 import structlog
 
-from protocol.correlator import Correlator, Delivered, DropReason, Pending
+from protocol.correlator import Correlator, Delivered, Dropped, DropReason, Pending
 from protocol.decoding import IncomingResponse
 from protocol.envelope import Request, encode
 from protocol.errors import env_var_for
@@ -88,13 +88,6 @@ class HostCalls:
     def pending(self) -> int:
         return len(self._correlator)
 
-    def runs_guest(self, response: IncomingResponse) -> bool:
-        """Whether delivering `response` runs guest code: an async call's answer does (the VM's
-        `sidecar_on_response`); a blocking call's only wakes its waiter; a stray one is dropped."""
-        key = response.id if isinstance(response.id, str) else None
-        with self._lock:
-            pending = self._correlator.get(key) if key is not None else None
-        return pending is not None and not isinstance(pending.waiter, BlockingCall)
 
     def pending_for(self, owner: str) -> int:
         with self._lock:
@@ -169,6 +162,23 @@ class HostCalls:
     def deliver(self, response: IncomingResponse) -> None:
         with self._lock:
             verdict = self._correlator.resolve(response.id)
+        self._settle(response, verdict)
+
+    def deliver_unless_guest(self, response: IncomingResponse) -> bool:
+        """Deliver `response` now, unless that would run guest code: an async call's answer runs
+        the VM's `sidecar_on_response`, so it stays pending and the result is False (a thread
+        that must not be held up hands it on). A blocking call's answer only wakes its waiter;
+        a stray one is dropped."""
+        key = response.id if isinstance(response.id, str) else None
+        with self._lock:
+            pending = self._correlator.get(key) if key is not None else None
+            if pending is not None and not isinstance(pending.waiter, BlockingCall):
+                return False
+            verdict = self._correlator.resolve(response.id)
+        self._settle(response, verdict)
+        return True
+
+    def _settle(self, response: IncomingResponse, verdict: Delivered | Dropped) -> None:
         if not isinstance(verdict, Delivered):
             self.dropped[verdict.reason] += 1
             log.info("response_dropped", reason=verdict.reason, request_id=response.id, vm_id=verdict.owner)

@@ -35,7 +35,7 @@ class FrameHandler(Protocol):
 
     def handle_line(self, line: Line) -> None: ...
 
-    def is_cheap(self, line: Line) -> bool: ...
+    def handle_if_cheap(self, line: Line) -> bool: ...
 
     def flush(self) -> None: ...
 
@@ -52,7 +52,7 @@ class Intake:
         self._fd = fd
         self._framer = framer
         self._handle_line: Callable[[Line], None]
-        self._is_cheap: Callable[[Line], bool]
+        self._handle_if_cheap: Callable[[Line], bool]
         self._flush: Callable[[], None]
         self._thread_count = max(2, threads)  # one reads while another may run a guest
         self._on_end = on_end
@@ -72,7 +72,7 @@ class Intake:
         """Start handing frames to `frames`, on threads with `stack_bytes` of native stack each:
         guests run on them, and a guest's wasm stack lives on the native one, so it must hold
         `vm_stack_bytes` and more. (The handler comes this late because it needs the intake.)"""
-        self._handle_line, self._is_cheap, self._flush = frames.handle_line, frames.is_cheap, frames.flush
+        self._handle_line, self._handle_if_cheap, self._flush = frames.handle_line, frames.handle_if_cheap, frames.flush
         previous = threading.stack_size(stack_bytes)
         try:
             self._start_threads()
@@ -204,10 +204,11 @@ class Intake:
         deadline = time.monotonic() + timeout_s
         while self._leader == me and not ready() and not self._stopping and not self.closing:
             if self._backlog:
-                if not self._is_cheap(self._backlog[0]):
+                line = self._backlog.popleft()
+                if not self._handle_if_cheap(line):
+                    self._backlog.appendleft(line)  # the next reader handles it
                     self.yield_leadership()
                     return
-                self._handle_line(self._backlog.popleft())
                 continue
             self._flush()
             remaining = deadline - time.monotonic()

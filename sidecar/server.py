@@ -102,7 +102,7 @@ class Server:
             self._portal = portal
             self.dispatcher = Dispatcher(
                 self.limits, self.outbox.send, portal, self.hostcalls.deliver, self.intake.is_leader,
-                self.intake.has_backlog, self.hostcalls.runs_guest,
+                self.intake.has_backlog, self.hostcalls.deliver_unless_guest,
             )
             self._register_session_methods()
             for factory in self._service_factories:

@@ -204,20 +204,24 @@ async def test_host_call_wait_is_bounded_by_the_protocol_limit() -> None:
         assert server.hostcalls.pending == 0
 
 
-def test_only_answers_to_async_calls_count_as_running_guest_code() -> None:
-    """A thread waiting in `host_call` handles cheap frames itself; an async call's answer runs
-    the guest's `sidecar_on_response`, so it must go to another thread instead."""
+def test_only_answers_to_async_calls_are_left_for_another_thread() -> None:
+    """A thread waiting in `host_call` delivers cheap answers itself; an async call's answer runs
+    the guest's `sidecar_on_response`, so it stays pending for another thread instead."""
     from protocol.decoding import IncomingResponse
     from sidecar.hostcalls import BlockingCall, HostCalls
     from sidecar.limits import load_limits
 
     hostcalls = HostCalls(load_limits({}), lambda frame: None)
-    blocking = hostcalls.issue("vm-1", "m", b"{}", BlockingCall())
-    durable = hostcalls.issue("vm-1", "m", b"{}", lambda answer: None)
+    waiter = BlockingCall()
+    blocking = hostcalls.issue("vm-1", "m", b"{}", waiter)
+    heard: list[object] = []
+    durable = hostcalls.issue("vm-1", "m", b"{}", heard.append)
 
     def answer(request_id: object) -> IncomingResponse:
         return IncomingResponse(request_id, msgspec.Raw(b"1"), None)
 
-    assert not hostcalls.runs_guest(answer(blocking))
-    assert hostcalls.runs_guest(answer(durable))
-    assert not hostcalls.runs_guest(answer("never-issued")) and not hostcalls.runs_guest(answer(7))
+    assert hostcalls.deliver_unless_guest(answer(blocking)) and waiter.answered()
+    assert not hostcalls.deliver_unless_guest(answer(durable))
+    assert not heard and hostcalls.is_pending(durable)  # untouched: the next reader delivers it
+    assert hostcalls.deliver_unless_guest(answer("never-issued")) and hostcalls.deliver_unless_guest(answer(7))
+    assert hostcalls.dropped["unmatched"] == 2
