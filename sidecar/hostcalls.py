@@ -88,7 +88,6 @@ class HostCalls:
     def pending(self) -> int:
         return len(self._correlator)
 
-
     def pending_for(self, owner: str) -> int:
         with self._lock:
             return len(self._correlator.pending_of(owner))

@@ -111,6 +111,7 @@ class MemorySlot(GuestMemory):
         self.context = capi.address(store._context())
         self._store, self._memory = store, memory
         self.handle = ctypes.addressof(memory._memory)
+        self._size = -1  # whatever was known belonged to another memory
         return self
 
     def _where(self) -> tuple[int, int]:
