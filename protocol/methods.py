@@ -64,7 +64,10 @@ def require_one_of(params: Any, fields: Iterable[str], path: str = "$", *, requi
     `path` is the JSON path of `params` itself; a conflict points at the second field given.
     """
     fields = tuple(fields)
-    given = [name for name in fields if getattr(params, name, msgspec.UNSET) is not msgspec.UNSET]
+    given = []
+    for name in fields:  # a loop, not a comprehension: this runs on every request that has the rule
+        if getattr(params, name, msgspec.UNSET) is not msgspec.UNSET:
+            given.append(name)
     if len(given) == 1 or (not given and not required):
         return
     rule = f"give {'exactly' if required else 'at most'} one of " + ", ".join(f"`{name}`" for name in fields)

@@ -20,7 +20,7 @@ import msgspec
 import structlog
 from anyio.from_thread import BlockingPortal
 
-from protocol.decoding import Frame, IncomingCall, IncomingResponse, Malformed, decode_frame, decode_params
+from protocol.decoding import IncomingCall, IncomingResponse, Item, Malformed, decode_frame, decode_params
 from protocol.envelope import ErrorObject, RequestId, Response, encode
 from protocol.errors import (
     InternalError,
@@ -44,7 +44,7 @@ RouteKind = Literal["inline", "task", "deferred"]
 class Reply:
     """The one answer a request gets. `on_cancel` is how a handler learns it should stop."""
 
-    __slots__ = ("id", "key", "method", "_send", "_finished", "_lock", "_done", "on_cancel")
+    __slots__ = ("id", "key", "method", "_send", "_finished", "_lock", "done", "on_cancel")
 
     def __init__(
         self,
@@ -59,12 +59,8 @@ class Reply:
         self._send = send
         self._finished = finished
         self._lock = threading.Lock()
-        self._done = False
+        self.done = False  # read it, never set it: `_complete` does, under the lock
         self.on_cancel: Callable[[], None] | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done
 
     def result(self, value: Any) -> None:
         self._complete(value, None)
@@ -80,9 +76,9 @@ class Reply:
 
     def _complete(self, value: Any, error: RpcError | None) -> bool:
         with self._lock:
-            if self._done:
+            if self.done:
                 return False
-            self._done = True
+            self.done = True
         self._finished(self)  # before the answer leaves: a host that sees it sees the request done
         if self.id is None:  # a notification: the work happened, nobody hears about it
             self._send(None)
@@ -181,7 +177,10 @@ class Dispatcher:
                 route = self._routes.get(item.method)
                 if route is not None and route.kind != "inline":
                     return False
-        self._handle_frame(frame)
+        if frame.batch:
+            self._handle_batch(items)
+        else:
+            self._handle_item(items[0], None)
         return True
 
     def flush(self) -> None:
@@ -203,15 +202,16 @@ class Dispatcher:
             )
             self._collected.append(_encode_response(None, None, refused))
             return
-        self._handle_frame(decode_frame(line))
-
-    def _handle_frame(self, frame: Frame) -> None:
-        if not frame.batch:
+        frame = decode_frame(line)
+        if frame.batch:
+            self._handle_batch(frame.items)
+        else:
             self._handle_item(frame.items[0], None)
-            return
-        calls = sum(1 for item in frame.items if not isinstance(item, IncomingResponse))
+
+    def _handle_batch(self, items: list[Item]) -> None:
+        calls = sum(1 for item in items if not isinstance(item, IncomingResponse))
         batch = _Batch(calls, self._deliver)
-        for item in frame.items:
+        for item in items:
             self._handle_item(item, batch)
 
     def cancel(self, request_id: RequestId) -> bool:
@@ -240,15 +240,15 @@ class Dispatcher:
             self._deliver(frame)
 
     def _answer_later(self, batch: _Batch | None) -> Callable[[bytes | None], None]:
-        if batch is not None:
-            return batch.add
-        return lambda frame: None if frame is None else self._deliver(frame)
+        return batch.add if batch is not None else self._deliver
 
-    def _deliver(self, frame: bytes) -> None:
+    def _deliver(self, frame: bytes | None) -> None:
         """The reading thread's answers join its chunk's write, keeping input order; any other
         answer (a task's, a thread's that gave up reading) goes out at once. The answer to the
         chunk's last frame leaves at once too, with those gathered before it: the host should
-        not wait for the bookkeeping that follows an answer."""
+        not wait for the bookkeeping that follows an answer. (None: a notification's, nothing.)"""
+        if frame is None:
+            return
         if not self._is_leader():
             self._send(frame)
             return

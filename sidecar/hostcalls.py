@@ -14,7 +14,7 @@ from collections.abc import Callable
 import msgspec
 import structlog
 
-from protocol.correlator import Correlator, Delivered, Dropped, DropReason, Pending
+from protocol.correlator import Correlator, Delivered, DropReason, Pending
 from protocol.decoding import IncomingResponse
 from protocol.envelope import Request, encode
 from protocol.errors import env_var_for
@@ -158,32 +158,26 @@ class HostCalls:
             pending.waiter(refusal(reason, request_id=pending.id))
         return len(gone)
 
-    def deliver(self, response: IncomingResponse) -> None:
-        with self._lock:
-            verdict = self._correlator.resolve(response.id)
-        self._settle(response, verdict)
+    def deliver(self, response: IncomingResponse, *, unless_guest: bool = False) -> bool:
+        """Deliver `response` to its caller, or drop it (logged and counted by reason).
 
-    def deliver_unless_guest(self, response: IncomingResponse) -> bool:
-        """Deliver `response` now, unless that would run guest code: an async call's answer runs
-        the VM's `sidecar_on_response`, so it stays pending and the result is False (a thread
-        that must not be held up hands it on). A blocking call's answer only wakes its waiter;
-        a stray one is dropped."""
+        With `unless_guest`, an async call's answer, whose delivery runs the VM's
+        `sidecar_on_response`, stays pending instead and the result is False: a thread that must
+        not be held up hands it on. A blocking call's answer only wakes its waiter.
+        """
         key = response.id if isinstance(response.id, str) else None
         with self._lock:
-            pending = self._correlator.get(key) if key is not None else None
-            if pending is not None and not isinstance(pending.waiter, BlockingCall):
-                return False
+            if unless_guest and key is not None:
+                pending = self._correlator.get(key)
+                if pending is not None and not isinstance(pending.waiter, BlockingCall):
+                    return False
             verdict = self._correlator.resolve(response.id)
-        self._settle(response, verdict)
-        return True
-
-    def _settle(self, response: IncomingResponse, verdict: Delivered | Dropped) -> None:
         if not isinstance(verdict, Delivered):
             self.dropped[verdict.reason] += 1
             log.info("response_dropped", reason=verdict.reason, request_id=response.id, vm_id=verdict.owner)
-            return
-        pending = verdict.pending
-        pending.waiter(_answer_from(response))
+            return True
+        verdict.pending.waiter(_answer_from(response))
+        return True
 
 
 def _answer_from(response: IncomingResponse) -> HostAnswer:

@@ -220,8 +220,9 @@ def test_only_answers_to_async_calls_are_left_for_another_thread() -> None:
     def answer(request_id: object) -> IncomingResponse:
         return IncomingResponse(request_id, msgspec.Raw(b"1"), None)
 
-    assert hostcalls.deliver_unless_guest(answer(blocking)) and waiter.answered()
-    assert not hostcalls.deliver_unless_guest(answer(durable))
+    assert hostcalls.deliver(answer(blocking), unless_guest=True) and waiter.answered()
+    assert not hostcalls.deliver(answer(durable), unless_guest=True)
     assert not heard and hostcalls.is_pending(durable)  # untouched: the next reader delivers it
-    assert hostcalls.deliver_unless_guest(answer("never-issued")) and hostcalls.deliver_unless_guest(answer(7))
+    for stray in ("never-issued", 7):
+        assert hostcalls.deliver(answer(stray), unless_guest=True)
     assert hostcalls.dropped["unmatched"] == 2
