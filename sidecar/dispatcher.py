@@ -130,18 +130,17 @@ class Dispatcher:
         limits: Limits,
         send: Callable[[bytes], None],
         portal: BlockingPortal,
-        on_response: Callable[[IncomingResponse], None],
+        deliver_response: Callable[..., bool],
         is_leader: Callable[[], bool],
         more_input: Callable[[], bool],
-        deliver_unless_guest: Callable[[IncomingResponse], bool],
     ) -> None:
         self._limits = limits
         self._send = send
         self._portal = portal
-        self._on_response = on_response
+        # `HostCalls.deliver(response, unless_guest=...)`: an async call's answer runs the guest's callback
+        self._deliver_response = deliver_response
         self._is_leader = is_leader
         self._more_input = more_input  # frames of the reading thread's chunk are still unhandled
-        self._deliver_unless_guest = deliver_unless_guest  # an async answer runs the guest's callback
         self._routes: dict[str, Route] = {}
         self._in_flight: dict[object, Reply] = {}
         self._collected: list[bytes] = []  # the reading thread's answers, written once per chunk
@@ -169,7 +168,7 @@ class Dispatcher:
         frame = decode_frame(line)
         items = frame.items
         if not frame.batch and isinstance(items[0], IncomingResponse):
-            return self._deliver_unless_guest(items[0])  # the common case: decided and done at once
+            return self._deliver_response(items[0], unless_guest=True)  # the common case: decided and done at once
         for item in items:
             if isinstance(item, IncomingResponse):  # within a batch: rare, left to another thread
                 return False
@@ -227,7 +226,7 @@ class Dispatcher:
 
     def _handle_item(self, item: Any, batch: _Batch | None) -> None:
         if isinstance(item, IncomingResponse):
-            self._on_response(item)
+            self._deliver_response(item)
         elif isinstance(item, Malformed):
             self._answer_now(_encode_response(item.id, None, item.error), batch)
         else:

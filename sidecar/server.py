@@ -10,7 +10,6 @@ closed, queued output is flushed within a bounded time, and `run` returns 0.
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import time
 from collections.abc import Callable
@@ -103,7 +102,7 @@ class Server:
             self._portal = portal
             self.dispatcher = Dispatcher(
                 self.limits, self.outbox.send, portal, self.hostcalls.deliver, self.intake.is_leader,
-                self.intake.has_backlog, functools.partial(self.hostcalls.deliver, unless_guest=True),
+                self.intake.has_backlog,
             )
             self._register_session_methods()
             for factory in self._service_factories:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import wasmtime
@@ -32,12 +34,23 @@ def peek(memory, args):  # type: ignore[no-untyped-def]
     return [memory.read(args[0], 1)[0]]
 
 
-def instance(engine: wasmtime.Engine) -> tuple[wasmtime.Store, FastCall, FastCall]:
+def linked(wat: str, define: Callable[[wasmtime.Linker], object], engine: wasmtime.Engine | None = None) -> Any:
+    """(store, exports) of `wat` instantiated against the host functions `define` puts in a linker."""
+    engine = engine or wasmtime.Engine()
     linker = wasmtime.Linker(engine)
-    define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], double)
-    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek)
+    define(linker)
     store = wasmtime.Store(engine)
-    exports = linker.instantiate(store, wasmtime.Module(engine, GUEST)).exports(store)
+    return store, linker.instantiate(store, wasmtime.Module(engine, wat)).exports(store)
+
+
+def define_guest_abi(linker: wasmtime.Linker, **on_fault: Callable[[GuestFault], object]) -> None:
+    """`double` and `peek` for GUEST; `on_fault` by function name."""
+    define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], double, on_fault=on_fault.get("double"))
+    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek, on_fault=on_fault.get("peek"))
+
+
+def instance(engine: wasmtime.Engine) -> tuple[wasmtime.Store, FastCall, FastCall]:
+    store, exports = linked(GUEST, define_guest_abi, engine)
     return store, FastCall(store, exports["twice"]), FastCall(store, exports["peek"])
 
 
@@ -117,13 +130,13 @@ GROWING = """(module
 
 def test_a_bound_memory_slot_follows_growth() -> None:
     """The slot path locates memory on every call: bytes past the first page appear once grown."""
-    engine = wasmtime.Engine()
-    store = wasmtime.Store(engine)
-    linker = wasmtime.Linker(engine)
     slot = MemorySlot()
-    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek, slot)
-    define_host_func(linker, "sidecar", "wide", ["i64", "i32"], ["i64"], lambda memory, args: [args[0] - args[1]])
-    exports = linker.instantiate(store, wasmtime.Module(engine, GROWING)).exports(store)
+
+    def define(linker: wasmtime.Linker) -> None:
+        define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek, slot)
+        define_host_func(linker, "sidecar", "wide", ["i64", "i32"], ["i64"], lambda memory, args: [args[0] - args[1]])
+
+    store, exports = linked(GROWING, define)
     slot.bind(store, exports["memory"])
     peek_at, grow = FastCall(store, exports["peek"]), FastCall(store, exports["grow_and_poke"])
     with pytest.raises(wasmtime.WasmtimeError) as caught:
@@ -140,15 +153,12 @@ def test_a_bound_memory_slot_follows_growth() -> None:
 
 
 def test_a_guest_without_memory_traps_when_a_host_function_needs_it() -> None:
-    engine = wasmtime.Engine()
-    store = wasmtime.Store(engine)
-    linker = wasmtime.Linker(engine)
-    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek)
     guest = (
         '(module (import "sidecar" "peek" (func $p (param i32) (result i32)))'
         ' (func (export "f") (result i32) (call $p (i32.const 0))))'
     )
-    call = FastCall(store, linker.instantiate(store, wasmtime.Module(engine, guest)).exports(store)["f"])
+    store, exports = linked(guest, lambda linker: define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek))
+    call = FastCall(store, exports["f"])
     with pytest.raises(wasmtime.WasmtimeError) as caught:
         call([])
     assert "exports no memory named `memory`" in trap_message(caught.value)
@@ -156,12 +166,12 @@ def test_a_guest_without_memory_traps_when_a_host_function_needs_it() -> None:
 
 
 def test_a_host_function_returning_the_wrong_results_traps_with_a_generic_message() -> None:
-    engine = wasmtime.Engine()
-    store = wasmtime.Store(engine)
-    linker = wasmtime.Linker(engine)
-    define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], lambda memory, args: [])
-    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek)
-    call = FastCall(store, linker.instantiate(store, wasmtime.Module(engine, GUEST)).exports(store)["twice"])
+    def define(linker: wasmtime.Linker) -> None:
+        define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], lambda memory, args: [])
+        define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek)
+
+    store, exports = linked(GUEST, define)
+    call = FastCall(store, exports["twice"])
     with pytest.raises(wasmtime.WasmtimeError) as caught:
         call([1])
     assert "sidecar host function failed" in trap_message(caught.value)
@@ -169,13 +179,9 @@ def test_a_host_function_returning_the_wrong_results_traps_with_a_generic_messag
 
 
 def test_on_fault_hears_each_fault_before_the_trap_and_cannot_break_it() -> None:
-    engine = wasmtime.Engine()
-    store = wasmtime.Store(engine)
-    linker = wasmtime.Linker(engine)
     heard: list[GuestFault] = []
-    define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], double, on_fault=heard.append)
-    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek, on_fault=lambda fault: 1 / 0)
-    exports = linker.instantiate(store, wasmtime.Module(engine, GUEST)).exports(store)
+    faults = {"double": heard.append, "peek": lambda fault: 1 / 0}  # peek's hook raises
+    store, exports = linked(GUEST, lambda linker: define_guest_abi(linker, **faults))
     twice, peek_at = FastCall(store, exports["twice"]), FastCall(store, exports["peek"])
     assert twice([4]) == [8] and not heard
     with pytest.raises(wasmtime.WasmtimeError):
