@@ -1,5 +1,18 @@
 # wasm-sidecar: a JSON-RPC 2.0 daemon on stdin/stdout. Run it with `docker run -i --rm IMAGE`
 # (stdin must stay open: end of input is how a host tells the sidecar to stop).
+
+# The wheel holds one C extension (the guest ABI's data calls), so it is built where a compiler
+# is; the image that runs gets the wheel only.
+FROM python:3.11-slim AS build
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml hatch_build.py README.md ./
+COPY config ./config
+COPY protocol ./protocol
+COPY sidecar ./sidecar
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
 FROM python:3.11-slim
 
 # Unbuffered, no .pyc litter, and pip without a cache keep the image small and logs prompt.
@@ -10,12 +23,8 @@ ENV PYTHONUNBUFFERED=1 \
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin sidecar
 
-WORKDIR /opt/wasm-sidecar
-COPY pyproject.toml README.md ./
-COPY config ./config
-COPY protocol ./protocol
-COPY sidecar ./sidecar
-RUN pip install . && rm -rf /opt/wasm-sidecar/build
+COPY --from=build /wheels /tmp/wheels
+RUN pip install /tmp/wheels/*.whl && rm -rf /tmp/wheels
 
 USER 10001
 # The compile cache lives in the user's cache dir; mount a volume here to keep it across runs.

@@ -2,7 +2,8 @@
 
 Owns `input_len`, `input_read`, `output_write`, `host_call`, `response_read` and
 `host_call_async`: what each does with the current call's state, and every check on the
-guest's pointers, lengths and budgets.
+guest's pointers, lengths and budgets. The data calls (input, output, response) are C functions
+(`wasmffi.guestio`) that run without the GIL; the host calls are Python.
 A broken ABI contract (a bad pointer, a length past memory) traps that guest and nothing else; a
 budget that bites records which limit it was so the call's error can name it. Knows nothing
 about stores or threads: the isolate binds these functions to one instance and its call state.
@@ -20,7 +21,8 @@ from protocol.errors import LimitExceededError
 
 from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, bounded, refusal
 from .limits import Limits
-from .wasmffi import GuestFault, GuestMemory, MemorySlot, define_host_func
+from .wasmffi import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
+from .wasmffi.guestio import CALLBACKS, GuestIo
 
 MODULE = "sidecar"
 # name -> (params, results): the signatures a guest must import them with.
@@ -45,8 +47,8 @@ class CallState(msgspec.Struct):
     input: bytes = b""
     output_cap: int = 0
     deadline: float = float("inf")
-    output: bytearray = msgspec.field(default_factory=bytearray)
-    response: bytes = b""
+    output: bytes = b""  # what the guest wrote, once the call returned
+    response: bytes = b""  # what response_read gives before the call's first host answer
     stop: str | None = None  # "cancelled", "timeout" or "disposed": why the deadline callback stopped it
     fault: tuple[str, str] | None = None  # (trap_code, message) of an ABI violation
     exceeded: LimitExceededError | None = None  # a guest budget that ended the call
@@ -71,45 +73,45 @@ class GuestAbi:
         self.wait_serving = wait_serving  # keeps reading input while the answer is out
         self.issue_async = issue_async  # the VM keeps async calls: they outlive this instance's call
         self.state = CallState()
-        self.memory = MemorySlot()  # the instance fills it in once it exists
+        self.memory = MemorySlot()  # the instance fills it in once it exists (`bind_memory`)
+        self.io = GuestIo()  # the data calls' view of the call; must outlive the instance's calls
 
     def define(self, linker: wasmtime.Linker) -> None:
-        handlers = {
-            "input_len": self._input_len,
-            "input_read": self._input_read,
-            "output_write": self._output_write,
-            "host_call": self._host_call,
-            "response_read": self._response_read,
-            "host_call_async": self._host_call_async,
-            "response_len": self._response_len,
-        }
+        handlers = {"host_call": self._host_call, "host_call_async": self._host_call_async}
         for name, (params, results) in SIGNATURES.items():
-            define_host_func(linker, MODULE, name, params, results, handlers[name], self.memory, self._on_fault)
+            if name in handlers:
+                define_host_func(linker, MODULE, name, params, results, handlers[name], self.memory, self._on_fault)
+            else:
+                define_native_func(linker, MODULE, name, params, results, CALLBACKS[name], self.io.address)
+
+    def bind_memory(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
+        """The instance's `memory` export, once it exists: every ABI function uses it from now on."""
+        self.memory.bind(store, memory)
+        self.io.bind(self.memory.context, self.memory.handle, self.memory)
+
+    def begin(self, state: CallState) -> None:
+        self.state = state
+        self.io.begin(state.input, state.output_cap, state.response)
+
+    def end(self, state: CallState) -> None:
+        """After a call returned: what it wrote."""
+        state.output = self.io.output()
+
+    def absorb_faults(self, state: CallState) -> None:
+        """After a call trapped: what the data calls refused, as the call's fault or exceeded budget."""
+        if state.fault is None and state.exceeded is None:
+            observed = self.io.output_overflow
+            if observed:
+                state.exceeded = self.limits.exceeded(
+                    "vm_output_bytes", observed, capacity=state.output_cap, vm_id=self.vm_id
+                )
+            else:
+                state.fault = self.io.fault
 
     def _on_fault(self, fault: GuestFault) -> None:
         """Remember an ABI fault before it traps, so the call's error carries its trap code."""
         if self.state.fault is None and self.state.exceeded is None:
             self.state.fault = (fault.code, str(fault))
-
-    def _input_len(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
-        return [len(self.state.input)]
-
-    def _input_read(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
-        memory.write(args[0], self.state.input)
-        return []
-
-    def _output_write(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
-        pointer, length = args
-        data = memory.read(pointer, length)
-        state = self.state
-        if len(state.output) + len(data) > state.output_cap:
-            observed = len(state.output) + len(data)
-            state.exceeded = self.limits.exceeded(
-                "vm_output_bytes", observed, capacity=state.output_cap, vm_id=self.vm_id
-            )
-            raise GuestFault(f"vm_output_bytes exceeded: {observed} > {state.output_cap}")
-        state.output += data
-        return []
 
     def _request(self, memory: GuestMemory, args: Sequence[int]) -> tuple[str, bytes] | HostAnswer:
         """The method and compact params JSON a guest asks with, or the refusal it gets instead."""
@@ -143,7 +145,7 @@ class GuestAbi:
     def _host_call_async(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
         if isinstance(request, HostAnswer):
-            self.state.response = request.payload
+            self.io.response = request.payload
             return [request.status]
         return [self.issue_async(*request)]
 
@@ -151,12 +153,5 @@ class GuestAbi:
         self.state.host_call_id = request_id
 
     def _answer(self, answer: HostAnswer) -> list[int]:
-        self.state.response = answer.payload
+        self.io.response = answer.payload
         return [len(answer.payload) if answer.status == 0 else answer.status]
-
-    def _response_len(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
-        return [len(self.state.response)]
-
-    def _response_read(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
-        memory.write(args[0], self.state.response)
-        return []

@@ -102,7 +102,7 @@ class Isolate:
             self._memories = self._distinct_memories(exported.values())
             abi_memory = exported.get("memory")
             if isinstance(abi_memory, wasmtime.Memory):
-                self.abi.memory.bind(self.store, abi_memory)
+                self.abi.bind_memory(self.store, abi_memory)
             self._memory_slots = [MemorySlot().bind(self.store, memory) for memory in self._memories]
             if start and any(export.name == START_EXPORT for export in compiled.exports):
                 # Instrumentation moved the start function here so that it runs under the budgets.
@@ -164,13 +164,15 @@ class Isolate:
                  timeout_ms: int) -> Any:
         """Run `action(args)`, guest code, with this call's state, deadline and fuel; translate what
         it raises."""
-        self.abi.state = state
+        self.abi.begin(state)
         self._arm_deadline(_FIRST_CHECK_TICKS)
         if self._fuel:
             self.store.set_fuel(self._fuel)
         self.in_guest = True
         try:
-            return action(args)
+            results = action(args)
+            self.abi.end(state)
+            return results
         except wasmtime.ExitTrap as exc:
             raise _Exited(exc.code) from None
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
@@ -196,6 +198,7 @@ class Isolate:
         return 1
 
     def _translate(self, exc: Exception, state: CallState, timeout_ms: int) -> RpcError:
+        self.abi.absorb_faults(state)
         if state.exceeded is not None:
             return state.exceeded
         if state.stop == _TIMEOUT:

@@ -192,7 +192,7 @@ class VmService:
             state.deadline = time.monotonic() + timeout_ms / 1000
             results = isolate.call(params.export, params.args, state, timeout_ms)
             elapsed = (time.perf_counter() - started) * 1000
-            text, binary = _text_or_base64(bytes(state.output))
+            text, binary = _text_or_base64(state.output)
             return VmCallResult(
                 results=results,
                 output=text,

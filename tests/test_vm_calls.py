@@ -225,7 +225,7 @@ async def test_an_abi_call_without_an_exported_memory_traps(session) -> None:
     async with session() as (client, _):
         vm_id = (await rpc(client, "vm.create", {"wat": text}))["vm_id"]
         error = await refused(client, "vm.call", {"vm_id": vm_id, "export": "f"}, code=-32003)
-        assert "memory" in error.data["message"]
+        assert error.data["trap_code"] == "abi_violation" and "memory" in error.data["message"]
         assert await rpc(client, "ping") == {}
 
 

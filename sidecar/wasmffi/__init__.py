@@ -15,7 +15,9 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
   `Func.__call__` all make).
 - `define_host_func(linker, ...)`: host functions that trap only their own caller
   (`GuestFault`), never through wasmtime-py's process-global exception slot, and `GuestMemory`,
-  the caller's memory with bounds-checked reads and writes, found through a `MemorySlot`.
+  the caller's memory with bounds-checked reads and writes, found through a `MemorySlot`;
+  `define_native_func` for host functions written in C, such as the guest ABI's data calls
+  (`guestio`, our one C extension).
 - `capi`: our own prototypes of the C functions on those per-call paths (plain addresses).
 - `enable_pooling(config, ...)`: the pooling instance allocator (measured ~20-30% faster
   instantiation; fixed capacity and a large address-space reservation, see `pooling`).
@@ -26,7 +28,7 @@ what a trap means. Pinned to wasmtime-py 50.x (the private `_ffi`/`_bindings` la
 
 from .deadline import EpochDeadline, live_deadline_callbacks, set_deadline_callback, trap_message
 from .fastcall import FastCall, instance_export, store_id
-from .hostfunc import GuestFault, GuestMemory, MemorySlot, define_host_func
+from .hostfunc import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
 from .pooling import enable_pooling
 from .valtypes import value_type_names
 from .wasi import set_wasi_stdin_bytes
@@ -38,6 +40,7 @@ __all__ = [
     "GuestMemory",
     "MemorySlot",
     "define_host_func",
+    "define_native_func",
     "enable_pooling",
     "instance_export",
     "live_deadline_callbacks",

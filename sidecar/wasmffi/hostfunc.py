@@ -6,6 +6,7 @@ with guests on several threads a fault in one VM's host call can surface in anot
 Here a host function signals a fault by raising `GuestFault`, which becomes a trap returned
 straight to wasmtime for that call only; any other exception is a bug and traps the same way
 with a generic message. Values cross as raw i32/i64 (the guest ABI uses nothing else).
+`define_native_func` defines a function written in C (see `guestio`) through the same route.
 Knows nothing about what the functions do.
 """
 
@@ -23,7 +24,7 @@ from . import capi
 from .slots import Slots, c_text
 from .valtypes import raw_layout
 
-__all__ = ["GuestFault", "GuestMemory", "MemorySlot", "define_host_func"]
+__all__ = ["GuestFault", "GuestMemory", "MemorySlot", "define_host_func", "define_native_func"]
 
 log = structlog.get_logger()
 
@@ -31,9 +32,10 @@ log = structlog.get_logger()
 # (data, caller, values, count) -> wasm_trap_t* (0 for none)
 _CALLBACK_TYPE = ctypes.CFUNCTYPE(capi.SIZE, capi.VOID_P, capi.VOID_P, capi.VOID_P, capi.SIZE)
 _FINALIZER_TYPE = ctypes.CFUNCTYPE(None, capi.VOID_P)
+# The callback and finalizer go as addresses: Python trampolines and C functions alike.
 _define_func_unchecked = capi.c_function(
     "wasmtime_linker_define_func_unchecked", capi.VOID_P, capi.VOID_P, ctypes.c_char_p, capi.SIZE, ctypes.c_char_p,
-    capi.SIZE, capi.VOID_P, _CALLBACK_TYPE, capi.VOID_P, _FINALIZER_TYPE,
+    capi.SIZE, capi.VOID_P, capi.VOID_P, capi.VOID_P, capi.VOID_P,
 )
 _KINDS = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64}
 _MEMORY_EXPORT = b"memory"
@@ -168,15 +170,34 @@ def define_host_func(
     `MemorySlot` once its owner bound it). Raising `GuestFault` traps the guest with its message,
     after `on_fault(fault)` has told the owner why.
     """
-    ty = _func_type(linker.engine, tuple(params), tuple(results))
     slot = _FUNCS.add((function, _RawValues(params), _RawValues(results), memory, on_fault))
+    try:
+        _define(linker, module, name, params, results, ctypes.cast(_trampoline, capi.VOID_P).value, slot,
+                ctypes.cast(_FUNCS.finalizer, capi.VOID_P).value)
+    except BaseException:
+        _FUNCS.discard(slot)
+        raise
+
+
+def define_native_func(
+    linker: wasmtime.Linker, module: str, name: str, params: Sequence[str], results: Sequence[str], callback: int,
+    env: int,
+) -> None:
+    """Define `module.name` in `linker` as a C function of wasmtime's unchecked callback type
+    (address `callback`), called with `env` (an address). Nothing frees `env`: the caller keeps
+    what it points to alive for as long as any instance linked here can run."""
+    _define(linker, module, name, params, results, callback, env, None)
+
+
+def _define(linker: wasmtime.Linker, module: str, name: str, params: Sequence[str], results: Sequence[str],
+            callback: int | None, data: int, finalizer: int | None) -> None:
+    ty = _func_type(linker.engine, tuple(params), tuple(results))
     module_bytes, name_bytes = module.encode(), name.encode()
     error = _define_func_unchecked(
         capi.address(linker.ptr()), module_bytes, len(module_bytes), name_bytes, len(name_bytes),
-        capi.address(ty.ptr()), _trampoline, slot, _FUNCS.finalizer,
+        capi.address(ty.ptr()), callback, data, finalizer,
     )
     if error:
-        _FUNCS.discard(slot)
         raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(_ffi.wasmtime_error_t)))
 
 

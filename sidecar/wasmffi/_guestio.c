@@ -1,0 +1,385 @@
+/* The data half of guest ABI v1 in C: `input_len`, `input_read`, `output_write`,
+ * `response_len` and `response_read`.
+ *
+ * Why C: a host function written in Python costs a guest 3-4 µs per call on the request path
+ * (the ctypes callback machinery, taking the GIL, arguments as Python objects), and a typical
+ * guest call makes four of these. Here each is a bounds check and a memcpy, run without the GIL.
+ *
+ * A `GuestIo` belongs to one instance and is the `env` of its five host functions. Its owner
+ * thread fills it before a call (`begin`: the input, the output budget, the response) and reads
+ * it after (`output`, `fault`, `output_overflow`); while the guest runs, only these functions
+ * touch it, on that same thread. They read the input and response through the `bytes` objects
+ * it holds references to (immutable, alive while held) and never call into Python, so they run
+ * without the GIL. A fault traps the calling guest and is remembered for the call's error.
+ *
+ * The wasmtime functions come from the library wasmtime-py loaded, handed over once by
+ * `setup`, so this module does not link against wasmtime. Build: the `hatch_build.py` hook.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+typedef union {
+    int32_t i32;
+    int64_t i64;
+    uint8_t v128[16];
+} raw_value; /* wasmtime_val_raw_t: one slot of an unchecked call's values */
+
+typedef void *(*memory_data_fn)(void *context, const void *memory);
+typedef size_t (*memory_data_size_fn)(void *context, const void *memory);
+typedef void *(*trap_new_fn)(const char *message, size_t length);
+typedef void *(*caller_context_fn)(void *caller);
+typedef bool (*caller_export_get_fn)(void *caller, const char *name, size_t length, void *item);
+
+#define EXTERN_BYTES_MAX 64
+#ifndef SIDECAR_SOURCE_SHA256
+#define SIDECAR_SOURCE_SHA256 "" /* set by the build hook: how a stale build is noticed */
+#endif
+
+static struct {
+    memory_data_fn memory_data;
+    memory_data_size_fn memory_data_size;
+    trap_new_fn trap_new;
+    caller_context_fn caller_context;
+    caller_export_get_fn caller_export_get;
+    size_t extern_bytes;     /* sizeof(wasmtime_extern_t) */
+    size_t extern_of_offset; /* offsetof(wasmtime_extern_t, of) */
+    uint8_t extern_memory;   /* WASMTIME_EXTERN_MEMORY */
+} api;
+
+enum fault_kind { FAULT_NONE, FAULT_OUT_OF_BOUNDS, FAULT_NO_MEMORY };
+
+/* A retained output buffer larger than this is freed before the next call: an idle instance
+ * should not keep the biggest output it ever wrote. */
+#define OUTPUT_KEEP_BYTES 65536
+#define MESSAGE_BYTES 160
+
+typedef struct {
+    PyObject_HEAD
+    /* The instance's ABI memory, once bound; until then it is looked up through the caller. */
+    void *context;
+    const void *memory;
+    PyObject *memory_owner; /* keeps the store and the memory handle alive while bound */
+    /* What the current call reads. */
+    PyObject *input;    /* bytes */
+    PyObject *response; /* bytes */
+    /* What it wrote. */
+    char *output;
+    size_t output_len, output_alloc, output_cap;
+    uint64_t output_overflow; /* the size a refused output_write would have reached */
+    enum fault_kind fault;
+    char message[MESSAGE_BYTES];
+} GuestIo;
+
+/* -- the host functions ---------------------------------------------------------------------- */
+
+static void *trap(const char *message) { return api.trap_new(message, strlen(message)); }
+
+static void *fault(GuestIo *io, enum fault_kind kind, const char *message) {
+    if (io->fault == FAULT_NONE && io->output_overflow == 0) {
+        io->fault = kind;
+        snprintf(io->message, MESSAGE_BYTES, "%s", message);
+    }
+    return trap(message);
+}
+
+/* The caller's memory as (base, size); NULL with a trap in *failed when there is none. */
+static uint8_t *locate(GuestIo *io, void *caller, size_t *size, void **failed) {
+    if (io->context != NULL) {
+        *size = api.memory_data_size(io->context, io->memory);
+        return api.memory_data(io->context, io->memory);
+    }
+    /* Not bound yet (a start function runs before its instance exists): the export by name. */
+    _Alignas(16) uint8_t item[EXTERN_BYTES_MAX];
+    if (!api.caller_export_get(caller, "memory", 6, item) || item[0] != api.extern_memory) {
+        *failed = fault(io, FAULT_NO_MEMORY, "the guest exports no memory named `memory` (guest ABI v1)");
+        return NULL;
+    }
+    void *context = api.caller_context(caller);
+    *size = api.memory_data_size(context, item + api.extern_of_offset);
+    return api.memory_data(context, item + api.extern_of_offset);
+}
+
+/* [pointer, +length) inside a memory of `size` bytes; i32 pointers are unsigned addresses. */
+static void *outside(GuestIo *io, uint32_t pointer, int64_t length, size_t size) {
+    char message[MESSAGE_BYTES];
+    snprintf(message, sizeof message, "guest range [%u, +%lld) is outside its memory of %zu bytes", pointer,
+             (long long)length, size);
+    return fault(io, FAULT_OUT_OF_BOUNDS, message);
+}
+
+static void *copy_out(GuestIo *io, void *caller, uint32_t pointer, PyObject *data) {
+    size_t size;
+    void *failed = NULL;
+    uint8_t *base = locate(io, caller, &size, &failed);
+    if (base == NULL) return failed;
+    size_t length = (size_t)PyBytes_GET_SIZE(data);
+    if ((uint64_t)pointer + length > size) return outside(io, pointer, (int64_t)length, size);
+    memcpy(base + pointer, PyBytes_AS_STRING(data), length);
+    return NULL;
+}
+
+static void *input_len(void *env, void *caller, raw_value *values, size_t count) {
+    values[0].i32 = (int32_t)PyBytes_GET_SIZE(((GuestIo *)env)->input);
+    return NULL;
+}
+
+static void *input_read(void *env, void *caller, raw_value *values, size_t count) {
+    GuestIo *io = env;
+    return copy_out(io, caller, (uint32_t)values[0].i32, io->input);
+}
+
+static void *response_len(void *env, void *caller, raw_value *values, size_t count) {
+    values[0].i32 = (int32_t)PyBytes_GET_SIZE(((GuestIo *)env)->response);
+    return NULL;
+}
+
+static void *response_read(void *env, void *caller, raw_value *values, size_t count) {
+    GuestIo *io = env;
+    return copy_out(io, caller, (uint32_t)values[0].i32, io->response);
+}
+
+static void *output_write(void *env, void *caller, raw_value *values, size_t count) {
+    GuestIo *io = env;
+    uint32_t pointer = (uint32_t)values[0].i32;
+    int32_t length = values[1].i32;
+    size_t size;
+    void *failed = NULL;
+    uint8_t *base = locate(io, caller, &size, &failed);
+    if (base == NULL) return failed;
+    if (length < 0 || (uint64_t)pointer + (uint64_t)length > size) return outside(io, pointer, length, size);
+    size_t wanted = io->output_len + (size_t)length;
+    if (wanted > io->output_cap) {
+        char message[MESSAGE_BYTES];
+        snprintf(message, sizeof message, "vm_output_bytes exceeded: %zu > %zu", wanted, io->output_cap);
+        if (io->fault == FAULT_NONE && io->output_overflow == 0) io->output_overflow = wanted;
+        return trap(message);
+    }
+    if (wanted > io->output_alloc) {
+        size_t grown = io->output_alloc ? io->output_alloc : 256;
+        while (grown < wanted) grown *= 2;
+        if (grown > io->output_cap) grown = io->output_cap;
+        char *output = PyMem_RawRealloc(io->output, grown); /* allowed without the GIL */
+        if (output == NULL) return trap("the sidecar is out of memory for the guest's output");
+        io->output = output;
+        io->output_alloc = grown;
+    }
+    memcpy(io->output + io->output_len, base + pointer, (size_t)length);
+    io->output_len = wanted;
+    return NULL;
+}
+
+/* -- the Python side ----------------------------------------------------------------------- */
+
+static int require_bytes(PyObject *value, const char *what) {
+    if (PyBytes_CheckExact(value)) return 0;
+    PyErr_Format(PyExc_TypeError, "%s must be bytes, not %.100s", what, Py_TYPE(value)->tp_name);
+    return -1;
+}
+
+static PyObject *GuestIo_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    if (PyTuple_GET_SIZE(args) != 0 || (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "GuestIo() takes no arguments");
+        return NULL;
+    }
+    GuestIo *io = (GuestIo *)type->tp_alloc(type, 0);
+    if (io == NULL) return NULL;
+    io->input = PyBytes_FromStringAndSize(NULL, 0);
+    if (io->input == NULL) {
+        Py_DECREF(io);
+        return NULL;
+    }
+    io->response = Py_NewRef(io->input);
+    return (PyObject *)io;
+}
+
+static void GuestIo_dealloc(GuestIo *io) {
+    Py_XDECREF(io->memory_owner);
+    Py_XDECREF(io->input);
+    Py_XDECREF(io->response);
+    PyMem_RawFree(io->output);
+    Py_TYPE(io)->tp_free((PyObject *)io);
+}
+
+PyDoc_STRVAR(begin_doc, "begin(input, output_cap, response)\n--\n\n"
+                        "Start a call: what it reads, how much it may write; forgets the last call's output and fault.");
+
+static PyObject *GuestIo_begin(GuestIo *io, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "begin() takes 3 arguments (%zd given)", nargs);
+    if (require_bytes(args[0], "input") < 0 || require_bytes(args[2], "response") < 0) return NULL;
+    Py_ssize_t cap = PyLong_AsSsize_t(args[1]);
+    if (cap < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "output_cap must be >= 0");
+        return NULL;
+    }
+    Py_SETREF(io->input, Py_NewRef(args[0]));
+    Py_SETREF(io->response, Py_NewRef(args[2]));
+    if (io->output_alloc > OUTPUT_KEEP_BYTES) {
+        PyMem_RawFree(io->output);
+        io->output = NULL;
+        io->output_alloc = 0;
+    }
+    io->output_len = 0;
+    io->output_cap = (size_t)cap;
+    io->output_overflow = 0;
+    io->fault = FAULT_NONE;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(output_doc, "output()\n--\n\nWhat the current (or last) call wrote with output_write.");
+
+static PyObject *GuestIo_output(GuestIo *io, PyObject *unused) {
+    return PyBytes_FromStringAndSize(io->output, (Py_ssize_t)io->output_len);
+}
+
+PyDoc_STRVAR(bind_doc, "bind(context, memory, owner)\n--\n\n"
+                       "Use this memory from now on (addresses of a wasmtime_context_t and a wasmtime_memory_t); "
+                       "`owner` is kept referenced, and must keep both alive, until the next bind.");
+
+static PyObject *GuestIo_bind(GuestIo *io, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "bind() takes 3 arguments (%zd given)", nargs);
+    void *context = PyLong_AsVoidPtr(args[0]);
+    void *memory = PyLong_AsVoidPtr(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if ((context == NULL) != (memory == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "context and memory are both set or both 0");
+        return NULL;
+    }
+    Py_XSETREF(io->memory_owner, context ? Py_NewRef(args[2]) : NULL);
+    io->context = context;
+    io->memory = memory;
+    Py_RETURN_NONE;
+}
+
+static PyObject *GuestIo_get_response(GuestIo *io, void *closure) { return Py_NewRef(io->response); }
+
+static int GuestIo_set_response(GuestIo *io, PyObject *value, void *closure) {
+    if (value == NULL || require_bytes(value, "response") < 0) {
+        if (value == NULL) PyErr_SetString(PyExc_AttributeError, "response cannot be deleted");
+        return -1;
+    }
+    Py_SETREF(io->response, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *GuestIo_get_fault(GuestIo *io, void *closure) {
+    switch (io->fault) {
+    case FAULT_OUT_OF_BOUNDS: return Py_BuildValue("(ss)", "memory_out_of_bounds", io->message);
+    case FAULT_NO_MEMORY: return Py_BuildValue("(ss)", "abi_violation", io->message);
+    default: Py_RETURN_NONE;
+    }
+}
+
+static PyObject *GuestIo_get_overflow(GuestIo *io, void *closure) {
+    return PyLong_FromUnsignedLongLong(io->output_overflow);
+}
+
+static PyObject *GuestIo_get_address(GuestIo *io, void *closure) { return PyLong_FromVoidPtr(io); }
+
+static PyMethodDef GuestIo_methods[] = {
+    {"begin", (PyCFunction)(void (*)(void))GuestIo_begin, METH_FASTCALL, begin_doc},
+    {"output", (PyCFunction)GuestIo_output, METH_NOARGS, output_doc},
+    {"bind", (PyCFunction)(void (*)(void))GuestIo_bind, METH_FASTCALL, bind_doc},
+    {NULL},
+};
+
+static PyGetSetDef GuestIo_getset[] = {
+    {"response", (getter)GuestIo_get_response, (setter)GuestIo_set_response,
+     "What response_len/response_read give the guest: the last host answer (bytes).", NULL},
+    {"fault", (getter)GuestIo_get_fault, NULL,
+     "(trap code, message) of the ABI violation that trapped the call, or None.", NULL},
+    {"output_overflow", (getter)GuestIo_get_overflow, NULL,
+     "The output size a refused output_write would have reached (0: none was refused).", NULL},
+    {"address", (getter)GuestIo_get_address, NULL, "The `env` its host functions are defined with.", NULL},
+    {NULL},
+};
+
+static PyTypeObject GuestIoType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sidecar.wasmffi._guestio.GuestIo",
+    .tp_doc = "One instance's guest ABI data: the call's input and response, the output it wrote.",
+    .tp_basicsize = sizeof(GuestIo),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = GuestIo_new,
+    .tp_dealloc = (destructor)GuestIo_dealloc,
+    .tp_methods = GuestIo_methods,
+    .tp_getset = GuestIo_getset,
+};
+
+PyDoc_STRVAR(setup_doc,
+             "setup(memory_data, memory_data_size, trap_new, caller_context, caller_export_get, "
+             "extern_bytes, extern_of_offset, extern_memory, raw_value_bytes)\n--\n\n"
+             "The wasmtime C functions (addresses) and the wasmtime_extern_t layout; once, before any call.");
+
+static PyObject *setup(PyObject *module, PyObject *args) {
+    unsigned long long pointers[5], raw_value_bytes;
+    unsigned long long extern_bytes, extern_of_offset;
+    unsigned char extern_memory;
+    if (!PyArg_ParseTuple(args, "KKKKKKKbK", &pointers[0], &pointers[1], &pointers[2], &pointers[3], &pointers[4],
+                          &extern_bytes, &extern_of_offset, &extern_memory, &raw_value_bytes))
+        return NULL;
+    if (raw_value_bytes != sizeof(raw_value) || extern_bytes > EXTERN_BYTES_MAX || extern_of_offset >= extern_bytes) {
+        PyErr_SetString(PyExc_RuntimeError, "this wasmtime's C API layout is not the one _guestio was written for");
+        return NULL;
+    }
+    for (int i = 0; i < 5; i++) {
+        if (pointers[i] == 0) {
+            PyErr_SetString(PyExc_ValueError, "a wasmtime function address is 0");
+            return NULL;
+        }
+    }
+    api.memory_data = (memory_data_fn)(uintptr_t)pointers[0];
+    api.memory_data_size = (memory_data_size_fn)(uintptr_t)pointers[1];
+    api.trap_new = (trap_new_fn)(uintptr_t)pointers[2];
+    api.caller_context = (caller_context_fn)(uintptr_t)pointers[3];
+    api.caller_export_get = (caller_export_get_fn)(uintptr_t)pointers[4];
+    api.extern_bytes = (size_t)extern_bytes;
+    api.extern_of_offset = (size_t)extern_of_offset;
+    api.extern_memory = extern_memory;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"setup", setup, METH_VARARGS, setup_doc},
+    {NULL},
+};
+
+static struct PyModuleDef guestio_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "sidecar.wasmffi._guestio",
+    .m_doc = "The guest ABI's data calls as C host functions (see _guestio.c).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+static int add_callback(PyObject *callbacks, const char *name, void *function) {
+    PyObject *address = PyLong_FromVoidPtr(function);
+    if (address == NULL) return -1;
+    int failed = PyDict_SetItemString(callbacks, name, address);
+    Py_DECREF(address);
+    return failed;
+}
+
+PyMODINIT_FUNC PyInit__guestio(void) {
+    if (PyType_Ready(&GuestIoType) < 0) return NULL;
+    PyObject *module = PyModule_Create(&guestio_module);
+    if (module == NULL) return NULL;
+    PyObject *callbacks = PyDict_New();
+    if (callbacks == NULL || add_callback(callbacks, "input_len", input_len) < 0 ||
+        add_callback(callbacks, "input_read", input_read) < 0 ||
+        add_callback(callbacks, "output_write", output_write) < 0 ||
+        add_callback(callbacks, "response_len", response_len) < 0 ||
+        add_callback(callbacks, "response_read", response_read) < 0 ||
+        PyModule_AddObjectRef(module, "CALLBACKS", callbacks) < 0 ||
+        PyModule_AddObjectRef(module, "GuestIo", (PyObject *)&GuestIoType) < 0 ||
+        PyModule_AddStringConstant(module, "SOURCE_SHA256", SIDECAR_SOURCE_SHA256) < 0) {
+        Py_XDECREF(callbacks);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_DECREF(callbacks);
+    return module;
+}

@@ -1,0 +1,160 @@
+"""sidecar.wasmffi.guestio: the guest ABI's data calls in C, driven by a real guest without the sidecar.
+
+The end-to-end behaviour (errors on the wire, budgets named) is in test_vm_calls and
+test_vm_budgets; here is what the C functions themselves do with pointers, lengths, budgets and
+misuse, and the check that refuses a stale build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import wasmtime
+
+from sidecar.guest_abi import SIGNATURES
+from sidecar.wasmffi import FastCall, MemorySlot, define_native_func, instance_export, trap_message
+from sidecar.wasmffi.guestio import CALLBACKS, GuestIo, check_build
+
+GUEST = """
+(module
+  (import "sidecar" "input_len" (func $input_len (result i32)))
+  (import "sidecar" "input_read" (func $input_read (param i32)))
+  (import "sidecar" "output_write" (func $output_write (param i32 i32)))
+  (import "sidecar" "response_len" (func $response_len (result i32)))
+  (import "sidecar" "response_read" (func $response_read (param i32)))
+  (memory (export "memory") 1)
+  (func (export "echo") (result i32)
+    (call $input_read (i32.const 1024))
+    (call $output_write (i32.const 1024) (call $input_len))
+    (call $input_len))
+  (func (export "echo_response") (result i32)
+    (call $response_read (i32.const 2048))
+    (call $output_write (i32.const 2048) (call $response_len))
+    (call $response_len))
+  (func (export "read_to") (param i32) (call $input_read (local.get 0)))
+  (func (export "write") (param i32 i32) (call $output_write (local.get 0) (local.get 1))))
+"""
+
+
+class Guest:
+    def __init__(self, bind: bool) -> None:
+        self.store = wasmtime.Store(wasmtime.Engine())
+        self.io = GuestIo()
+        linker = wasmtime.Linker(self.store.engine)
+        for name, callback in CALLBACKS.items():
+            params, results = SIGNATURES[name]
+            define_native_func(linker, "sidecar", name, params, results, callback, self.io.address)
+        instance = linker.instantiate(self.store, wasmtime.Module(self.store.engine, GUEST))
+        if bind:
+            memory = instance_export(self.store, instance, "memory")
+            assert isinstance(memory, wasmtime.Memory)
+            slot = MemorySlot().bind(self.store, memory)
+            self.io.bind(slot.context, slot.handle, slot)
+        self.calls = {name: FastCall(self.store, instance_export(self.store, instance, name), name=name)
+                      for name in ("echo", "echo_response", "read_to", "write")}
+
+    def call(self, export: str, *args: int, input: bytes = b"", cap: int = 1 << 20, response: bytes = b"") -> list:
+        self.io.begin(input, cap, response)
+        return self.calls[export](list(args))
+
+
+@pytest.fixture(params=[True, False], ids=["bound", "by-name"])
+def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
+    made = Guest(bind=request.param)
+    yield made
+    made.store.close()
+
+
+def test_input_goes_in_and_output_comes_back(guest: Guest) -> None:
+    assert guest.call("echo", input=b"hello \x00 world") == [13]
+    assert guest.io.output() == b"hello \x00 world"
+    assert guest.call("echo", input=b"") == [0] and guest.io.output() == b""  # begin forgets the last output
+
+
+def test_response_is_what_response_read_gives(guest: Guest) -> None:
+    assert guest.call("echo_response", response=b'{"v":1}') == [7]
+    assert guest.io.output() == b'{"v":1}'
+    guest.io.response = b"[]"  # a host answer arriving during a call replaces it
+    assert guest.io.response == b"[]"
+
+
+# A host function's trap reaches Python as a WasmtimeError carrying its message (see test_hostfunc).
+
+
+def test_output_grows_up_to_the_cap_and_one_byte_more_traps(guest: Guest) -> None:
+    guest.call("write", 0, 65536, cap=3 * 65536)
+    guest.calls["write"]([0, 65536])  # same call state: appends
+    guest.calls["write"]([0, 65536])
+    assert guest.io.output() == bytes(3 * 65536)
+    with pytest.raises(wasmtime.WasmtimeError) as caught:
+        guest.calls["write"]([0, 1])
+    assert f"vm_output_bytes exceeded: {3 * 65536 + 1} > {3 * 65536}" in trap_message(caught.value)
+    assert guest.io.output_overflow == 3 * 65536 + 1 and guest.io.fault is None
+
+
+@pytest.mark.parametrize(
+    ("export", "args", "message"),
+    [
+        ("read_to", [65535], "guest range [65535, +5) is outside its memory of 65536 bytes"),
+        ("read_to", [-1], "guest range [4294967295, +5) is outside its memory of 65536 bytes"),
+        ("write", [65530, 7], "guest range [65530, +7) is outside its memory of 65536 bytes"),
+        ("write", [0, -1], "guest range [0, +-1) is outside its memory of 65536 bytes"),
+    ],
+)
+def test_a_range_outside_memory_traps_and_is_remembered(guest: Guest, export: str, args: list[int],
+                                                          message: str) -> None:
+    with pytest.raises(wasmtime.WasmtimeError) as caught:
+        guest.call(export, *args, input=b"12345")
+    assert message in str(caught.value)
+    assert guest.io.fault == ("memory_out_of_bounds", message) and guest.io.output_overflow == 0
+    assert guest.call("echo", input=b"after") == [5] and guest.io.fault is None  # the store is still usable
+
+
+def test_without_a_memory_export_the_guest_traps_as_an_abi_violation() -> None:
+    store = wasmtime.Store(wasmtime.Engine())
+    io = GuestIo()
+    linker = wasmtime.Linker(store.engine)
+    define_native_func(linker, "sidecar", "input_read", ("i32",), (), CALLBACKS["input_read"], io.address)
+    text = """(module (import "sidecar" "input_read" (func $r (param i32)))
+                (memory 1) (func (export "f") (call $r (i32.const 0))))"""
+    instance = linker.instantiate(store, wasmtime.Module(store.engine, text))
+    try:
+        with pytest.raises(wasmtime.WasmtimeError, match="exports no memory named `memory`"):
+            FastCall(store, instance_export(store, instance, "f"))([])
+        assert io.fault is not None and io.fault[0] == "abi_violation"
+    finally:
+        store.close()
+
+
+def test_misuse_is_a_python_error() -> None:
+    io = GuestIo()
+    with pytest.raises(TypeError):
+        GuestIo(1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="input must be bytes"):
+        io.begin("text", 10, b"")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="response must be bytes"):
+        io.begin(b"", 10, bytearray())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="output_cap"):
+        io.begin(b"", -1, b"")
+    with pytest.raises(TypeError, match="3 arguments"):
+        io.begin(b"", 1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="response must be bytes"):
+        io.response = "text"  # type: ignore[assignment]
+    with pytest.raises(AttributeError):
+        del io.response
+    with pytest.raises(ValueError, match="both"):
+        io.bind(1, 0, None)
+    io.bind(0, 0, None)  # unbinding is fine: back to the lookup by name
+    assert io.output() == b"" and io.fault is None and io.output_overflow == 0
+
+
+def test_a_build_that_does_not_match_its_source_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "_guestio.c"
+    check_build(source, "anything")  # no source beside it (an installed wheel): nothing to compare
+    source.write_bytes(b"int x;\n")
+    check_build(source, hashlib.sha256(b"int x;\n").hexdigest())
+    with pytest.raises(ImportError, match="pip install -e"):
+        check_build(source, hashlib.sha256(b"int y;\n").hexdigest())
