@@ -1,9 +1,9 @@
-"""Build hook: compiles the one C extension, `sidecar/wasmffi/_guestio.c` (the guest ABI's data
+"""Build hook: compiles the one C extension, `sidecar/wasmffi/_native.c` (the guest ABI's data
 calls as native host functions; see its header for why).
 
 It needs a C compiler (`$CC`, else the one Python was built with) and the Python headers. The
 module lands next to its source, which is where an editable install imports it from, and a
-wheel takes it from there. The source's SHA-256 is compiled in, so `sidecar.wasmffi.guestio`
+wheel takes it from there. The source's SHA-256 is compiled in, so `sidecar.wasmffi.native`
 can refuse a build that no longer matches the source beside it (an edit without a rebuild).
 """
 
@@ -20,13 +20,13 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-SOURCE = Path("sidecar/wasmffi/_guestio.c")
+SOURCE = Path("sidecar/wasmffi/_native.c")
 
 
 class NativeBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         source = Path(self.root) / SOURCE
-        built = source.with_name("_guestio" + sysconfig.get_config_var("EXT_SUFFIX"))
+        built = source.with_name("_native" + sysconfig.get_config_var("EXT_SUFFIX"))
         compile_extension(source, built)
         build_data["pure_python"] = False
         build_data["infer_tag"] = True

@@ -2,9 +2,10 @@
 
 Owns the engine-level configuration every guest runs under (epoch interruption always on,
 fuel metering and the wasm stack cap as chosen per `EngineSettings`, cranelift), the
-fingerprint that names a configuration in compile-cache keys, and the single daemon thread
-that advances the epoch of every engine. Knows nothing about modules, stores or VMs: callers
-set each store's epoch deadline in ticks of `runner_epoch_tick_ms` and decide what a trap means.
+fingerprint that names a configuration in compile-cache keys, and the single ticker thread
+that advances the epoch of every engine (native: it never takes the GIL). Knows nothing about
+modules, stores or VMs: callers set each store's epoch deadline in ticks of
+`runner_epoch_tick_ms` and decide what a trap means.
 
 Why per-settings engines: `consume_fuel` and `max_wasm_stack` cannot differ per store and a
 `Module` belongs to one engine, so a VM with other settings needs another engine (and another
@@ -23,6 +24,8 @@ import structlog
 import wasmtime
 
 from .limits import Limits
+from .wasmffi.capi import address
+from .wasmffi.native import EpochTicker
 
 _WASMTIME_VERSION = version("wasmtime")
 _STRATEGY = "cranelift"
@@ -58,36 +61,28 @@ class Engines:
     """
 
     def __init__(self, limits: Limits) -> None:
-        self._tick_seconds = limits.runner_epoch_tick_ms / 1000
         self._engines: dict[EngineSettings, wasmtime.Engine] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._ticker: threading.Thread | None = None
+        self._ticker = EpochTicker(limits.runner_epoch_tick_ms)
 
     def get(self, settings: EngineSettings) -> wasmtime.Engine:
         with self._lock:
             engine = self._engines.get(settings)
             if engine is None:
                 engine = self._engines[settings] = _new_engine(settings)
+                self._ticker.add(address(engine.ptr()), engine)
                 structlog.get_logger().info("engine_created", fingerprint=settings.fingerprint())
             return engine
 
     def start(self) -> None:
         """Start the ticker (idempotent)."""
         with self._lock:
-            if self._ticker is not None:
-                return
-            self._stop.clear()
-            self._ticker = threading.Thread(target=self._tick, name="sidecar-epoch-ticker", daemon=True)
             self._ticker.start()
 
     def close(self) -> None:
         """Stop the ticker and wait for it; engines stay usable but are no longer ticked."""
         with self._lock:
-            ticker, self._ticker = self._ticker, None
-        if ticker is not None:
-            self._stop.set()
-            ticker.join()
+            self._ticker.stop()
 
     def __enter__(self) -> Engines:
         self.start()
@@ -95,14 +90,6 @@ class Engines:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _tick(self) -> None:
-        # Event.wait paces the loop and wakes at once on close; no sleep to interrupt.
-        while not self._stop.wait(self._tick_seconds):
-            with self._lock:
-                engines = list(self._engines.values())
-            for engine in engines:
-                engine.increment_epoch()
 
 
 def _new_engine(settings: EngineSettings) -> wasmtime.Engine:

@@ -3,7 +3,7 @@
 Owns `input_len`, `input_read`, `output_write`, `host_call`, `response_read` and
 `host_call_async`: what each does with the current call's state, and every check on the
 guest's pointers, lengths and budgets. The data calls (input, output, response) are C functions
-(`wasmffi.guestio`) that run without the GIL; the host calls are Python.
+(`wasmffi.native`) that run without the GIL; the host calls are Python.
 A broken ABI contract (a bad pointer, a length past memory) traps that guest and nothing else; a
 budget that bites records which limit it was so the call's error can name it. Knows nothing
 about stores or threads: the isolate binds these functions to one instance and its call state.
@@ -22,7 +22,7 @@ from protocol.errors import LimitExceededError
 from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, bounded, refusal
 from .limits import Limits
 from .wasmffi import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
-from .wasmffi.guestio import CALLBACKS, GuestIo
+from .wasmffi.native import CALLBACKS, GuestIo
 
 MODULE = "sidecar"
 # name -> (params, results): the signatures a guest must import them with.

@@ -542,9 +542,8 @@ def test_the_ticker_interrupts_a_spinning_guest_and_stops_on_close(store: Module
         assert outcome[0].trap_code == wasmtime.TrapCode.INTERRUPT
     finally:
         wasm_store.close()
-    ticker = engines._ticker
     engines.close()
-    assert ticker is not None and not ticker.is_alive()
+    assert not engines._ticker.running
     engines.close()  # idempotent
 
 

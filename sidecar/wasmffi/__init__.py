@@ -17,7 +17,7 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
   (`GuestFault`), never through wasmtime-py's process-global exception slot, and `GuestMemory`,
   the caller's memory with bounds-checked reads and writes, found through a `MemorySlot`;
   `define_native_func` for host functions written in C, such as the guest ABI's data calls
-  (`guestio`, our one C extension).
+  (`native`, our one C extension).
 - `capi`: our own prototypes of the C functions on those per-call paths (plain addresses).
 - `enable_pooling(config, ...)`: the pooling instance allocator (measured ~20-30% faster
   instantiation; fixed capacity and a large address-space reservation, see `pooling`).

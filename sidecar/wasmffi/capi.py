@@ -36,5 +36,6 @@ caller_context = c_function("wasmtime_caller_context", VOID_P, VOID_P)
 caller_export_get = c_function("wasmtime_caller_export_get", ctypes.c_bool, VOID_P, ctypes.c_char_p, SIZE, VOID_P)
 trap_new = c_function("wasmtime_trap_new", SIZE, ctypes.c_char_p, SIZE)
 global_new = c_function("wasmtime_global_new", VOID_P, VOID_P, VOID_P, VOID_P, VOID_P)
+engine_increment_epoch = c_function("wasmtime_engine_increment_epoch", None, VOID_P)
 instance_export_get = c_function("wasmtime_instance_export_get", ctypes.c_bool, VOID_P, VOID_P, ctypes.c_char_p, SIZE,
                                  VOID_P)

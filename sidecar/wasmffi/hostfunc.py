@@ -6,7 +6,7 @@ with guests on several threads a fault in one VM's host call can surface in anot
 Here a host function signals a fault by raising `GuestFault`, which becomes a trap returned
 straight to wasmtime for that call only; any other exception is a bug and traps the same way
 with a generic message. Values cross as raw i32/i64 (the guest ABI uses nothing else).
-`define_native_func` defines a function written in C (see `guestio`) through the same route.
+`define_native_func` defines a function written in C (see `native`) through the same route.
 Knows nothing about what the functions do.
 """
 

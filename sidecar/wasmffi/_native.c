@@ -1,9 +1,13 @@
-/* The data half of guest ABI v1 in C: `input_len`, `input_read`, `output_write`,
- * `response_len` and `response_read`.
+/* The sidecar's per-call and per-tick work that must not wait for the GIL, in C.
  *
- * Why C: a host function written in Python costs a guest 3-4 µs per call on the request path
- * (the ctypes callback machinery, taking the GIL, arguments as Python objects), and a typical
- * guest call makes four of these. Here each is a bounds check and a memcpy, run without the GIL.
+ * 1. The data half of guest ABI v1: `input_len`, `input_read`, `output_write`, `response_len`
+ *    and `response_read`. A host function written in Python costs a guest 1-4 µs per call on
+ *    the request path (the ctypes callback machinery, taking the GIL, arguments as Python
+ *    objects), and a typical guest call makes four of these. Here each is a bounds check and a
+ *    memcpy, run without the GIL.
+ * 2. The epoch ticker: one native thread that advances every engine's epoch each tick. A Python
+ *    thread would take the GIL every millisecond, right when a running guest's deadline check
+ *    wants it too.
  *
  * A `GuestIo` belongs to one instance and is the `env` of its five host functions. Its owner
  * thread fills it before a call (`begin`: the input, the output budget, the response) and reads
@@ -17,10 +21,14 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 typedef union {
     int32_t i32;
@@ -33,6 +41,7 @@ typedef size_t (*memory_data_size_fn)(void *context, const void *memory);
 typedef void *(*trap_new_fn)(const char *message, size_t length);
 typedef void *(*caller_context_fn)(void *caller);
 typedef bool (*caller_export_get_fn)(void *caller, const char *name, size_t length, void *item);
+typedef void (*increment_epoch_fn)(void *engine);
 
 #define EXTERN_BYTES_MAX 64
 #ifndef SIDECAR_SOURCE_SHA256
@@ -45,6 +54,7 @@ static struct {
     trap_new_fn trap_new;
     caller_context_fn caller_context;
     caller_export_get_fn caller_export_get;
+    increment_epoch_fn increment_epoch;
     size_t extern_bytes;     /* sizeof(wasmtime_extern_t) */
     size_t extern_of_offset; /* offsetof(wasmtime_extern_t, of) */
     uint8_t extern_memory;   /* WASMTIME_EXTERN_MEMORY */
@@ -299,7 +309,7 @@ static PyGetSetDef GuestIo_getset[] = {
 
 static PyTypeObject GuestIoType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "sidecar.wasmffi._guestio.GuestIo",
+    .tp_name = "sidecar.wasmffi._native.GuestIo",
     .tp_doc = "One instance's guest ABI data: the call's input and response, the output it wrote.",
     .tp_basicsize = sizeof(GuestIo),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -309,23 +319,196 @@ static PyTypeObject GuestIoType = {
     .tp_getset = GuestIo_getset,
 };
 
+/* -- the epoch ticker ---------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock; /* guards everything below; the thread holds it except while waiting */
+    pthread_cond_t wake;  /* signalled by stop() */
+    pthread_t thread;
+    bool running, stopping;
+    int64_t tick_ns;
+    void **engines; /* wasm_engine_t*, each kept alive by its entry in `owners` */
+    size_t count, capacity;
+    PyObject *owners;
+} EpochTicker;
+
+static void add_ns(struct timespec *at, int64_t ns) {
+    int64_t total = at->tv_nsec + ns;
+    at->tv_sec += total / 1000000000;
+    at->tv_nsec = total % 1000000000;
+}
+
+static int64_t ns_between(const struct timespec *from, const struct timespec *to) {
+    return (to->tv_sec - from->tv_sec) * 1000000000LL + (to->tv_nsec - from->tv_nsec);
+}
+
+static void *tick_loop(void *arg) {
+    EpochTicker *ticker = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals go to Python's threads, never here */
+    struct timespec next, now;
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    pthread_mutex_lock(&ticker->lock);
+    while (!ticker->stopping) {
+        add_ns(&next, ticker->tick_ns);
+        int waited = 0;
+        while (!ticker->stopping && waited != ETIMEDOUT)
+            waited = pthread_cond_timedwait(&ticker->wake, &ticker->lock, &next);
+        if (ticker->stopping) break;
+        for (size_t i = 0; i < ticker->count; i++) api.increment_epoch(ticker->engines[i]);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (ns_between(&next, &now) > ticker->tick_ns) next = now; /* fell behind: no burst of ticks */
+    }
+    pthread_mutex_unlock(&ticker->lock);
+    return NULL;
+}
+
+static PyObject *EpochTicker_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"tick_ms", NULL};
+    double tick_ms;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "d:EpochTicker", keywords, &tick_ms)) return NULL;
+    if (!(tick_ms >= 0.001 && tick_ms <= 3600e3)) {
+        PyErr_SetString(PyExc_ValueError, "tick_ms must be between 0.001 and 3600000");
+        return NULL;
+    }
+    EpochTicker *ticker = (EpochTicker *)type->tp_alloc(type, 0);
+    if (ticker == NULL) return NULL;
+    ticker->tick_ns = (int64_t)(tick_ms * 1e6);
+    ticker->owners = PyList_New(0);
+    pthread_condattr_t attributes;
+    if (ticker->owners == NULL || pthread_condattr_init(&attributes) != 0) {
+        Py_XDECREF(ticker->owners);
+        Py_TYPE(ticker)->tp_free((PyObject *)ticker);
+        return PyErr_NoMemory();
+    }
+    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC);
+    pthread_cond_init(&ticker->wake, &attributes);
+    pthread_condattr_destroy(&attributes);
+    pthread_mutex_init(&ticker->lock, NULL);
+    return (PyObject *)ticker;
+}
+
+static void stop_ticking(EpochTicker *ticker) {
+    if (!ticker->running) return;
+    pthread_mutex_lock(&ticker->lock);
+    ticker->stopping = true;
+    pthread_cond_signal(&ticker->wake);
+    pthread_mutex_unlock(&ticker->lock);
+    Py_BEGIN_ALLOW_THREADS /* the thread never takes the GIL, but others may want it meanwhile */
+    pthread_join(ticker->thread, NULL);
+    Py_END_ALLOW_THREADS
+    ticker->running = false;
+}
+
+static void EpochTicker_dealloc(EpochTicker *ticker) {
+    stop_ticking(ticker);
+    pthread_cond_destroy(&ticker->wake);
+    pthread_mutex_destroy(&ticker->lock);
+    PyMem_RawFree(ticker->engines);
+    Py_XDECREF(ticker->owners);
+    Py_TYPE(ticker)->tp_free((PyObject *)ticker);
+}
+
+PyDoc_STRVAR(add_doc, "add(engine, owner)\n--\n\n"
+                      "Tick the engine at this address (a wasm_engine_t*) from now on; `owner` is kept "
+                      "referenced, and must keep it alive, for as long as this ticker lives.");
+
+static PyObject *EpochTicker_add(EpochTicker *ticker, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) return PyErr_Format(PyExc_TypeError, "add() takes 2 arguments (%zd given)", nargs);
+    void *engine = PyLong_AsVoidPtr(args[0]);
+    if (engine == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "the engine address is 0");
+        return NULL;
+    }
+    if (PyList_Append(ticker->owners, args[1]) < 0) return NULL;
+    pthread_mutex_lock(&ticker->lock);
+    if (ticker->count == ticker->capacity) {
+        size_t capacity = ticker->capacity ? 2 * ticker->capacity : 4;
+        void **engines = PyMem_RawRealloc(ticker->engines, capacity * sizeof(void *));
+        if (engines == NULL) {
+            pthread_mutex_unlock(&ticker->lock);
+            return PyErr_NoMemory();
+        }
+        ticker->engines = engines;
+        ticker->capacity = capacity;
+    }
+    ticker->engines[ticker->count++] = engine;
+    pthread_mutex_unlock(&ticker->lock);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(start_doc, "start()\n--\n\nStart ticking (a no-op while it ticks).");
+
+static PyObject *EpochTicker_start(EpochTicker *ticker, PyObject *unused) {
+    if (ticker->running) Py_RETURN_NONE;
+    if (api.increment_epoch == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "setup() has not run");
+        return NULL;
+    }
+    ticker->stopping = false;
+    int failed = pthread_create(&ticker->thread, NULL, tick_loop, ticker);
+    if (failed) {
+        errno = failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    ticker->running = true;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(stop_doc, "stop()\n--\n\nStop ticking and wait for the thread to end (a no-op when stopped).");
+
+static PyObject *EpochTicker_stop(EpochTicker *ticker, PyObject *unused) {
+    stop_ticking(ticker);
+    Py_RETURN_NONE;
+}
+
+static PyObject *EpochTicker_get_running(EpochTicker *ticker, void *closure) { return PyBool_FromLong(ticker->running); }
+
+static PyMethodDef EpochTicker_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))EpochTicker_add, METH_FASTCALL, add_doc},
+    {"start", (PyCFunction)EpochTicker_start, METH_NOARGS, start_doc},
+    {"stop", (PyCFunction)EpochTicker_stop, METH_NOARGS, stop_doc},
+    {NULL},
+};
+
+static PyGetSetDef EpochTicker_getset[] = {
+    {"running", (getter)EpochTicker_get_running, NULL, "Whether the thread ticks.", NULL},
+    {NULL},
+};
+
+static PyTypeObject EpochTickerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sidecar.wasmffi._native.EpochTicker",
+    .tp_doc = "EpochTicker(tick_ms): one native thread advancing the epoch of every added engine each tick.",
+    .tp_basicsize = sizeof(EpochTicker),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = EpochTicker_new,
+    .tp_dealloc = (destructor)EpochTicker_dealloc,
+    .tp_methods = EpochTicker_methods,
+    .tp_getset = EpochTicker_getset,
+};
+
+/* -- the module ----------------------------------------------------------------------------- */
+
 PyDoc_STRVAR(setup_doc,
-             "setup(memory_data, memory_data_size, trap_new, caller_context, caller_export_get, "
+             "setup(memory_data, memory_data_size, trap_new, caller_context, caller_export_get, increment_epoch, "
              "extern_bytes, extern_of_offset, extern_memory, raw_value_bytes)\n--\n\n"
              "The wasmtime C functions (addresses) and the wasmtime_extern_t layout; once, before any call.");
 
 static PyObject *setup(PyObject *module, PyObject *args) {
-    unsigned long long pointers[5], raw_value_bytes;
+    unsigned long long pointers[6], raw_value_bytes;
     unsigned long long extern_bytes, extern_of_offset;
     unsigned char extern_memory;
-    if (!PyArg_ParseTuple(args, "KKKKKKKbK", &pointers[0], &pointers[1], &pointers[2], &pointers[3], &pointers[4],
-                          &extern_bytes, &extern_of_offset, &extern_memory, &raw_value_bytes))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKbK", &pointers[0], &pointers[1], &pointers[2], &pointers[3], &pointers[4],
+                          &pointers[5], &extern_bytes, &extern_of_offset, &extern_memory, &raw_value_bytes))
         return NULL;
     if (raw_value_bytes != sizeof(raw_value) || extern_bytes > EXTERN_BYTES_MAX || extern_of_offset >= extern_bytes) {
-        PyErr_SetString(PyExc_RuntimeError, "this wasmtime's C API layout is not the one _guestio was written for");
+        PyErr_SetString(PyExc_RuntimeError, "this wasmtime's C API layout is not the one _native was written for");
         return NULL;
     }
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < 6; i++) {
         if (pointers[i] == 0) {
             PyErr_SetString(PyExc_ValueError, "a wasmtime function address is 0");
             return NULL;
@@ -336,6 +519,7 @@ static PyObject *setup(PyObject *module, PyObject *args) {
     api.trap_new = (trap_new_fn)(uintptr_t)pointers[2];
     api.caller_context = (caller_context_fn)(uintptr_t)pointers[3];
     api.caller_export_get = (caller_export_get_fn)(uintptr_t)pointers[4];
+    api.increment_epoch = (increment_epoch_fn)(uintptr_t)pointers[5];
     api.extern_bytes = (size_t)extern_bytes;
     api.extern_of_offset = (size_t)extern_of_offset;
     api.extern_memory = extern_memory;
@@ -347,10 +531,10 @@ static PyMethodDef module_methods[] = {
     {NULL},
 };
 
-static struct PyModuleDef guestio_module = {
+static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "sidecar.wasmffi._guestio",
-    .m_doc = "The guest ABI's data calls as C host functions (see _guestio.c).",
+    .m_name = "sidecar.wasmffi._native",
+    .m_doc = "The guest ABI's data calls as C host functions and the epoch ticker (see _native.c).",
     .m_size = -1,
     .m_methods = module_methods,
 };
@@ -363,9 +547,9 @@ static int add_callback(PyObject *callbacks, const char *name, void *function) {
     return failed;
 }
 
-PyMODINIT_FUNC PyInit__guestio(void) {
-    if (PyType_Ready(&GuestIoType) < 0) return NULL;
-    PyObject *module = PyModule_Create(&guestio_module);
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&GuestIoType) < 0 || PyType_Ready(&EpochTickerType) < 0) return NULL;
+    PyObject *module = PyModule_Create(&native_module);
     if (module == NULL) return NULL;
     PyObject *callbacks = PyDict_New();
     if (callbacks == NULL || add_callback(callbacks, "input_len", input_len) < 0 ||
@@ -375,6 +559,7 @@ PyMODINIT_FUNC PyInit__guestio(void) {
         add_callback(callbacks, "response_read", response_read) < 0 ||
         PyModule_AddObjectRef(module, "CALLBACKS", callbacks) < 0 ||
         PyModule_AddObjectRef(module, "GuestIo", (PyObject *)&GuestIoType) < 0 ||
+        PyModule_AddObjectRef(module, "EpochTicker", (PyObject *)&EpochTickerType) < 0 ||
         PyModule_AddStringConstant(module, "SOURCE_SHA256", SIDECAR_SOURCE_SHA256) < 0) {
         Py_XDECREF(callbacks);
         Py_DECREF(module);

@@ -1,13 +1,15 @@
-"""sidecar.wasmffi.guestio: the guest ABI's data calls in C, driven by a real guest without the sidecar.
+"""sidecar.wasmffi.native: our C extension, driven by real guests without the sidecar.
 
-The end-to-end behaviour (errors on the wire, budgets named) is in test_vm_calls and
-test_vm_budgets; here is what the C functions themselves do with pointers, lengths, budgets and
-misuse, and the check that refuses a stale build.
+The end-to-end behaviour (errors on the wire, budgets named, timeouts) is in test_vm_calls,
+test_vm_budgets and test_vm_safety; here is what the C host functions themselves do with
+pointers, lengths, budgets and misuse, that the epoch ticker interrupts guests, and the check
+that refuses a stale build.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,10 @@ import wasmtime
 
 from sidecar.guest_abi import SIGNATURES
 from sidecar.wasmffi import FastCall, MemorySlot, define_native_func, instance_export, trap_message
-from sidecar.wasmffi.guestio import CALLBACKS, GuestIo, check_build
+from sidecar.wasmffi.capi import address
+from sidecar.wasmffi.native import CALLBACKS, EpochTicker, GuestIo, check_build
+
+WAIT = 10.0  # seconds: the ceiling on any wait, never an expected duration
 
 GUEST = """
 (module
@@ -151,8 +156,75 @@ def test_misuse_is_a_python_error() -> None:
     assert io.output() == b"" and io.fault is None and io.output_overflow == 0
 
 
+def spin_until_interrupted(engine: wasmtime.Engine) -> bool:
+    """Run a guest that loops forever with an epoch deadline one tick away; True if it was
+    interrupted by whatever ticks `engine`, False if only the watchdog (after WAIT) stopped it."""
+    store = wasmtime.Store(engine)
+    spin = wasmtime.Instance(store, wasmtime.Module(engine, '(module (func (export "spin") (loop (br 0))))'), [])
+    finished, fired = threading.Event(), threading.Event()
+
+    def watchdog() -> None:
+        if not finished.wait(WAIT):
+            fired.set()
+            for _ in range(10):
+                engine.increment_epoch()
+
+    guard = threading.Thread(target=watchdog)
+    guard.start()
+    store.set_epoch_deadline(1)
+    try:
+        with pytest.raises(wasmtime.Trap) as caught:
+            FastCall(store, spin.exports(store)["spin"])([])
+        return caught.value.trap_code == wasmtime.TrapCode.INTERRUPT and not fired.is_set()
+    finally:
+        finished.set()
+        guard.join()
+        store.close()
+
+
+def epoch_engine() -> wasmtime.Engine:
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    return wasmtime.Engine(config)
+
+
+def test_the_ticker_interrupts_guests_of_every_engine_it_ticks() -> None:
+    first, second = epoch_engine(), epoch_engine()
+    ticker = EpochTicker(1)
+    ticker.add(address(first.ptr()), first)
+    assert not ticker.running
+    ticker.start()
+    ticker.start()  # idempotent
+    try:
+        assert ticker.running
+        assert spin_until_interrupted(first)
+        ticker.add(address(second.ptr()), second)  # added while it ticks
+        assert spin_until_interrupted(second)
+    finally:
+        ticker.stop()
+    ticker.stop()  # idempotent
+    assert not ticker.running
+    ticker.start()  # and it starts again
+    try:
+        assert spin_until_interrupted(first)
+    finally:
+        ticker.stop()
+
+
+def test_ticker_misuse_is_a_python_error() -> None:
+    with pytest.raises(ValueError, match="tick_ms"):
+        EpochTicker(0)
+    with pytest.raises(TypeError):
+        EpochTicker("1")  # type: ignore[arg-type]
+    ticker = EpochTicker(1)
+    with pytest.raises(ValueError, match="0"):
+        ticker.add(0, None)
+    with pytest.raises(TypeError, match="2 arguments"):
+        ticker.add(1)  # type: ignore[call-arg]
+
+
 def test_a_build_that_does_not_match_its_source_is_refused(tmp_path: Path) -> None:
-    source = tmp_path / "_guestio.c"
+    source = tmp_path / "_native.c"
     check_build(source, "anything")  # no source beside it (an installed wheel): nothing to compare
     source.write_bytes(b"int x;\n")
     check_build(source, hashlib.sha256(b"int x;\n").hexdigest())
