@@ -79,6 +79,15 @@ def test_input_goes_in_and_output_comes_back(guest: Guest) -> None:
     assert guest.call("echo", input=b"") == [0] and guest.io.output() == b""  # begin forgets the last output
 
 
+def test_empty_ranges_are_fine_up_to_the_end_of_memory(guest: Guest) -> None:
+    guest.call("write", 0, 0)  # nothing written yet, nothing to write
+    guest.calls["write"]([65536, 0])
+    guest.calls["read_to"]([65536])  # an empty input fits at the very end
+    assert guest.io.output() == b""
+    with pytest.raises(wasmtime.WasmtimeError, match=r"\[65537, \+0\)"):
+        guest.calls["write"]([65537, 0])
+
+
 def test_response_is_what_response_read_gives(guest: Guest) -> None:
     assert guest.call("echo_response", response=b'{"v":1}') == [7]
     assert guest.io.output() == b'{"v":1}'

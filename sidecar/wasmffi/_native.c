@@ -128,6 +128,7 @@ static void *copy_out(GuestIo *io, void *caller, uint32_t pointer, PyObject *dat
     if (base == NULL) return failed;
     size_t length = (size_t)PyBytes_GET_SIZE(data);
     if ((uint64_t)pointer + length > size) return outside(io, pointer, (int64_t)length, size);
+    if (length == 0) return NULL;
     memcpy(base + pointer, PyBytes_AS_STRING(data), length);
     return NULL;
 }
@@ -161,6 +162,7 @@ static void *output_write(void *env, void *caller, raw_value *values, size_t cou
     uint8_t *base = locate(io, caller, &size, &failed);
     if (base == NULL) return failed;
     if (length < 0 || (uint64_t)pointer + (uint64_t)length > size) return outside(io, pointer, length, size);
+    if (length == 0) return NULL; /* nothing to keep; the buffer may not exist yet */
     size_t wanted = io->output_len + (size_t)length;
     if (wanted > io->output_cap) {
         char message[MESSAGE_BYTES];
