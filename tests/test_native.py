@@ -127,6 +127,25 @@ def test_a_range_outside_memory_traps_and_is_remembered(guest: Guest, export: st
     assert guest.call("echo", input=b"after") == [5] and guest.io.fault is None  # the store is still usable
 
 
+def test_a_memory_of_zero_bytes_takes_nothing_and_refuses_the_rest() -> None:
+    store = wasmtime.Store(wasmtime.Engine())
+    io = GuestIo()
+    linker = wasmtime.Linker(store.engine)
+    define_native_func(linker, "sidecar", "input_read", ("i32",), (), CALLBACKS["input_read"], io.address)
+    text = """(module (import "sidecar" "input_read" (func $r (param i32)))
+                (memory (export "memory") 0) (func (export "f") (call $r (i32.const 0))))"""
+    instance = linker.instantiate(store, wasmtime.Module(store.engine, text))
+    read = FastCall(store, instance_export(store, instance, "f"))
+    try:
+        io.begin(b"", 0, b"")
+        assert read([]) == []
+        io.begin(b"x", 0, b"")
+        with pytest.raises(wasmtime.WasmtimeError, match=r"\[0, \+1\) is outside its memory of 0 bytes"):
+            read([])
+    finally:
+        store.close()
+
+
 def test_without_a_memory_export_the_guest_traps_as_an_abi_violation() -> None:
     store = wasmtime.Store(wasmtime.Engine())
     io = GuestIo()

@@ -96,7 +96,8 @@ static void *fault(GuestIo *io, enum fault_kind kind, const char *message) {
     return trap(message);
 }
 
-/* The caller's memory as (base, size); NULL with a trap in *failed when there is none. */
+/* The caller's memory as (base, size), or a trap in *failed when there is none. (A memory of
+ * zero bytes may have a NULL base: only *failed says whether there is a memory.) */
 static uint8_t *locate(GuestIo *io, void *caller, size_t *size, void **failed) {
     if (io->context != NULL) {
         *size = api.memory_data_size(io->context, io->memory);
@@ -125,7 +126,7 @@ static void *copy_out(GuestIo *io, void *caller, uint32_t pointer, PyObject *dat
     size_t size;
     void *failed = NULL;
     uint8_t *base = locate(io, caller, &size, &failed);
-    if (base == NULL) return failed;
+    if (failed != NULL) return failed;
     size_t length = (size_t)PyBytes_GET_SIZE(data);
     if ((uint64_t)pointer + length > size) return outside(io, pointer, (int64_t)length, size);
     if (length == 0) return NULL;
@@ -160,7 +161,7 @@ static void *output_write(void *env, void *caller, raw_value *values, size_t cou
     size_t size;
     void *failed = NULL;
     uint8_t *base = locate(io, caller, &size, &failed);
-    if (base == NULL) return failed;
+    if (failed != NULL) return failed;
     if (length < 0 || (uint64_t)pointer + (uint64_t)length > size) return outside(io, pointer, length, size);
     if (length == 0) return NULL; /* nothing to keep; the buffer may not exist yet */
     size_t wanted = io->output_len + (size_t)length;
