@@ -127,15 +127,20 @@ def test_a_range_outside_memory_traps_and_is_remembered(guest: Guest, export: st
     assert guest.call("echo", input=b"after") == [5] and guest.io.fault is None  # the store is still usable
 
 
-def test_a_memory_of_zero_bytes_takes_nothing_and_refuses_the_rest() -> None:
+def reader(memory: str) -> tuple[wasmtime.Store, GuestIo, FastCall]:
+    """A guest whose `f` calls `input_read(0)`, with `memory` its memory declaration."""
     store = wasmtime.Store(wasmtime.Engine())
     io = GuestIo()
     linker = wasmtime.Linker(store.engine)
     define_native_func(linker, "sidecar", "input_read", ("i32",), (), CALLBACKS["input_read"], io.address)
-    text = """(module (import "sidecar" "input_read" (func $r (param i32)))
-                (memory (export "memory") 0) (func (export "f") (call $r (i32.const 0))))"""
+    text = f"""(module (import "sidecar" "input_read" (func $r (param i32)))
+                 {memory} (func (export "f") (call $r (i32.const 0))))"""
     instance = linker.instantiate(store, wasmtime.Module(store.engine, text))
-    read = FastCall(store, instance_export(store, instance, "f"))
+    return store, io, FastCall(store, instance_export(store, instance, "f"))
+
+
+def test_a_memory_of_zero_bytes_takes_nothing_and_refuses_the_rest() -> None:
+    store, io, read = reader('(memory (export "memory") 0)')
     try:
         io.begin(b"", 0, b"")
         assert read([]) == []
@@ -147,16 +152,10 @@ def test_a_memory_of_zero_bytes_takes_nothing_and_refuses_the_rest() -> None:
 
 
 def test_without_a_memory_export_the_guest_traps_as_an_abi_violation() -> None:
-    store = wasmtime.Store(wasmtime.Engine())
-    io = GuestIo()
-    linker = wasmtime.Linker(store.engine)
-    define_native_func(linker, "sidecar", "input_read", ("i32",), (), CALLBACKS["input_read"], io.address)
-    text = """(module (import "sidecar" "input_read" (func $r (param i32)))
-                (memory 1) (func (export "f") (call $r (i32.const 0))))"""
-    instance = linker.instantiate(store, wasmtime.Module(store.engine, text))
+    store, io, read = reader("(memory 1)")
     try:
         with pytest.raises(wasmtime.WasmtimeError, match="exports no memory named `memory`"):
-            FastCall(store, instance_export(store, instance, "f"))([])
+            read([])
         assert io.fault is not None and io.fault[0] == "abi_violation"
     finally:
         store.close()
