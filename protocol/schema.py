@@ -9,6 +9,7 @@ checked against its method's type. Knows nothing about prose (that is `SPEC.md`)
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ def build_schema() -> dict[str, Any]:
         types += [spec.params] + ([] if spec.result is None else [spec.result])
     types = list(dict.fromkeys(types))
     refs, defs = msgspec.json.schema_components(types, ref_template=_REF)
+    _normalize_descriptions(defs)
     ref = dict(zip(types, refs, strict=True))
     _tighten_envelope(defs)
     params_by_method = [
@@ -62,6 +64,14 @@ def _method_entry(spec: MethodSpec, ref: dict[Any, Any]) -> dict[str, Any]:
     if spec.one_of:
         entry["one_of"] = {"fields": list(spec.one_of), "required": spec.one_of_required}
     return entry
+
+
+def _normalize_descriptions(defs: dict[str, Any]) -> None:
+    """Clean docstring-derived descriptions ourselves, so the schema does not depend on whether a
+    msgspec release trims their indentation (0.23 started to; earlier releases keep it)."""
+    for body in defs.values():
+        if "description" in body:
+            body["description"] = inspect.cleandoc(body["description"])
 
 
 def _tighten_envelope(defs: dict[str, Any]) -> None:

@@ -140,3 +140,10 @@ def test_spec_examples_are_valid_messages(heading: str, direction: str, message:
     elif direction == SIDECAR_TO_HOST:  # a result of the method whose section it is in
         result_type = METHODS[heading.strip("`")].result
         msgspec.json.decode(json.dumps(message["result"]), type=result_type)
+
+
+def test_descriptions_do_not_depend_on_msgspecs_docstring_handling() -> None:
+    # msgspec 0.23 began trimming docstring indentation and 0.22 did not: the schema cleans them itself.
+    descriptions = [body["description"] for body in schema.build_schema()["$defs"].values() if "description" in body]
+    assert descriptions
+    assert [text for text in descriptions if re.search(r"^[ \t]", text, re.MULTILINE)] == []
