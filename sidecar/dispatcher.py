@@ -20,7 +20,15 @@ import msgspec
 import structlog
 from anyio.from_thread import BlockingPortal
 
-from protocol.decoding import IncomingCall, IncomingResponse, Item, Malformed, decode_frame, decode_params
+from protocol.decoding import (
+    IncomingCall,
+    IncomingResponse,
+    Item,
+    Malformed,
+    decode_frame,
+    decode_params,
+    recover_id,
+)
 from protocol.envelope import ErrorObject, RequestId, Response, encode
 from protocol.errors import (
     InternalError,
@@ -165,6 +173,13 @@ class Dispatcher:
         if isinstance(line, OversizedLine):
             self.handle_line(line)
             return True
+        try:
+            return self._handle_if_cheap(line)
+        except Exception as exc:
+            self._frame_failed(line, exc)
+            return True
+
+    def _handle_if_cheap(self, line: bytes) -> bool:
         frame = decode_frame(line)
         items = frame.items
         if not frame.batch and isinstance(items[0], IncomingResponse):
@@ -190,6 +205,19 @@ class Dispatcher:
             self._send(out)
 
     def handle_line(self, line: bytes | OversizedLine) -> None:
+        """Handle one frame. Nothing raised while handling it escapes: it would stop the intake and
+        with it the whole sidecar, so the frame is answered -32603 instead and serving goes on."""
+        try:
+            self._handle_line(line)
+        except Exception as exc:
+            self._frame_failed(line, exc)
+
+    def _frame_failed(self, line: bytes | OversizedLine, exc: Exception) -> None:
+        log.error("frame_failed", exc_info=exc)
+        request_id = recover_id(line) if isinstance(line, bytes) else None
+        self._deliver(_encode_response(request_id, None, InternalError("internal error while handling the frame")))
+
+    def _handle_line(self, line: bytes | OversizedLine) -> None:
         if isinstance(line, OversizedLine):
             self._limits.exhausted("protocol_frame_bytes", line.seen, capacity=line.bound)
             refused = InvalidRequestError(

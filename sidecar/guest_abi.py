@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 import msgspec
 import wasmtime
 
-from protocol.errors import LimitExceededError
+from protocol.decoding import compact_json
+from protocol.errors import LimitExceededError, ParseError
 
 from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, bounded, refusal
 from .limits import Limits
@@ -125,9 +126,9 @@ class GuestAbi:
         method = memory.read(method_ptr, method_len).decode("utf-8", "replace")
         raw = memory.read(params_ptr, params_len)
         try:
-            return method, msgspec.json.format(raw, indent=-1) if raw.strip() else b"null"
-        except msgspec.DecodeError as exc:
-            return refusal(f"host_call params are not JSON: {exc}")
+            return method, compact_json(raw) if raw.strip() else b"null"
+        except ParseError as exc:
+            return refusal(f"host_call params are not JSON: {exc.message}")
 
     def _host_call(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)

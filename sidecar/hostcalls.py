@@ -9,6 +9,7 @@ counter by reason. Knows nothing about guests' memory; `HostAnswer` is what a gu
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -118,13 +119,14 @@ class HostCalls:
         """
         limit_s = self._limits.protocol_host_call_timeout_ms / 1000
         timeout_s = limit_s if timeout_s is None else min(timeout_s, limit_s)
+        deadline = time.monotonic() + timeout_s  # one deadline for both ways of waiting below
         waiter = BlockingCall()
         waiter.id = self.issue(owner, method, params_json, waiter)
         if on_issued is not None:
             on_issued(waiter.id)
         if wait_serving is not None:
-            wait_serving(waiter.answered, timeout_s)
-        answer = waiter.wait(timeout_s)
+            wait_serving(waiter.answered, deadline - time.monotonic())
+        answer = waiter.wait(deadline - time.monotonic())
         if answer is not None:
             return answer
         if self.abandon(waiter.id):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.decoding import IncomingCall, IncomingResponse, Malformed, decode_frame, decode_params
+from protocol.decoding import IncomingCall, IncomingResponse, Malformed, decode_frame, decode_params, recover_id
 from protocol.errors import ErrorCode, InvalidParamsError
 from protocol.methods import params_decoder
 
@@ -104,3 +104,28 @@ def test_any_bytes_decode_to_items_without_raising(line: bytes) -> None:
     assert frame.items
     for item in frame.items:
         assert isinstance(item, IncomingCall | IncomingResponse | Malformed)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b'{"jsonrpc":"2.0","id":12,"method":"x","params":' + b"[" * 5000, 12),
+        (b'{"id" : "a\\"b", "params":{"id":3}}', 'a"b'),
+        (b'{"params":{"id":3},"x":[{"id":4}],"id":-5}', -5),
+        (b'{"params":{"id":3}}', None),  # only a top-level member counts
+        (b'{"id":1.5}', None),
+        (b'{"id":null}', None),
+        (b'{"id":"a\xef\xbf\xbd"}', None),  # replaced bytes: not an id the host sent
+        (b'[{"id":1}]', None),  # a batch has no single id
+        (b'{"x":' + b"[1]," * 5000 + b'"id":2}', None),  # past the scan's budget
+        (b"\"id\":3", None),
+    ],
+)
+def test_recover_id_reads_only_what_is_certain(line: bytes, expected: object) -> None:
+    assert recover_id(line) == expected
+
+
+def test_nesting_past_the_decoders_reach_is_refused_not_raised() -> None:
+    deep = only(b'{"jsonrpc":"2.0","id":"d","method":"ping","params":' + b"[" * 50_000 + b"]" * 50_000 + b"}")
+    assert isinstance(deep, Malformed) and deep.id == "d"
+    assert deep.error.code == ErrorCode.INVALID_REQUEST and deep.error.data["reason"] == "nesting"
