@@ -25,6 +25,7 @@ from .limits import Limits
 from .wasmffi import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
 from .wasmffi.native import CALLBACKS, GuestIo
 
+VERSION = 1  # guest ABI v1 (DESIGN.md); extensions add imports without breaking v1 guests
 MODULE = "sidecar"
 # name -> (params, results): the signatures a guest must import them with.
 SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -60,6 +60,10 @@ class Service(Protocol):
         """Fields this service adds to `sidecar.stats`."""
         ...
 
+    def capabilities(self) -> dict[str, Any]:
+        """Fields this service adds to `initialize`'s capabilities: what it really serves."""
+        ...
+
 
 class Server:
     """Serves the host on `in_fd`/`out_fd` (stdio in production, a socket pair in tests)."""
@@ -176,15 +180,16 @@ class Server:
         return InitializeResult(
             protocol_version=protocol.PROTOCOL_VERSION,
             server=PeerInfo(name="wasm-sidecar", version=__version__),
-            capabilities=Capabilities(
-                methods=sorted(
-                    name for name in self.dispatcher.methods() if METHODS[name].direction == "host_to_sidecar"
-                ),
-                guest_abi=1,
-                snapshot_formats=[],
-            ),
+            capabilities=self._capabilities(),
             limits=self._rows,
         )
+
+    def _capabilities(self) -> Capabilities:
+        fields: dict[str, Any] = {}
+        for service in self._services:
+            fields.update(service.capabilities())
+        served = sorted(name for name in self.dispatcher.methods() if METHODS[name].direction == "host_to_sidecar")
+        return Capabilities(methods=served, **fields)
 
     def _shutdown(self, _: Empty) -> Empty:
         self.intake.closing = True  # intake stops reading once this answer is written

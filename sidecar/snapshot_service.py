@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,10 +71,18 @@ class SnapshotMethods:
         self.service = service
         self._instrumented: OrderedDict[str, Instrumented] = OrderedDict()
         self._lock = threading.Lock()
+        self._writers: dict[str, Callable[[Vm, Instrumented, list, list], bytes]] = {
+            "state": lambda vm, _, memories, globals_: snapshot_file.encode(self._state(vm, memories, globals_)),
+            "wasm": lambda _, instrumented, memories, globals_: snapshots.to_wasm(instrumented, memories, globals_),
+        }
 
     def register(self, dispatcher: Dispatcher) -> None:
         dispatcher.route("vm.snapshot", "deferred", self.vm_snapshot)
         dispatcher.route("vm.restore", "deferred", self.vm_restore)
+
+    def formats(self) -> list[str]:
+        """The `format`s `vm.snapshot` writes: what `initialize` advertises."""
+        return list(self._writers)
 
     def vm_snapshot(self, params: VmSnapshotParams, reply: Reply) -> None:
         vm = self.service.find(params.vm_id)
@@ -92,10 +101,7 @@ class SnapshotMethods:
             assert isolate is not None
             memories, globals_ = snapshots.capture(isolate, instrumented)
             self.service.runtime.yield_reading()  # encoding and writing a big memory takes a while
-            if params.format == "wasm":
-                blob = snapshots.to_wasm(instrumented, memories, globals_)
-            else:
-                blob = snapshot_file.encode(self._state(vm, memories, globals_))
+            blob = self._writers[params.format](vm, instrumented, memories, globals_)
             capacity = vm.limits.runner_snapshot_bytes
             if len(blob) > capacity:
                 raise vm.limits.exceeded("runner_snapshot_bytes", len(blob), vm_id=vm.vm_id)

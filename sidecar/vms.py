@@ -70,6 +70,7 @@ class VmService:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._compiles = anyio.CapacityLimiter(limits.runner_worker_threads)
+        self._snapshots = SnapshotMethods(self)
 
     def register(self, dispatcher: Dispatcher) -> None:
         dispatcher.route("module.load", "task", self.module_load)
@@ -78,7 +79,10 @@ class VmService:
         dispatcher.route("vm.run", "deferred", self.vm_run)
         dispatcher.route("vm.dispose", "inline", self.vm_dispose)
         dispatcher.route("vm.list", "inline", self.vm_list)
-        SnapshotMethods(self).register(dispatcher)
+        self._snapshots.register(dispatcher)
+
+    def capabilities(self) -> dict[str, Any]:
+        return {"guest_abi": guest_abi.VERSION, "snapshot_formats": self._snapshots.formats()}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

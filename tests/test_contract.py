@@ -9,6 +9,7 @@ import pytest
 
 from protocol.client import RemoteError, SidecarClient
 
+from .guests import new_vm, rpc
 from .support import WAIT
 
 pytestmark = pytest.mark.anyio
@@ -36,6 +37,25 @@ async def test_ping_and_initialize(session) -> None:
         rows = {row["name"]: row for row in info["limits"]}
         assert rows["protocol_frame_bytes"]["value"] == 16 * 1024 * 1024
         assert rows["protocol_frame_bytes"]["class"] == "protocol"
+
+
+async def test_capabilities_are_what_the_live_server_serves(session, tmp_path) -> None:
+    """Every advertised method is routed, and every advertised snapshot format is written."""
+    async with session() as (client, _):
+        capabilities = (await rpc(client, "initialize"))["capabilities"]
+        assert capabilities["guest_abi"] == 1
+        assert sorted(capabilities["snapshot_formats"]) == ["state", "wasm"]
+        for method in capabilities["methods"]:
+            try:
+                with anyio.fail_after(WAIT):
+                    await client.request(method, {"unexpected": 1})
+            except RemoteError as error:
+                assert error.code != -32601, method
+        vm_id = await new_vm(client, "abi")
+        for fmt in capabilities["snapshot_formats"]:
+            target = tmp_path / f"snapshot.{fmt}"
+            written = await rpc(client, "vm.snapshot", {"vm_id": vm_id, "path": str(target), "format": fmt})
+            assert written["size_bytes"] == target.stat().st_size > 0
 
 
 async def test_limits_method_reports_env_overrides(session) -> None:
