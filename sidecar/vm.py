@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -207,7 +207,10 @@ class Vm:
         return isolate
 
     def isolate_for(self, wasi: wasmtime.WasiConfig | None = None, *, start: bool = True) -> Isolate:
-        """A new instance of this VM's module with its budgets (not yet part of its pool)."""
+        """A new instance of this VM's module with its budgets (not yet part of its pool). A WASI
+        module sees the VM's WASI view unless the caller brings a config of its own (a run)."""
+        if wasi is None and self.compiled.wasi:
+            wasi = wasi_config(self.wasi)
         return Isolate(self.vm_id, self.compiled, self.engine, self.limits, self.runtime, self.issue_async, wasi,
                        start=start)
 
@@ -349,3 +352,16 @@ class Vm:
             if isolate in self._live:
                 self._live.remove(isolate)
         isolate.close()
+
+
+def wasi_config(
+    wasi: WasiSettings, args: Sequence[str] = (), env: Mapping[str, str] | None = None
+) -> wasmtime.WasiConfig:
+    """The VM's WASI view (args, env, preopens) as a fresh config; a run adds its own args and env.
+    Standard streams are left unset (discarded): stdout carries protocol frames only."""
+    config = wasmtime.WasiConfig()
+    config.argv = [*wasi.args, *args]
+    config.env = list({**wasi.env, **(env or {})}.items())
+    for preopen in wasi.preopens:
+        config.preopen_dir(preopen.host_path, preopen.guest_path, fs_mutable=preopen.writable)
+    return config

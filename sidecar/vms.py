@@ -51,7 +51,7 @@ from .limits import Limits
 from .modules import CompiledModule, ModuleStore, read_source
 from .runtime import Runtime
 from .snapshot_service import INSTRUMENT_ID, SnapshotMethods, instrument_or_keep
-from .vm import Job, Mode, Vm
+from .vm import Job, Mode, Vm, wasi_config
 from .wasmbin import PREFIX
 from .wasmffi import set_wasi_stdin_bytes
 
@@ -371,14 +371,10 @@ def public_exports(compiled: CompiledModule) -> list[ExportInfo]:
 def _wasi_config(
     wasi: WasiSettings, params: VmRunParams, stdin: bytes, stdout: _Capture, stderr: _Capture
 ) -> wasmtime.WasiConfig:
-    config = wasmtime.WasiConfig()
-    config.argv = [*wasi.args, *params.args]
-    config.env = list({**wasi.env, **params.env}.items())
+    config = wasi_config(wasi, params.args, params.env)
     set_wasi_stdin_bytes(config, stdin)
     config.stdout_custom = stdout
     config.stderr_custom = stderr
-    for preopen in wasi.preopens:
-        config.preopen_dir(preopen.host_path, preopen.guest_path, fs_mutable=preopen.writable)
     return config
 
 

@@ -388,6 +388,21 @@ async def test_a_wasi_module_driven_by_vm_call_does_not_abort() -> None:
         assert client.process is not None and client.process.returncode is None
 
 
+@pytest.mark.parametrize("mode", ["stateful", "stateless"])
+async def test_a_wasi_reactor_driven_by_vm_call_sees_the_vms_wasi_view(session, tmp_path, mode: str) -> None:
+    wasi = {"args": ["prog", "-v"], "env": {"A": "1", "B": "2", "C": "3"},
+            "preopens": [{"host_path": str(tmp_path), "guest_path": "/data", "writable": False}]}
+    async with session() as (client, _):
+        vm_id = await new_vm(client, "wasi_reactor", wasi=wasi, mode=mode)
+        bare = await new_vm(client, "wasi_reactor", mode=mode)
+        for _ in range(2):  # and again on a stateless VM's warm instance
+            assert (await call(client, vm_id, "argc"))["results"] == [2]
+            assert (await call(client, vm_id, "envc"))["results"] == [3]
+            assert (await call(client, vm_id, "preopen_errno"))["results"] == [0]
+        assert (await call(client, bare, "argc"))["results"] == [0]
+        assert (await call(client, bare, "preopen_errno"))["results"] == [8]  # EBADF: no preopen at fd 3
+
+
 async def test_exports_of_v128_and_reference_types_are_listed_and_refused_without_aborting() -> None:
     async with process_session() as (client, _):
         loaded = await rpc(client, "module.load", {"wat": wat("refs")})

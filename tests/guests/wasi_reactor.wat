@@ -2,6 +2,9 @@
 (module
   (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_prestat_get" (func $fd_prestat_get (param i32 i32) (result i32)))
   (memory (export "memory") 1)
   (data (i32.const 16) "hi\n")
   ;; iovec at 0: {ptr 16, len 3}; bytes written land at 8
@@ -11,4 +14,10 @@
     (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
   (func (export "random") (result i32) (call $random_get (i32.const 32) (i32.const 8)))
   (func (export "add") (param i32 i32) (result i32) (i32.add (local.get 0) (local.get 1)))
+  ;; what the guest's WASI view holds: argc, the number of env entries, whether fd 3 is a preopen (errno 0)
+  (func (export "argc") (result i32)
+    (drop (call $args_sizes_get (i32.const 64) (i32.const 68))) (i32.load (i32.const 64)))
+  (func (export "envc") (result i32)
+    (drop (call $environ_sizes_get (i32.const 64) (i32.const 68))) (i32.load (i32.const 64)))
+  (func (export "preopen_errno") (result i32) (call $fd_prestat_get (i32.const 3) (i32.const 64)))
 )
