@@ -38,6 +38,7 @@ from .limits import Limits
 from .wasmbin import Module as Layout
 from .wasmbin import WasmFormatError
 from .wasmbin.module import MEMORY, START
+from .wasmbin.sections import defined_tables
 from .wasmffi import value_type_names
 
 WASI_MODULE = "wasi_snapshot_preview1"
@@ -110,8 +111,9 @@ class CompiledModule:
 
     `module_id`, `size_bytes` and `source` describe the bytes as given (a snapshot embeds them, so
     a restore elsewhere hits the same compile-cache entry); everything else describes `wasm`,
-    the bytes compiled (after any transform). `memory_minimums` are in bytes, imported memories
-    first, so a VM can refuse one above its memory budget precisely before instantiating.
+    the bytes compiled (after any transform). `memory_minimums` (in bytes) and `table_minimums`
+    (in elements) list imported ones first; they let a VM refuse, naming the store limit, what
+    wasmtime's instantiation would refuse with a generic error.
     """
 
     module_id: str
@@ -125,6 +127,7 @@ class CompiledModule:
     cached: bool
     compile_ms: float
     memory_minimums: list[int]
+    table_minimums: list[int]
     has_start: bool
     wasi: bool
     command: bool
@@ -258,11 +261,14 @@ def _describe(engine: wasmtime.Engine, module: wasmtime.Module, layout: Layout, 
     exports = [ExportInfo(name=item.name, kind=_kind(item.type), **_signature(engine, item.type))
                for item in module.exports]
     imported_memories = [item.type for item in module.imports if isinstance(item.type, wasmtime.MemoryType)]
+    imported_tables = [item.type for item in module.imports if isinstance(item.type, wasmtime.TableType)]
     return {
         "exports": exports,
         "imports": imports,
         "memory_minimums": [memory.limits.min * memory.page_size for memory in imported_memories]
         + _defined_memory_minimums(layout, limits.wasm_page_bytes),
+        "table_minimums": [table.limits.min for table in imported_tables]
+        + [table.limits.minimum for table in defined_tables(layout)],
         "has_start": layout.get(START) is not None,
         "wasi": any(item.module == WASI_MODULE for item in imports),
         "command": any(item.name == "_start" and item.kind == "func" for item in exports),

@@ -1,8 +1,8 @@
 """The VM service: `module.load`, `vm.create`, `vm.call`, `vm.run`, `vm.dispose`, `vm.list`.
 
 Owns the registry of live VMs and the checks that come before a VM exists (the import contract,
-declared memory against `vm_memory_bytes`, per-VM limits against their ceilings, the live-VM
-bound), and turns each request into a job on its VM. Guest work runs on the thread that read the
+declared memories and tables against the store limits, per-VM limits against their ceilings, the
+live-VM bound), and turns each request into a job on its VM. Guest work runs on the thread that read the
 request; compiles run in a worker thread, never on the event loop and never on a guest's budget.
 """
 
@@ -285,7 +285,7 @@ class VmService:
 
     def _check(self, compiled: CompiledModule, limits: Limits) -> None:
         self._check_imports(compiled)
-        self._check_memory(compiled, limits)
+        self._check_declared(compiled, limits)
 
     def _check_imports(self, compiled: CompiledModule) -> None:
         """Refuse, naming it, any import the sidecar does not provide with that signature."""
@@ -309,11 +309,19 @@ class VmService:
                     expected={"params": list(expected[0]), "results": list(expected[1])},
                 )
 
-    def _check_memory(self, compiled: CompiledModule, limits: Limits) -> None:
-        declared = max(compiled.memory_minimums, default=0)
-        if declared > limits.vm_memory_bytes:
-            raise limits.exceeded("vm_memory_bytes", declared, module_id=compiled.module_id)
-
+    def _check_declared(self, compiled: CompiledModule, limits: Limits) -> None:
+        """Refuse, naming the limit, a module whose declared memories or tables exceed a store
+        limit: wasmtime refuses those at instantiation with a generic error. `vm_instances` needs
+        no check: every store instantiates exactly one module."""
+        memories, tables = compiled.memory_minimums, compiled.table_minimums
+        for name, observed in (
+            ("vm_memory_bytes", max(memories, default=0)),
+            ("vm_memories", len(memories)),
+            ("vm_tables", len(tables)),
+            ("vm_table_elements", max(tables, default=0)),
+        ):
+            if observed > getattr(limits, name):
+                raise limits.exceeded(name, observed, module_id=compiled.module_id)
 
 def _wait_all_idle(vms: list[Vm], within_s: float) -> None:
     deadline = time.monotonic() + within_s

@@ -219,6 +219,17 @@ def test_description_lists_exports_imports_and_memories(store: ModuleStore) -> N
     assert compiled.has_start and compiled.wasi and compiled.command
 
 
+
+def test_table_minimums_cover_every_table_encoding(store: ModuleStore) -> None:
+    """Imported first; table64 and tables with an initializer expression read like the rest."""
+    compiled = store.load(wasm_of("""(module
+      (import "env" "t" (table 7 externref))
+      (table 3 funcref) (table i64 40000 funcref)
+      (table 5 (ref null func) (ref.null func)) (table 2 (ref func) (ref.func $f))
+      (func $f))"""), SETTINGS)
+    assert compiled.table_minimums == [7, 3, 40000, 5, 2]
+    assert store.load(small(1), SETTINGS).table_minimums == []
+
 def test_a_plain_module_is_neither_wasi_nor_command(store: ModuleStore) -> None:
     compiled = store.load(small(1), SETTINGS)
     assert (compiled.has_start, compiled.wasi, compiled.command, compiled.memory_minimums) == (False, False, False, [])
