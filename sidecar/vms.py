@@ -87,6 +87,7 @@ class VmService:
         for vm in vms:
             recycles.update(vm.recycles)
         return {
+            "engines": len(self.engines),
             "vms": len(vms),
             "vm_calls": sum(vm.calls for vm in vms),
             "vm_memory_bytes": sum(vm.memory_bytes for vm in vms),
@@ -119,13 +120,15 @@ class VmService:
 
     def vm_create(self, params: VmCreateParams, reply: Reply) -> None:
         limits = self.limits.tightened(params.limits) if params.limits else self.limits
-        if params.module_id:
-            compiled = self.modules.get(params.module_id, EngineSettings.from_limits(limits))
-            self._check(compiled, limits)
-        else:
-            self.runtime.yield_reading()  # a compile can take seconds: let another thread read
-            compiled = self.compile(read_source(params, self.limits), limits)
-        vm = self.add_vm(compiled, limits, params.mode, params.wasi or WasiSettings())
+        settings = EngineSettings.from_limits(limits)
+        with self.engines.lease(settings):  # the engine the module is compiled for stays until the VM holds it
+            if params.module_id:
+                compiled = self.modules.get(params.module_id, settings)
+                self._check(compiled, limits)
+            else:
+                self.runtime.yield_reading()  # a compile can take seconds: let another thread read
+                compiled = self.compile(read_source(params, self.limits), limits)
+            vm = self.add_vm(compiled, limits, params.mode, params.wasi or WasiSettings())
         reply.result(VmCreateResult(vm_id=vm.vm_id))
 
     def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
@@ -144,7 +147,8 @@ class VmService:
         wasi: WasiSettings,
         restore: Callable[[Vm], None] | None = None,
     ) -> Vm:
-        """A new live VM, counted against `runner_vms`; `restore` fills in a snapshot's state."""
+        """A new live VM, counted against `runner_vms`; `restore` fills in a snapshot's state. The
+        caller holds a lease on `compiled`'s engine (see `sidecar.engines`); the VM takes its own."""
         _check_preopens(wasi)
         with self._lock:
             live = len(self._vms) + self._starting + 1
@@ -153,11 +157,13 @@ class VmService:
             vm_id = f"vm-{next(self._ids)}"
             self._starting += 1
         try:
+            lease = self.engines.hold(compiled.settings, compiled.engine)
             try:
-                vm = Vm(vm_id, compiled, self.engines.get(compiled.settings), limits, mode, wasi, self.runtime,
-                        start=restore is None)
-            except RpcError as exc:  # e.g. its start function trapped: no VM exists to name
-                exc.details.pop("vm_id", None)
+                vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None)
+            except BaseException as exc:
+                lease.release()  # no VM exists to release it
+                if isinstance(exc, RpcError):  # e.g. its start function trapped: no VM exists to name
+                    exc.details.pop("vm_id", None)
                 raise
             if restore is not None:
                 try:
