@@ -206,12 +206,11 @@ def replacement_in_process(runs: int = 2_000) -> None:
         store = ModuleStore(limits, engines, Path(cache_dir))
         compiled = store.load(bytes(wasmtime.wat2wasm(GUEST)), EngineSettings.from_limits(limits),
                               transform=instrument_or_keep, transform_id=INSTRUMENT_ID)
-        engine = engines.get(compiled.settings)
         hostcalls = HostCalls(limits, lambda _frame: None)
         runtime = Runtime(hostcalls, lambda: None, lambda: None, lambda _event, _timeout: None, lambda _frame: None)
 
         def spawn() -> Isolate:
-            return Isolate("vm-bench", compiled, engine, limits, runtime, lambda _m, _p: -3)
+            return Isolate("vm-bench", compiled, limits, runtime, lambda _m, _p: -3)
 
         isolate = spawn()
         spawn_times, close_times = [], []

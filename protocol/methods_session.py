@@ -96,13 +96,15 @@ class StatsResult(Wire):
     """Process-wide counters since start; `host_calls_pending` counts calls awaiting a host answer.
 
     `vm_calls`, `vm_memory_bytes` (linear memory retained by live instances) and
-    `instances_recycled` sum over the live VMs.
+    `instances_recycled` sum over the live VMs; `engines` counts the wasmtime engines kept (one
+    per engine setting in use or kept for reuse, at most `runner_engines`).
     """
 
     requests_served: Count
     requests_in_flight: Count
     responses_dropped: DroppedResponses
     host_calls_pending: Count
+    engines: Count
     vms: Count
     vm_calls: Count
     vm_memory_bytes: Count

@@ -3,10 +3,11 @@
 Owns everything that touches a store: its budgets (`Store.set_limits`, fuel, the epoch deadline
 and the callback that stops a guest for a timeout, a cancel or a dispose), the guest ABI bound to
 this instance only, WASI when the module imports it, and translating what wasmtime raises into
-the protocol's errors. The structure rules out the misuses that abort the process: every object
-is created from and used with this isolate's own store, a module that imports WASI always gets a
-store with WASI, and callers use one isolate from one thread at a time. Knows nothing about
-requests or queues: the VM decides when to call.
+the protocol's errors. The structure rules out the misuses that abort the process: the store
+comes from the module's own engine, every object is created from and used with this isolate's
+own store, a module that imports WASI always gets a store with WASI, and callers use one
+isolate from one thread at a time. Knows nothing about requests or queues: the VM decides when
+to call.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ class Isolate:
         self,
         vm_id: str,
         compiled: CompiledModule,
-        engine: wasmtime.Engine,
         limits: Limits,
         runtime: Runtime,
         issue_async: Callable[[str, bytes], int],
@@ -73,6 +73,7 @@ class Isolate:
         self.calls = 0
         self.in_guest = False  # guest frames on this store's stack right now (no snapshot then)
         self._fuel = limits.vm_fuel  # read on every call: kept out of the limits lookup
+        engine = compiled.engine
         self.store = wasmtime.Store(engine)
         self._arm_deadline = EpochDeadline(self.store)
         self.store.set_limits(

@@ -1,14 +1,16 @@
-"""The module store: module sources to compiled, described modules, once per engine setting.
+"""The module store: module sources to compiled, described modules, once per engine.
 
 Owns reading a source (path, inline bytes, WebAssembly text) within `runner_module_bytes`;
 refusing malformed (`parse`) and invalid (`validate`) modules with wasmtime's message and no
-traceback; compiling once per (module, transform, engine settings) even under concurrent loads,
-through the compile cache; describing exports, imports and memories without wasmtime's aborting
+traceback; compiling once per (module, transform, engine) even under concurrent loads, through
+the compile cache; describing exports, imports, memories and tables without wasmtime's aborting
 value-type path; and the in-memory table (LRU, `runner_modules`; evicting drops only our
-reference). Compiling is the runner's work: no guest budget applies to it. Knows nothing about
-stores, instances, VMs or snapshots: a snapshot rewrite plugs in as `transform`, named by
-`transform_id` in cache keys, and its output is cached with the code so a hit skips it.
-"""
+reference). The table is keyed by the engine object, never by its settings, and forgets an
+engine's code when `Engines` drops it; the bytes of modules known by id are kept apart, so a
+`module_id` outlives the engine it was first compiled for. Compiling is the runner's work: no
+guest budget applies to it. Knows nothing about stores, instances, VMs or snapshots: a snapshot
+rewrite plugs in as `transform`, named by `transform_id` in cache keys, and its output is cached
+with the code so a hit skips it."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 import wasmtime
@@ -33,11 +35,12 @@ from protocol.errors import InvalidModuleError, InvalidParamsError
 from protocol.methods_vm import ExportInfo, ImportInfo
 
 from .compile_cache import CompileCache, cache_key
-from .engines import Engines, EngineSettings
+from .engines import EngineLease, Engines, EngineSettings
 from .limits import Limits
 from .wasmbin import Module as Layout
 from .wasmbin import WasmFormatError
 from .wasmbin.module import MEMORY, START
+from .wasmbin.sections import defined_tables
 from .wasmffi import value_type_names
 
 WASI_MODULE = "wasi_snapshot_preview1"
@@ -46,7 +49,18 @@ _KINDS = ((wasmtime.FuncType, "func"), (wasmtime.MemoryType, "memory"), (wasmtim
           (wasmtime.GlobalType, "global"), (wasmtime.TagType, "tag"))
 
 Transform = Callable[[bytes], bytes]
-_Key = tuple[str, str, EngineSettings]  # module id, transform id, settings
+# Module id, transform id, and the engine itself, not its settings: code compiled for a dropped
+# engine must never serve its successor (see `sidecar.engines`).
+_Key = tuple[str, str, wasmtime.Engine]
+
+
+class _Known(NamedTuple):
+    """What `get` needs to compile a module again for any engine: it outlives the compiled code."""
+
+    module_id: str
+    transform_id: str
+    wasm: bytes  # what to compile: the transform applied, or still to apply
+    original: bytes  # the bytes as loaded, which `module_id` names
 
 
 def _log() -> Any:
@@ -110,8 +124,9 @@ class CompiledModule:
 
     `module_id`, `size_bytes` and `source` describe the bytes as given (a snapshot embeds them, so
     a restore elsewhere hits the same compile-cache entry); everything else describes `wasm`,
-    the bytes compiled (after any transform). `memory_minimums` are in bytes, imported memories
-    first, so a VM can refuse one above its memory budget precisely before instantiating.
+    the bytes compiled (after any transform). `memory_minimums` (in bytes) and `table_minimums`
+    (in elements) list imported ones first; they let a VM refuse, naming the store limit, what
+    wasmtime's instantiation would refuse with a generic error.
     """
 
     module_id: str
@@ -121,10 +136,12 @@ class CompiledModule:
     exports: list[ExportInfo]
     imports: list[ImportInfo]
     module: wasmtime.Module
+    engine: wasmtime.Engine  # the one `module` belongs to: a store for it must come from this engine
     settings: EngineSettings
     cached: bool
     compile_ms: float
     memory_minimums: list[int]
+    table_minimums: list[int]
     has_start: bool
     wasi: bool
     command: bool
@@ -137,9 +154,11 @@ class ModuleStore:
         self._limits = limits
         self._engines = engines
         self._table: OrderedDict[_Key, CompiledModule] = OrderedDict()
+        self._known: OrderedDict[str, _Known] = OrderedDict()  # by module id, for `get`
         self._pending: dict[_Key, Future[CompiledModule]] = {}
         self._lock = threading.Lock()
         self._cache = CompileCache.open(cache_dir, limits.runner_cache_bytes)
+        engines.on_evicted(self._forget)
 
     def load(
         self, wasm: bytes, settings: EngineSettings, *, transform: Transform | None = None, transform_id: str = ""
@@ -149,56 +168,68 @@ class ModuleStore:
         if transform is not None and not transform_id:
             raise ValueError("a transform needs a transform_id: it is part of the cache key")
         module_id = "sha256:" + hashlib.sha256(wasm).hexdigest()
-        return self._obtain((module_id, transform_id, settings), wasm, transform, wasm)
+        return self._obtain(_Known(module_id, transform_id, wasm, wasm), settings, transform)
 
     def get(self, module_id: str, settings: EngineSettings) -> CompiledModule:
         """The module loaded earlier as `module_id` (with its transform), compiled for `settings`."""
         with self._lock:
-            known = next(((key, compiled) for key, compiled in reversed(self._table.items()) if key[0] == module_id),
-                         None)
+            known = self._known.get(module_id)
         if known is None:
             raise InvalidModuleError(
                 f"no module loaded with id {module_id} (load it again with module.load)",
                 stage="unknown", module_id=module_id,
             )
-        (_, transform_id, _), compiled = known
         # Its wasm is already transformed; the transform id keeps the cache key that of a load.
-        return self._obtain((module_id, transform_id, settings), compiled.wasm, None, compiled.source)
+        return self._obtain(known, settings, None)
 
-    def _obtain(self, key: _Key, source: bytes, transform: Transform | None, original: bytes) -> CompiledModule:
-        """`source` is what to compile (`transform` still to apply, or already applied);
-        `original` the bytes as loaded, which `module_id` names."""
-        with self._lock:
-            hit = self._table.get(key)
-            if hit is not None:
-                self._table.move_to_end(key)
-                return hit
-            pending = self._pending.get(key)
-            owner = pending is None
-            if owner:
-                pending = self._pending[key] = Future()
-        if not owner:  # someone else compiles it: wait for theirs
-            return replace(pending.result(), cached=True, compile_ms=0.0)
-        try:
-            compiled = self._build(key, source, transform, original)
-        except BaseException as exc:
+    def _obtain(self, known: _Known, settings: EngineSettings, transform: Transform | None) -> CompiledModule:
+        """`known.wasm` is what to compile (`transform` still to apply, or already applied)."""
+        with self._engines.lease(settings) as lease:  # its engine stays while we compile for it
+            key = (known.module_id, known.transform_id, lease.engine)
+            with self._lock:
+                hit = self._table.get(key)
+                if hit is not None:
+                    self._table.move_to_end(key)
+                    self._known.move_to_end(known.module_id)
+                    return hit
+                pending = self._pending.get(key)
+                owner = pending is None
+                if owner:
+                    pending = self._pending[key] = Future()
+            if not owner:  # someone else compiles it: wait for theirs
+                return replace(pending.result(), cached=True, compile_ms=0.0)
+            try:
+                compiled = self._build(known, lease, transform)
+            except BaseException as exc:
+                with self._lock:
+                    del self._pending[key]
+                pending.set_exception(exc)
+                raise
             with self._lock:
                 del self._pending[key]
-            pending.set_exception(exc)
-            raise
-        with self._lock:
-            del self._pending[key]
-            # As every later load reports it, made once: `replace` costs ~5 µs, and `vm.create` gets it.
-            self._table[key] = replace(compiled, cached=True, compile_ms=0.0)
-            while len(self._table) > self._limits.runner_modules:
-                (module_id, _, settings), _ = self._table.popitem(last=False)  # VMs keep their own reference
-                _log().info("module_evicted", module_id=module_id, fingerprint=settings.fingerprint())
-        pending.set_result(compiled)
-        return compiled
+                # As every later load reports it, made once: `replace` costs ~5 µs, and `vm.create` gets it.
+                self._table[key] = replace(compiled, cached=True, compile_ms=0.0)
+                self._known[known.module_id] = _Known(known.module_id, known.transform_id, compiled.wasm,
+                                                      compiled.source)
+                self._known.move_to_end(known.module_id)
+                while len(self._table) > self._limits.runner_modules:
+                    _, evicted = self._table.popitem(last=False)  # VMs keep their own reference
+                    _log().info("module_evicted", module_id=evicted.module_id,
+                                fingerprint=evicted.settings.fingerprint())
+                while len(self._known) > self._limits.runner_modules:
+                    self._known.popitem(last=False)
+            pending.set_result(compiled)
+            return compiled
 
-    def _build(self, key: _Key, source: bytes, transform: Transform | None, original: bytes) -> CompiledModule:
-        module_id, transform_id, settings = key
-        engine = self._engines.get(settings)
+    def _forget(self, engine: wasmtime.Engine) -> None:
+        """`Engines` dropped `engine`: its code goes (the ids stay known, to compile again)."""
+        with self._lock:
+            for key in [key for key in self._table if key[2] is engine]:
+                del self._table[key]
+
+    def _build(self, known: _Known, lease: EngineLease, transform: Transform | None) -> CompiledModule:
+        module_id, transform_id, source, original = known
+        engine, settings = lease.engine, lease.settings
         layout = _layout(source)
         key_hex = cache_key(module_id, transform_id, settings)
         started = time.perf_counter()
@@ -214,7 +245,7 @@ class ModuleStore:
             self._cache.write(key_hex, module, wasm if transform_id else b"")
         compiled = CompiledModule(
             module_id=module_id, source=original, wasm=wasm, size_bytes=len(original), module=module,
-            settings=settings,
+            engine=engine, settings=settings,
             cached=found is not None, compile_ms=compile_ms, **_describe(engine, module, layout, self._limits),
         )
         _log().info("module_compiled", module_id=module_id, size=len(original), compile_ms=round(compile_ms, 3),
@@ -258,11 +289,14 @@ def _describe(engine: wasmtime.Engine, module: wasmtime.Module, layout: Layout, 
     exports = [ExportInfo(name=item.name, kind=_kind(item.type), **_signature(engine, item.type))
                for item in module.exports]
     imported_memories = [item.type for item in module.imports if isinstance(item.type, wasmtime.MemoryType)]
+    imported_tables = [item.type for item in module.imports if isinstance(item.type, wasmtime.TableType)]
     return {
         "exports": exports,
         "imports": imports,
         "memory_minimums": [memory.limits.min * memory.page_size for memory in imported_memories]
         + _defined_memory_minimums(layout, limits.wasm_page_bytes),
+        "table_minimums": [table.limits.min for table in imported_tables]
+        + [table.limits.minimum for table in defined_tables(layout)],
         "has_start": layout.get(START) is not None,
         "wasi": any(item.module == WASI_MODULE for item in imports),
         "command": any(item.name == "_start" and item.kind == "func" for item in exports),

@@ -33,6 +33,7 @@ from protocol.methods import (
 
 from . import __version__, snapshot_file, snapshots
 from .dispatcher import Dispatcher, Reply
+from .engines import EngineSettings
 from .guest_abi import CallState
 from .isolate import Isolate
 from .modules import CompiledModule
@@ -135,26 +136,28 @@ class SnapshotMethods:
                 "a VM of this sidecar still waits on this snapshot's host calls; dispose it first",
                 stage="pending", ids=live,
             )
-        try:
-            compiled = service.compile(state.module, limits)
-        except InvalidModuleError as exc:
-            raise InvalidSnapshotError(f"the embedded module is unusable: {exc.message}", stage="module") from None
-        instrumented = self.instrumented(compiled)
-        if not instrumented.snapshottable:
-            raise InvalidSnapshotError("the snapshot's module cannot be restored faithfully", stage="module",
-                                       reasons=list(instrumented.reasons))
+        # As in vm.create: the engine the module is compiled for stays until the VM holds it.
+        with service.engines.lease(EngineSettings.from_limits(limits)):
+            try:
+                compiled = service.compile(state.module, limits)
+            except InvalidModuleError as exc:
+                raise InvalidSnapshotError(f"the embedded module is unusable: {exc.message}", stage="module") from None
+            instrumented = self.instrumented(compiled)
+            if not instrumented.snapshottable:
+                raise InvalidSnapshotError("the snapshot's module cannot be restored faithfully", stage="module",
+                                           reasons=list(instrumented.reasons))
 
-        def build(vm: Vm) -> None:
-            isolate = vm.idle_instance()
-            snapshots.apply(isolate, instrumented, state.memories, state.globals, limits)
-            isolate.refresh_memory()
-            vm.next_ticket = state.next_ticket
-            for call in state.pending_host_calls:
-                if not vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, call.params)):
-                    raise InvalidSnapshotError("a pending host call is live in this sidecar", stage="pending",
-                                               ids=[call.id])
+            def build(vm: Vm) -> None:
+                isolate = vm.idle_instance()
+                snapshots.apply(isolate, instrumented, state.memories, state.globals, limits)
+                isolate.refresh_memory()
+                vm.next_ticket = state.next_ticket
+                for call in state.pending_host_calls:
+                    if not vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, call.params)):
+                        raise InvalidSnapshotError("a pending host call is live in this sidecar", stage="pending",
+                                                   ids=[call.id])
 
-        vm = service.add_vm(compiled, limits, state.mode, wasi, restore=build)
+            vm = service.add_vm(compiled, limits, state.mode, wasi, restore=build)
         log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
         reply.result(VmRestoreResult(
             vm_id=vm.vm_id,

@@ -37,6 +37,7 @@ from protocol.errors import (
 from protocol.methods import WasiSettings
 
 from .dispatcher import Reply
+from .engines import EngineLease
 from .guest_abi import ON_RESPONSE, CallState
 from .hostcalls import STATUS_HOST_ERROR, STATUS_OK, STATUS_REFUSED, HostAnswer, HostCalls, bounded
 from .isolate import Isolate
@@ -103,7 +104,7 @@ class Vm:
         self,
         vm_id: str,
         compiled: CompiledModule,
-        engine: wasmtime.Engine,
+        lease: EngineLease,
         limits: Limits,
         mode: Mode,
         wasi: WasiSettings,
@@ -111,10 +112,11 @@ class Vm:
         *,
         start: bool = True,
     ) -> None:
-        """`start=False`: the first instance skips its start function (a restore fills it in)."""
+        """`start=False`: the first instance skips its start function (a restore fills it in).
+        `lease` holds the module's engine; the VM releases it once disposed and quiet."""
         self.vm_id = vm_id
         self.compiled = compiled
-        self.engine = engine
+        self._lease = lease
         self.limits = limits
         self.budget = CallBudget.of(limits)
         self.mode = mode
@@ -190,6 +192,7 @@ class Vm:
         self.runtime.hostcalls.abandon_owner(self.vm_id, "VM disposed")
         for isolate in idle:
             self._close(isolate)
+        self._release_engine_if_quiet()
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no job runs (after `dispose`, guests stop within a tick); False on timeout."""
@@ -211,8 +214,7 @@ class Vm:
         module sees the VM's WASI view unless the caller brings a config of its own (a run)."""
         if wasi is None and self.compiled.wasi:
             wasi = wasi_config(self.wasi)
-        return Isolate(self.vm_id, self.compiled, self.engine, self.limits, self.runtime, self.issue_async, wasi,
-                       start=start)
+        return Isolate(self.vm_id, self.compiled, self.limits, self.runtime, self.issue_async, wasi, start=start)
 
     def idle_instance(self) -> Isolate:
         """The one instance of a new stateful VM, for a restore to write its state into."""
@@ -289,6 +291,7 @@ class Vm:
                         return
         if isolate is not None:  # disposed while this thread worked: nobody else will close it
             self._close(isolate)
+        self._release_engine_if_quiet()
 
     def _execute(self, job: Job, isolate: Isolate | None) -> None:
         if job.reply.done:  # cancelled while it waited in the queue
@@ -346,6 +349,15 @@ class Vm:
         except RpcError as exc:
             log.warning("instance_start_failed", vm_id=self.vm_id, error=exc.message)
             return None
+
+    def _release_engine_if_quiet(self) -> None:
+        """Once disposed with no job running and no store open, nothing of this VM needs its engine
+        ticked any more (a running guest does: a dispose stops it at its next tick). Whichever
+        thread sees that last releases the lease; releasing twice is harmless."""
+        with self._lock:
+            quiet = self.disposed and not self._running and not self._live
+        if quiet:
+            self._lease.release()
 
     def _close(self, isolate: Isolate) -> None:
         with self._lock:

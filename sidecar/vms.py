@@ -1,8 +1,8 @@
 """The VM service: `module.load`, `vm.create`, `vm.call`, `vm.run`, `vm.dispose`, `vm.list`.
 
 Owns the registry of live VMs and the checks that come before a VM exists (the import contract,
-declared memory against `vm_memory_bytes`, per-VM limits against their ceilings, the live-VM
-bound), and turns each request into a job on its VM. Guest work runs on the thread that read the
+declared memories and tables against the store limits, per-VM limits against their ceilings, the
+live-VM bound), and turns each request into a job on its VM. Guest work runs on the thread that read the
 request; compiles run in a worker thread, never on the event loop and never on a guest's budget.
 """
 
@@ -91,6 +91,7 @@ class VmService:
         for vm in vms:
             recycles.update(vm.recycles)
         return {
+            "engines": len(self.engines),
             "vms": len(vms),
             "vm_calls": sum(vm.calls for vm in vms),
             "vm_memory_bytes": sum(vm.memory_bytes for vm in vms),
@@ -123,13 +124,15 @@ class VmService:
 
     def vm_create(self, params: VmCreateParams, reply: Reply) -> None:
         limits = self.limits.tightened(params.limits) if params.limits else self.limits
-        if params.module_id:
-            compiled = self.modules.get(params.module_id, EngineSettings.from_limits(limits))
-            self._check(compiled, limits)
-        else:
-            self.runtime.yield_reading()  # a compile can take seconds: let another thread read
-            compiled = self.compile(read_source(params, self.limits), limits)
-        vm = self.add_vm(compiled, limits, params.mode, params.wasi or WasiSettings())
+        settings = EngineSettings.from_limits(limits)
+        with self.engines.lease(settings):  # the engine the module is compiled for stays until the VM holds it
+            if params.module_id:
+                compiled = self.modules.get(params.module_id, settings)
+                self._check(compiled, limits)
+            else:
+                self.runtime.yield_reading()  # a compile can take seconds: let another thread read
+                compiled = self.compile(read_source(params, self.limits), limits)
+            vm = self.add_vm(compiled, limits, params.mode, params.wasi or WasiSettings())
         reply.result(VmCreateResult(vm_id=vm.vm_id))
 
     def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
@@ -148,7 +151,8 @@ class VmService:
         wasi: WasiSettings,
         restore: Callable[[Vm], None] | None = None,
     ) -> Vm:
-        """A new live VM, counted against `runner_vms`; `restore` fills in a snapshot's state."""
+        """A new live VM, counted against `runner_vms`; `restore` fills in a snapshot's state. The
+        caller holds a lease on `compiled`'s engine (see `sidecar.engines`); the VM takes its own."""
         _check_preopens(wasi)
         with self._lock:
             live = len(self._vms) + self._starting + 1
@@ -157,11 +161,13 @@ class VmService:
             vm_id = f"vm-{next(self._ids)}"
             self._starting += 1
         try:
+            lease = self.engines.hold(compiled.settings, compiled.engine)
             try:
-                vm = Vm(vm_id, compiled, self.engines.get(compiled.settings), limits, mode, wasi, self.runtime,
-                        start=restore is None)
-            except RpcError as exc:  # e.g. its start function trapped: no VM exists to name
-                exc.details.pop("vm_id", None)
+                vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None)
+            except BaseException as exc:
+                lease.release()  # no VM exists to release it
+                if isinstance(exc, RpcError):  # e.g. its start function trapped: no VM exists to name
+                    exc.details.pop("vm_id", None)
                 raise
             if restore is not None:
                 try:
@@ -289,7 +295,7 @@ class VmService:
 
     def _check(self, compiled: CompiledModule, limits: Limits) -> None:
         self._check_imports(compiled)
-        self._check_memory(compiled, limits)
+        self._check_declared(compiled, limits)
 
     def _check_imports(self, compiled: CompiledModule) -> None:
         """Refuse, naming it, any import the sidecar does not provide with that signature."""
@@ -313,11 +319,19 @@ class VmService:
                     expected={"params": list(expected[0]), "results": list(expected[1])},
                 )
 
-    def _check_memory(self, compiled: CompiledModule, limits: Limits) -> None:
-        declared = max(compiled.memory_minimums, default=0)
-        if declared > limits.vm_memory_bytes:
-            raise limits.exceeded("vm_memory_bytes", declared, module_id=compiled.module_id)
-
+    def _check_declared(self, compiled: CompiledModule, limits: Limits) -> None:
+        """Refuse, naming the limit, a module whose declared memories or tables exceed a store
+        limit: wasmtime refuses those at instantiation with a generic error. `vm_instances` needs
+        no check: every store instantiates exactly one module."""
+        memories, tables = compiled.memory_minimums, compiled.table_minimums
+        for name, observed in (
+            ("vm_memory_bytes", max(memories, default=0)),
+            ("vm_memories", len(memories)),
+            ("vm_tables", len(tables)),
+            ("vm_table_elements", max(tables, default=0)),
+        ):
+            if observed > getattr(limits, name):
+                raise limits.exceeded(name, observed, module_id=compiled.module_id)
 
 def _wait_all_idle(vms: list[Vm], within_s: float) -> None:
     deadline = time.monotonic() + within_s

@@ -49,6 +49,7 @@ EXPECTED = {
     "runner_module_bytes": ("runner", 64 * MIB),
     "runner_vms": ("runner", 1000),
     "runner_modules": ("runner", 256),
+    "runner_engines": ("runner", 8),
     "runner_worker_threads": ("runner", 16),
     "runner_cache_bytes": ("runner", 2 << 30),
     "runner_snapshot_bytes": ("runner", 1 << 30),

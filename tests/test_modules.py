@@ -219,6 +219,17 @@ def test_description_lists_exports_imports_and_memories(store: ModuleStore) -> N
     assert compiled.has_start and compiled.wasi and compiled.command
 
 
+
+def test_table_minimums_cover_every_table_encoding(store: ModuleStore) -> None:
+    """Imported first; table64 and tables with an initializer expression read like the rest."""
+    compiled = store.load(wasm_of("""(module
+      (import "env" "t" (table 7 externref))
+      (table 3 funcref) (table i64 40000 funcref)
+      (table 5 (ref null func) (ref.null func)) (table 2 (ref func) (ref.func $f))
+      (func $f))"""), SETTINGS)
+    assert compiled.table_minimums == [7, 3, 40000, 5, 2]
+    assert store.load(small(1), SETTINGS).table_minimums == []
+
 def test_a_plain_module_is_neither_wasi_nor_command(store: ModuleStore) -> None:
     compiled = store.load(small(1), SETTINGS)
     assert (compiled.has_start, compiled.wasi, compiled.command, compiled.memory_minimums) == (False, False, False, [])
@@ -369,11 +380,11 @@ def test_a_second_store_on_the_same_directory_skips_compiling(engines: Engines, 
     assert second.memory_minimums == first.memory_minimums and second.has_start
     assert events(logs, "module_compiled")[0]["cached"] is True
     # The deserialized code runs.
-    store = wasmtime.Store(engines.get(SETTINGS))
+    compiled = ModuleStore(load_limits({}), engines, tmp_path).load(small(5), SETTINGS)
+    store = wasmtime.Store(compiled.engine)
     try:
         store.set_epoch_deadline(1_000_000)
-        instance = wasmtime.Instance(store, ModuleStore(load_limits({}), engines, tmp_path).load(
-            small(5), SETTINGS).module, [])
+        instance = wasmtime.Instance(store, compiled.module, [])
         assert instance.exports(store)["f5"](store) == 5
     finally:
         store.close()
@@ -438,7 +449,8 @@ def test_an_entry_for_another_engine_is_rejected_by_wasmtime(engines: Engines, t
     cache = CompileCache(tmp_path, 1 << 30)
     module_id = "sha256:" + hashlib.sha256(GUEST).hexdigest()
     # Well-formed and checksummed, but fuel-metered code under the unmetered key.
-    cache.write(cache_key(module_id, "", SETTINGS), wasmtime.Module(engines.get(metered), GUEST))
+    with engines.lease(metered) as lease:
+        cache.write(cache_key(module_id, "", SETTINGS), wasmtime.Module(lease.engine, GUEST))
     with capture_logs() as logs:
         compiled = ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS)
     assert not compiled.cached
@@ -511,8 +523,9 @@ def test_the_default_directory_follows_the_environment(engines, tmp_path: Path, 
 
 def test_engines_are_shared_per_settings_and_fingerprinted() -> None:
     engines = Engines(load_limits({}))
-    assert engines.get(SETTINGS) is engines.get(EngineSettings(False, 1 << 20))
-    assert engines.get(SETTINGS) is not engines.get(EngineSettings(True, 1 << 20))
+    with engines.lease(SETTINGS) as plain, engines.lease(EngineSettings(False, 1 << 20)) as same, \
+            engines.lease(EngineSettings(True, 1 << 20)) as metered:
+        assert plain.engine is same.engine and plain.engine is not metered.engine
     fingerprint = SETTINGS.fingerprint()
     assert "wasmtime=50." in fingerprint and "fuel=0" in fingerprint and "stack_bytes=1048576" in fingerprint
     assert fingerprint != EngineSettings(True, 1 << 20).fingerprint()
@@ -522,8 +535,8 @@ def test_engines_are_shared_per_settings_and_fingerprinted() -> None:
 
 
 def test_the_ticker_interrupts_a_spinning_guest_and_stops_on_close(store: ModuleStore, engines: Engines):
-    spin = store.load(wasm_of('(module (func (export "spin") (loop $l (br $l))))'), SETTINGS).module
-    wasm_store = wasmtime.Store(engines.get(SETTINGS))
+    compiled = store.load(wasm_of('(module (func (export "spin") (loop $l (br $l))))'), SETTINGS)
+    spin, wasm_store = compiled.module, wasmtime.Store(compiled.engine)
     outcome: list[BaseException] = []
 
     def run() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -238,6 +240,51 @@ def test_the_ticker_interrupts_guests_of_every_engine_it_ticks() -> None:
         ticker.stop()
 
 
+
+def runs_untouched(engine: wasmtime.Engine, ms: float) -> bool:
+    """Run a guest for `ms` with an epoch deadline one tick away; True if no tick interrupted it."""
+    store = wasmtime.Store(engine)
+    until = time.monotonic() + ms / 1000
+    more = wasmtime.Func(store, wasmtime.FuncType([], [wasmtime.ValType.i32()]), lambda: int(time.monotonic() < until))
+    module = wasmtime.Module(engine, '(module (import "" "more" (func $more (result i32)))'
+                                     ' (func (export "run") (loop (br_if 0 (call $more)))))')
+    instance = wasmtime.Instance(store, module, [more])
+    store.set_epoch_deadline(1)
+    try:
+        instance.exports(store)["run"](store)
+        return True
+    except wasmtime.Trap:
+        return False
+    finally:
+        store.close()
+
+
+class Owner:
+    """Whatever keeps a ticked engine alive."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self.engine = engine
+
+
+def test_a_removed_engine_is_no_longer_ticked_and_its_owner_is_released() -> None:
+    kept, dropped = epoch_engine(), epoch_engine()
+    owner = Owner(dropped)
+    released = weakref.ref(owner)
+    ticker = EpochTicker(1)
+    ticker.add(address(kept.ptr()), kept)
+    ticker.add(address(dropped.ptr()), owner)
+    del owner
+    ticker.start()
+    try:
+        assert not runs_untouched(dropped, 50)  # ticked: 50 ticks' time holds a tick for sure
+        assert ticker.remove(address(dropped.ptr())) is True
+        assert released() is None
+        assert runs_untouched(dropped, 20)  # 20 ticks' time, and none reached it
+        assert spin_until_interrupted(kept)  # the others tick on
+        assert ticker.remove(address(dropped.ptr())) is False
+    finally:
+        ticker.stop()
+
 def test_ticker_misuse_is_a_python_error() -> None:
     with pytest.raises(ValueError, match="tick_ms"):
         EpochTicker(0)
@@ -248,6 +295,9 @@ def test_ticker_misuse_is_a_python_error() -> None:
         ticker.add(0, None)
     with pytest.raises(TypeError, match="2 arguments"):
         ticker.add(1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        ticker.remove("1")  # type: ignore[arg-type]
+    assert ticker.remove(0) is False
 
 
 def test_a_build_that_does_not_match_its_source_is_refused(tmp_path: Path) -> None:

@@ -139,6 +139,56 @@ async def test_a_memory_bomb_at_the_default_budget_is_refused_by_the_guests_own_
         assert await rpc(client, "ping") == {}
 
 
+
+def _declaring(*fields: str) -> str:
+    return f'(module {" ".join(fields)} (func (export "one") (result i32) (i32.const 1)))'
+
+
+@pytest.mark.parametrize(
+    ("fields", "limits", "name", "capacity", "observed"),
+    [
+        (["(table 200000 funcref)"], None, "vm_table_elements", 100_000, 200_000),
+        (["(table 1 funcref)", "(table 50 funcref)"], {"vm_table_elements": 40}, "vm_table_elements", 40, 50),
+        (["(table 1 funcref)"] * 17, None, "vm_tables", 16, 17),
+        (["(table 1 funcref)"] * 3, {"vm_tables": 2}, "vm_tables", 2, 3),
+        (["(memory 1)"] * 5, None, "vm_memories", 4, 5),
+        (["(memory 1)"] * 2, {"vm_memories": 1}, "vm_memories", 1, 2),
+    ],
+)
+async def test_declared_tables_and_memories_over_their_store_limits_are_refused_before_instantiating(
+    session, fields, limits, name, capacity, observed
+) -> None:
+    """wasmtime refuses these at instantiation with a generic error; the sidecar names the limit,
+    whichever way the module comes (a sidecar-wide limit refuses it at module.load already)."""
+    extra = {"limits": limits} if limits else {}
+    async with session() as (client, _):
+        refusals = [await refused(client, "vm.create", {"wat": _declaring(*fields), **extra}, code=-32002)]
+        if limits:
+            module_id = (await rpc(client, "module.load", {"wat": _declaring(*fields)}))["module_id"]
+            refusals.append(await refused(client, "vm.create", {"module_id": module_id, **extra}, code=-32002))
+        else:
+            refusals.append(await refused(client, "module.load", {"wat": _declaring(*fields)}, code=-32002))
+        for error in refusals:
+            assert error.data["limit"] == name and error.data["env"] == "SIDECAR_" + name.upper()
+            assert error.data["capacity"] == capacity and error.data["observed"] == observed
+        # exactly at the limit instantiates
+        fits = [field.replace(str(observed), str(capacity)) for field in fields] if name == "vm_table_elements" \
+            else fields[:capacity]
+        vm_id = (await rpc(client, "vm.create", {"wat": _declaring(*fits), **extra}))["vm_id"]
+        assert (await call(client, vm_id, "one"))["results"] == [1]
+
+
+async def test_table_grow_past_the_element_budget_returns_minus_one_to_the_guest(session) -> None:
+    async with session() as (client, _):
+        vm_id = await new_vm(client, "tables", limits={"vm_table_elements": 100})
+        assert (await call(client, vm_id, "grow", 90))["results"] == [10]  # the old size: now exactly 100
+        assert (await call(client, vm_id, "grow", 1))["results"] == [-1]
+        assert (await call(client, vm_id, "grow", 1 << 30))["results"] == [-1]
+        assert (await call(client, vm_id, "size"))["results"] == [100]
+        other = await new_vm(client, "tables")
+        assert (await call(client, other, "grow", 1000))["results"] == [10]
+
+
 # -- payloads ---------------------------------------------------------------------------------
 
 

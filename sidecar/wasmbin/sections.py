@@ -287,6 +287,11 @@ def _single_u32(module: Module, section_id: int, what: str) -> int | None:
     return value
 
 
+def defined_tables(module: Module) -> tuple[TableType, ...]:
+    """The table section alone, for a caller that needs table sizes without decoding the module."""
+    return _section(module, ids.TABLE, "table", _table_type)
+
+
 def decode(module: Module) -> Decoded:
     types = [t for group in _section(module, ids.TYPE, "type", _rectype) for t in group]
     start = _single_u32(module, ids.START, "start section")

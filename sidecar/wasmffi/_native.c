@@ -331,9 +331,9 @@ typedef struct {
     pthread_t thread;
     bool running, stopping;
     int64_t tick_ns;
-    void **engines; /* wasm_engine_t*, each kept alive by its entry in `owners` */
+    void **engines; /* wasm_engine_t*, each kept alive by `owners[i]` (same index) */
     size_t count, capacity;
-    PyObject *owners;
+    PyObject *owners; /* touched only with the GIL held, which also serialises add and remove */
 } EpochTicker;
 
 static void add_ns(struct timespec *at, int64_t ns) {
@@ -416,7 +416,7 @@ static void EpochTicker_dealloc(EpochTicker *ticker) {
 
 PyDoc_STRVAR(add_doc, "add(engine, owner)\n--\n\n"
                       "Tick the engine at this address (a wasm_engine_t*) from now on; `owner` is kept "
-                      "referenced, and must keep it alive, for as long as this ticker lives.");
+                      "referenced, and must keep it alive, until remove() or for as long as this ticker lives.");
 
 static PyObject *EpochTicker_add(EpochTicker *ticker, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) return PyErr_Format(PyExc_TypeError, "add() takes 2 arguments (%zd given)", nargs);
@@ -425,7 +425,6 @@ static PyObject *EpochTicker_add(EpochTicker *ticker, PyObject *const *args, Py_
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "the engine address is 0");
         return NULL;
     }
-    if (PyList_Append(ticker->owners, args[1]) < 0) return NULL;
     pthread_mutex_lock(&ticker->lock);
     if (ticker->count == ticker->capacity) {
         size_t capacity = ticker->capacity ? 2 * ticker->capacity : 4;
@@ -437,9 +436,35 @@ static PyObject *EpochTicker_add(EpochTicker *ticker, PyObject *const *args, Py_
         ticker->engines = engines;
         ticker->capacity = capacity;
     }
+    pthread_mutex_unlock(&ticker->lock);
+    /* The owner goes in only once the engine surely fits, so owners[i] always owns engines[i]. */
+    if (PyList_Append(ticker->owners, args[1]) < 0) return NULL;
+    pthread_mutex_lock(&ticker->lock);
     ticker->engines[ticker->count++] = engine;
     pthread_mutex_unlock(&ticker->lock);
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(remove_doc, "remove(engine)\n--\n\n"
+                         "Stop ticking the engine at this address and release its owner; once this returns, "
+                         "the ticker thread no longer touches it. False if it was not ticked.");
+
+static PyObject *EpochTicker_remove(EpochTicker *ticker, PyObject *address) {
+    void *engine = PyLong_AsVoidPtr(address);
+    if (engine == NULL && PyErr_Occurred()) return NULL;
+    pthread_mutex_lock(&ticker->lock); /* waits out a tick in progress */
+    size_t i = 0;
+    while (i < ticker->count && ticker->engines[i] != engine) i++;
+    bool found = i < ticker->count;
+    if (found) {
+        memmove(&ticker->engines[i], &ticker->engines[i + 1], (ticker->count - i - 1) * sizeof(void *));
+        ticker->count--;
+    }
+    pthread_mutex_unlock(&ticker->lock);
+    if (!found) Py_RETURN_FALSE;
+    /* Only now may the owner go (and with it, perhaps, the engine): the thread cannot reach it. */
+    if (PySequence_DelItem(ticker->owners, (Py_ssize_t)i) < 0) return NULL;
+    Py_RETURN_TRUE;
 }
 
 PyDoc_STRVAR(start_doc, "start()\n--\n\nStart ticking (a no-op while it ticks).");
@@ -471,6 +496,7 @@ static PyObject *EpochTicker_get_running(EpochTicker *ticker, void *closure) { r
 
 static PyMethodDef EpochTicker_methods[] = {
     {"add", (PyCFunction)(void (*)(void))EpochTicker_add, METH_FASTCALL, add_doc},
+    {"remove", (PyCFunction)EpochTicker_remove, METH_O, remove_doc},
     {"start", (PyCFunction)EpochTicker_start, METH_NOARGS, start_doc},
     {"stop", (PyCFunction)EpochTicker_stop, METH_NOARGS, stop_doc},
     {NULL},
