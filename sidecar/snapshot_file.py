@@ -21,7 +21,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from protocol.errors import InvalidSnapshotError
+from protocol.errors import InvalidSnapshotError, env_var_for
+
+from .hostfiles import TooLarge, read_bounded
 
 MAGIC = b"WSIDECAR"
 FORMAT_VERSION = 1
@@ -117,18 +119,16 @@ def write_atomically(path: Path, blob: bytes) -> None:
 def read(path: Path, capacity: int) -> SnapshotState:
     """Read and check a snapshot file; any problem is -32006 with the failing `stage`."""
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InvalidSnapshotError(f"cannot read {path}: {exc.strerror}", stage="read", path=str(path)) from None
-    if size > capacity:
+        blob = read_bounded(path, capacity)
+    except TooLarge as exc:
         raise InvalidSnapshotError(
-            f"snapshot of {size} bytes is larger than runner_snapshot_bytes ({capacity})",
-            stage="bounds", limit="runner_snapshot_bytes", capacity=capacity, observed=size,
-        )
-    try:
-        blob = path.read_bytes()
+            f"snapshot {str(path)!r} holds more than runner_snapshot_bytes ({capacity} bytes; "
+            f"raise with {env_var_for('runner_snapshot_bytes')})",
+            stage="bounds", limit="runner_snapshot_bytes", capacity=capacity, observed=exc.size,
+        ) from None
     except OSError as exc:
-        raise InvalidSnapshotError(f"cannot read {path}: {exc.strerror}", stage="read", path=str(path)) from None
+        raise InvalidSnapshotError(f"cannot read snapshot {str(path)!r}: {exc.strerror or exc}", stage="read",
+                                   path=str(path)) from None
     return parse(blob)
 
 
