@@ -33,6 +33,9 @@ _DIGEST_LENGTH = 32
 _ZERO_CHUNK = bytes(SNAPSHOT_CHUNK_BYTES)
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+# The guest ABI hands tickets to the guest as i64 >= 0: a file's ticket past that range would
+# fault the host function that issues the next one, or the callback that delivers its answer.
+Ticket = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class MemoryImage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -53,7 +56,7 @@ class PendingCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """An async host call the VM waits on: answered later under the same `id`, in any process."""
 
     id: str
-    ticket: NonNegative
+    ticket: Ticket
     method: str
     params: bytes  # compact JSON text, as the guest sent it
 
@@ -67,7 +70,7 @@ class SnapshotState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     memories: list[MemoryImage]
     globals: list[GlobalValue]
     pending_host_calls: list[PendingCall]
-    next_ticket: NonNegative
+    next_ticket: Ticket
     sidecar_version: str
 
 
