@@ -49,7 +49,7 @@ from .vm import AsyncCall, Job, Vm
 from .wasmbin import Instrumented, WasmFormatError, instrument
 
 if TYPE_CHECKING:
-    from .vms import VmService
+    from .vms import Starting, VmService
 
 log = structlog.get_logger()
 INSTRUMENT_ID = "sidecar-instrument-1"  # names the rewrite in compile-cache keys
@@ -123,6 +123,19 @@ class SnapshotMethods:
     def vm_restore(self, params: VmRestoreParams, reply: Reply) -> None:
         service = self.service
         service.runtime.yield_reading()  # reading a file and maybe compiling: let another thread read input
+        with service.starting() as slot:
+            vm, state = self._restore(params, slot)
+        log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
+        reply.result(VmRestoreResult(
+            vm_id=vm.vm_id,
+            pending_host_calls=[
+                PendingHostCall(id=call.id, method=call.method, params=msgspec.Raw(call.params))
+                for call in state.pending_host_calls
+            ],
+        ))
+
+    def _restore(self, params: VmRestoreParams, slot: Starting) -> tuple[Vm, SnapshotState]:
+        service = self.service
         state = snapshot_file.read(Path(params.path), service.limits.runner_snapshot_bytes)
         try:
             limits = service.limits.tightened(state.limits)
@@ -149,19 +162,11 @@ class SnapshotMethods:
                 capacity=capacity, observed=len(state.module),
             )
         try:
-            vm = self._build(state, limits, wasi)
+            return self._build(slot, state, limits, wasi), state
         except RpcError as exc:
             raise _as_invalid_snapshot(exc, service.limits) from None
-        log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
-        reply.result(VmRestoreResult(
-            vm_id=vm.vm_id,
-            pending_host_calls=[
-                PendingHostCall(id=call.id, method=call.method, params=msgspec.Raw(call.params))
-                for call in state.pending_host_calls
-            ],
-        ))
 
-    def _build(self, state: SnapshotState, limits: Limits, wasi: WasiSettings) -> Vm:
+    def _build(self, slot: Starting, state: SnapshotState, limits: Limits, wasi: WasiSettings) -> Vm:
         """A live VM holding the snapshot's state; what goes wrong is told in the sidecar's own
         errors (an import that does not resolve, a trap at instantiation, a budget), which the
         caller turns into the file's fault."""
@@ -189,7 +194,7 @@ class SnapshotMethods:
                     raise InvalidSnapshotError("a pending host call is live in this sidecar", stage="pending",
                                                ids=[call.id])
 
-        return self.service.add_vm(compiled, limits, state.mode, wasi, restore=build)
+        return self.service.add_vm(slot, compiled, limits, state.mode, wasi, restore=build)
 
     def instrumented(self, compiled: CompiledModule) -> Instrumented:
         """The instrumentation facts of a loaded module (instrumenting is idempotent); a module our

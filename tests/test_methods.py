@@ -270,7 +270,7 @@ RESULTS: dict[str, Any] = {
                                         memory_bytes=65536, calls=2, instances=1, host_calls_pending=0,
                                         recycles=Recycles(calls=1, memory=0, trap=0))]),
     "sidecar.stats": StatsResult(requests_served=5, requests_in_flight=1, host_calls_pending=0, vms=1, uptime_ms=10,
-                                 vm_calls=3, vm_memory_bytes=65536,
+                                 vms_starting=0, vm_calls=3, vm_memory_bytes=65536,
                                  instances_recycled=Recycles(calls=1, memory=0, trap=0),
                                  responses_dropped=DroppedResponses(stale=1, duplicate=0, unmatched=2)),
     "sidecar.limits": LimitsResult(limits=[ROW]),
