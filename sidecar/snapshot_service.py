@@ -124,17 +124,9 @@ class SnapshotMethods:
         service = self.service
         service.runtime.yield_reading()  # reading a file and maybe compiling: let another thread read input
         with service.starting() as slot:
-            vm, state = self._restore(params, slot)
-        log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
-        reply.result(VmRestoreResult(
-            vm_id=vm.vm_id,
-            pending_host_calls=[
-                PendingHostCall(id=call.id, method=call.method, params=msgspec.Raw(call.params))
-                for call in state.pending_host_calls
-            ],
-        ))
+            self._restore(params, slot, reply)
 
-    def _restore(self, params: VmRestoreParams, slot: Starting) -> tuple[Vm, SnapshotState]:
+    def _restore(self, params: VmRestoreParams, slot: Starting, reply: Reply) -> None:
         service = self.service
         state = snapshot_file.read(Path(params.path), service.limits.runner_snapshot_bytes)
         try:
@@ -162,14 +154,17 @@ class SnapshotMethods:
                 capacity=capacity, observed=len(state.module),
             )
         try:
-            return self._build(slot, state, limits, wasi), state
+            vm = self._build(slot, state, limits, wasi, reply)
         except RpcError as exc:
             raise _as_invalid_snapshot(exc, service.limits) from None
+        if vm is not None:
+            log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
 
-    def _build(self, slot: Starting, state: SnapshotState, limits: Limits, wasi: WasiSettings) -> Vm:
-        """A live VM holding the snapshot's state; what goes wrong is told in the sidecar's own
-        errors (an import that does not resolve, a trap at instantiation, a budget), which the
-        caller turns into the file's fault."""
+    def _build(self, slot: Starting, state: SnapshotState, limits: Limits, wasi: WasiSettings,
+               reply: Reply) -> Vm | None:
+        """A live VM holding the snapshot's state, answered on `reply` (None: cancelled meanwhile).
+        What goes wrong is told in the sidecar's own errors (an import that does not resolve, a trap
+        at instantiation, a budget), which the caller turns into the file's fault."""
         compiled = self.service.compile(state.module, limits)
         if compiled.command:
             raise InvalidSnapshotError(
@@ -194,7 +189,16 @@ class SnapshotMethods:
                     raise InvalidSnapshotError("a pending host call is live in this sidecar", stage="pending",
                                                ids=[call.id])
 
-        return self.service.add_vm(slot, compiled, limits, state.mode, wasi, restore=build)
+        def answer(vm: Vm) -> VmRestoreResult:
+            return VmRestoreResult(
+                vm_id=vm.vm_id,
+                pending_host_calls=[
+                    PendingHostCall(id=call.id, method=call.method, params=msgspec.Raw(call.params))
+                    for call in state.pending_host_calls
+                ],
+            )
+
+        return self.service.add_vm(slot, compiled, limits, state.mode, wasi, reply, answer, restore=build)
 
     def instrumented(self, compiled: CompiledModule) -> Instrumented:
         """The instrumentation facts of a loaded module (instrumenting is idempotent); a module our

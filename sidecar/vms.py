@@ -136,8 +136,8 @@ class VmService:
             else:
                 self.runtime.yield_reading()  # a compile can take seconds: let another thread read
                 compiled = self.compile(read_source(params, self.limits), limits)
-            vm = self.add_vm(slot, compiled, limits, params.mode, params.wasi or WasiSettings())
-        reply.result(VmCreateResult(vm_id=vm.vm_id))
+            self.add_vm(slot, compiled, limits, params.mode, params.wasi or WasiSettings(), reply,
+                        lambda vm: VmCreateResult(vm_id=vm.vm_id))
 
     def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
         """Load a module for VMs with these budgets: instrumented, checked against them."""
@@ -171,9 +171,16 @@ class VmService:
         limits: Limits,
         mode: Mode,
         wasi: WasiSettings,
+        reply: Reply,
+        answer: Callable[[Vm], object],
         restore: Callable[[Vm], None] | None = None,
-    ) -> Vm:
-        """A new live VM in the `runner_vms` slot held for it; `restore` fills in a snapshot's state."""
+    ) -> Vm | None:
+        """A new VM in the `runner_vms` slot held for it; `restore` fills in a snapshot's state.
+
+        The VM goes live and `answer(vm)` answers `reply` as one decision against a cancel. A
+        request cancelled while its VM was built (a compile or a start function cannot always be
+        stopped) gets none: the VM is disposed before anyone could list, count or call it (None).
+        """
         _check_preopens(wasi)
         with self._lock:
             vm_id = f"vm-{next(self._ids)}"
@@ -189,10 +196,19 @@ class VmService:
             except BaseException:
                 vm.dispose()
                 raise
-        with self._lock:  # from starting to live in one step: counted once throughout
-            self._vms[vm_id] = vm
-            self._starting -= 1
-            slot.held = False
+
+        def go_live() -> object:
+            result = answer(vm)
+            with self._lock:  # from starting to live in one step: counted once throughout
+                self._vms[vm_id] = vm
+                self._starting -= 1
+                slot.held = False
+            return result
+
+        if not reply.result_of(go_live):
+            vm.dispose()
+            log.info("vm_discarded", vm_id=vm_id, reason="request cancelled")
+            return None
         log.info("vm_created", vm_id=vm_id, module_id=compiled.module_id, mode=mode)
         return vm
 

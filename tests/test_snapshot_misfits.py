@@ -21,27 +21,18 @@ import pytest
 import wasmtime
 
 from sidecar import snapshot_file
-from sidecar.snapshot_file import MAGIC, GlobalValue, MemoryImage, SnapshotState
+from sidecar.snapshot_file import MAGIC, SnapshotState
 from sidecar.wasmbin import Module as Layout
 
 from .guests import call, module_id, refused, rpc
-from .snapshot_support import replace, restore, write_state
+from .snapshot_support import HONEST_STATE, honest_state, replace, restore, write_state
 
 pytestmark = pytest.mark.anyio
 PAGE = 65536
-STATE = '(memory (export "memory") 1 4) (global (mut i32) (i32.const 0)) (global (mut i64) (i64.const 0))'
+STATE = HONEST_STATE  # what every module below declares, so the honest state fits it
 FITS = f'(module {STATE} (func (export "get") (result i32) (i32.const 5)))'
 MODULE_BYTES = 4096  # the restoring sidecar's runner_module_bytes
 ENV = {"SIDECAR_RUNNER_MODULE_BYTES": str(MODULE_BYTES), "SIDECAR_VM_TABLE_ELEMENTS": "1000"}
-
-
-def honest(wasm: bytes) -> SnapshotState:
-    """A state the module `wasm` could have been snapshotted in: one empty page, two zero globals."""
-    return SnapshotState(
-        module_id=module_id(wasm), module=wasm, mode="stateful", limits={}, wasi={},
-        memories=[MemoryImage(0, PAGE, [])], globals=[GlobalValue(0, "i32", 0), GlobalValue(1, "i64", 0)],
-        pending_host_calls=[], next_ticket=0, sidecar_version="test",
-    )
 
 
 def _wasm(text: str) -> bytes:
@@ -92,14 +83,14 @@ async def test_the_honest_control_restores(session, tmp_path) -> None:
     """The state every misfit is built like restores when its module fits: the refusals below
     are about the modules, not about the way the files are made."""
     async with session(env=ENV) as (client, _):
-        vm_id = (await restore(client, write_state(tmp_path / "fits.state", honest(_wasm(FITS)))))["vm_id"]
+        vm_id = (await restore(client, write_state(tmp_path / "fits.state", honest_state(_wasm(FITS)))))["vm_id"]
         assert (await call(client, vm_id, "get"))["results"] == [5]
 
 
 async def test_an_embedded_module_that_does_not_fit_is_an_invalid_snapshot(session, tmp_path) -> None:
     async with session(env=ENV) as (client, _):
         for case, (wasm, stages, named) in MISFITS.items():
-            path = write_state(tmp_path / f"{case}.state", honest(wasm))
+            path = write_state(tmp_path / f"{case}.state", honest_state(wasm))
             error = await refused(client, "vm.restore", {"path": str(path)}, code=-32006)
             assert error.data["stage"] in stages, (case, error.message, error.data)
             assert named.items() <= error.data.items(), (case, error.data)
@@ -120,7 +111,7 @@ def _file(body: bytes) -> bytes:
 
 def _with_module(wasm: bytes) -> bytes:
     """The control state around another module, under that module's own id: only the wasm lies."""
-    return snapshot_file.encode(replace(honest(_wasm(FITS)), module=wasm, module_id=module_id(wasm)))
+    return snapshot_file.encode(replace(honest_state(_wasm(FITS)), module=wasm, module_id=module_id(wasm)))
 
 
 def _section_cases() -> dict[str, bytes]:
@@ -141,7 +132,7 @@ def _section_cases() -> dict[str, bytes]:
 
 def _field_cuts() -> dict[str, bytes]:
     """The body cut before and inside each of its fields, re-wrapped with a valid checksum."""
-    body = msgspec.msgpack.encode(honest(_wasm(FITS)))
+    body = msgspec.msgpack.encode(honest_state(_wasm(FITS)))
     cases = {}
     for name in SnapshotState.__struct_fields__:
         at = body.index(msgspec.msgpack.encode(name))
@@ -152,7 +143,7 @@ def _field_cuts() -> dict[str, bytes]:
 
 def _lie(**fields: Any) -> bytes:
     """The control body with fields replaced by values of any type, re-wrapped with a valid checksum."""
-    plain = msgspec.to_builtins(honest(_wasm(FITS)))
+    plain = msgspec.to_builtins(honest_state(_wasm(FITS)))
     plain["module"] = _wasm(FITS)
     return _file(msgspec.msgpack.encode({**plain, **fields}))
 
