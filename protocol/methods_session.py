@@ -93,7 +93,9 @@ class Recycles(Wire):
 
 
 class StatsResult(Wire):
-    """Process-wide counters since start; `host_calls_pending` counts calls awaiting a host answer.
+    """Process-wide counters since start; `host_calls_pending` counts calls awaiting a host answer;
+    `vms_starting` the VMs being created or restored (compile included), which count against
+    `runner_vms` like live ones.
 
     `vm_calls`, `vm_memory_bytes` (linear memory retained by live instances) and
     `instances_recycled` sum over the live VMs; `engines` counts the wasmtime engines kept (one
@@ -106,6 +108,7 @@ class StatsResult(Wire):
     host_calls_pending: Count
     engines: Count
     vms: Count
+    vms_starting: Count
     vm_calls: Count
     vm_memory_bytes: Count
     instances_recycled: Recycles

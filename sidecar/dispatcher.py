@@ -67,11 +67,27 @@ class Reply:
         self._send = send
         self._finished = finished
         self._lock = threading.Lock()
-        self.done = False  # read it, never set it: `_complete` does, under the lock
+        self.done = False  # read it, never set it: `_complete` and `result_of` do, under the lock
         self.on_cancel: Callable[[], None] | None = None
 
     def result(self, value: Any) -> None:
         self._complete(value, None)
+
+    def result_of(self, commit: Callable[[], Any]) -> bool:
+        """Answer with what `commit()` returns, decided against a cancel in one step: `commit` runs
+        under the lock a cancel takes, and only if the request has not ended. So what it does (a VM
+        registered) exists exactly when the host is told of it. False, `commit` not run, if the
+        request ended first (it was cancelled): the caller undoes its work."""
+        with self._lock:
+            if self.done:
+                return False
+            value = commit()
+            self.done = True
+        # `_complete`'s delivery, repeated rather than shared: a helper would add a frame to
+        # every answer on the vm.call path, where frames are what a call costs.
+        self._finished(self)
+        self._send(None if self.id is None else _encode_response(self.id, value, None))
+        return True
 
     def error(self, error: RpcError) -> None:
         self._complete(None, error)

@@ -15,9 +15,7 @@ with the code so a hit skips it."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import stat
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +34,7 @@ from protocol.methods_vm import ExportInfo, ImportInfo
 
 from .compile_cache import CompileCache, cache_key
 from .engines import EngineLease, Engines, EngineSettings
+from .hostfiles import TooLarge, read_bounded
 from .limits import Limits
 from .wasmbin import Module as Layout
 from .wasmbin import WasmFormatError
@@ -91,16 +90,10 @@ def read_source(params: Any, limits: Limits) -> bytes:
 
 
 def _read_file(path: str, limits: Limits) -> bytes:
-    """Refuses by `stat` before reading, so a huge file (or a FIFO, a device) is never opened for its bytes."""
-    capacity = limits.runner_module_bytes
     try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidModuleError(f"cannot read module {path!r}: not a regular file", stage="read", path=path)
-        if info.st_size > capacity:
-            raise limits.exceeded("runner_module_bytes", info.st_size, path=path)
-        with open(path, "rb") as file:
-            return file.read(capacity + 1)  # the file may grow after the stat; the caller checks again
+        return read_bounded(path, limits.runner_module_bytes)
+    except TooLarge as exc:
+        raise limits.exceeded("runner_module_bytes", exc.size, path=path) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise InvalidModuleError(f"cannot read module {path!r}: {reason}", stage="read", path=path) from None

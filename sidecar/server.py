@@ -196,7 +196,7 @@ class Server:
         return Empty()
 
     def _stats(self, _: Empty) -> StatsResult:
-        fields: dict[str, Any] = {"engines": 0, "vms": 0, "vm_calls": 0, "vm_memory_bytes": 0,
+        fields: dict[str, Any] = {"engines": 0, "vms": 0, "vms_starting": 0, "vm_calls": 0, "vm_memory_bytes": 0,
                                   "instances_recycled": Recycles.of({})}
         for service in self._services:
             fields.update(service.stats())

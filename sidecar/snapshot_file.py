@@ -21,7 +21,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from protocol.errors import InvalidSnapshotError
+from protocol.errors import InvalidSnapshotError, env_var_for
+
+from .hostfiles import TooLarge, read_bounded
 
 MAGIC = b"WSIDECAR"
 FORMAT_VERSION = 1
@@ -31,6 +33,9 @@ _DIGEST_LENGTH = 32
 _ZERO_CHUNK = bytes(SNAPSHOT_CHUNK_BYTES)
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+# The guest ABI hands tickets to the guest as i64 >= 0: a file's ticket past that range would
+# fault the host function that issues the next one, or the callback that delivers its answer.
+Ticket = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class MemoryImage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,7 +56,7 @@ class PendingCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """An async host call the VM waits on: answered later under the same `id`, in any process."""
 
     id: str
-    ticket: NonNegative
+    ticket: Ticket
     method: str
     params: bytes  # compact JSON text, as the guest sent it
 
@@ -65,7 +70,7 @@ class SnapshotState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     memories: list[MemoryImage]
     globals: list[GlobalValue]
     pending_host_calls: list[PendingCall]
-    next_ticket: NonNegative
+    next_ticket: Ticket
     sidecar_version: str
 
 
@@ -117,18 +122,16 @@ def write_atomically(path: Path, blob: bytes) -> None:
 def read(path: Path, capacity: int) -> SnapshotState:
     """Read and check a snapshot file; any problem is -32006 with the failing `stage`."""
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InvalidSnapshotError(f"cannot read {path}: {exc.strerror}", stage="read", path=str(path)) from None
-    if size > capacity:
+        blob = read_bounded(path, capacity)
+    except TooLarge as exc:
         raise InvalidSnapshotError(
-            f"snapshot of {size} bytes is larger than runner_snapshot_bytes ({capacity})",
-            stage="bounds", limit="runner_snapshot_bytes", capacity=capacity, observed=size,
-        )
-    try:
-        blob = path.read_bytes()
+            f"snapshot {str(path)!r} holds more than runner_snapshot_bytes ({capacity} bytes; "
+            f"raise with {env_var_for('runner_snapshot_bytes')})",
+            stage="bounds", limit="runner_snapshot_bytes", capacity=capacity, observed=exc.size,
+        ) from None
     except OSError as exc:
-        raise InvalidSnapshotError(f"cannot read {path}: {exc.strerror}", stage="read", path=str(path)) from None
+        raise InvalidSnapshotError(f"cannot read snapshot {str(path)!r}: {exc.strerror or exc}", stage="read",
+                                   path=str(path)) from None
     return parse(blob)
 
 

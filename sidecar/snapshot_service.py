@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING
 import msgspec
 import structlog
 
-from protocol.errors import InvalidModuleError, InvalidParamsError, InvalidSnapshotError, RpcError
+from protocol.errors import (
+    GuestTrapError,
+    InvalidModuleError,
+    InvalidParamsError,
+    InvalidSnapshotError,
+    LimitExceededError,
+    RpcError,
+    env_var_for,
+)
 from protocol.methods import (
     PendingHostCall,
     VmRestoreParams,
@@ -36,13 +44,14 @@ from .dispatcher import Dispatcher, Reply
 from .engines import EngineSettings
 from .guest_abi import CallState
 from .isolate import Isolate
+from .limits import Limits
 from .modules import CompiledModule
 from .snapshot_file import PendingCall, SnapshotState
 from .vm import AsyncCall, Job, Vm
 from .wasmbin import Instrumented, WasmFormatError, instrument
 
 if TYPE_CHECKING:
-    from .vms import VmService
+    from .vms import Starting, VmService
 
 log = structlog.get_logger()
 INSTRUMENT_ID = "sidecar-instrument-1"  # names the rewrite in compile-cache keys
@@ -94,7 +103,10 @@ class SnapshotMethods:
                 "the VM has guest frames on its stack (a call is running or waits on the host); "
                 "snapshot it when it is idle", path="$.vm_id", state="busy",
             )
-        instrumented = self.instrumented(vm.compiled)
+        try:
+            instrumented = self.instrumented(vm.compiled)
+        except WasmFormatError as exc:
+            raise InvalidParamsError(f"this VM's module cannot be snapshotted: {exc}", path="$.vm_id") from None
         snapshots.require_snapshottable(instrumented)
         path = Path(params.path)
 
@@ -118,6 +130,11 @@ class SnapshotMethods:
     def vm_restore(self, params: VmRestoreParams, reply: Reply) -> None:
         service = self.service
         service.runtime.yield_reading()  # reading a file and maybe compiling: let another thread read input
+        with service.starting() as slot:
+            self._restore(params, slot, reply)
+
+    def _restore(self, params: VmRestoreParams, slot: Starting, reply: Reply) -> None:
+        service = self.service
         state = snapshot_file.read(Path(params.path), service.limits.runner_snapshot_bytes)
         try:
             limits = service.limits.tightened(state.limits)
@@ -136,46 +153,69 @@ class SnapshotMethods:
                 "a VM of this sidecar still waits on this snapshot's host calls; dispose it first",
                 stage="pending", ids=live,
             )
-        # As in vm.create: the engine the module is compiled for stays until the VM holds it.
-        with service.engines.lease(EngineSettings.from_limits(limits)):
-            try:
-                compiled = service.compile(state.module, limits)
-            except InvalidModuleError as exc:
-                raise InvalidSnapshotError(f"the embedded module is unusable: {exc.message}", stage="module") from None
+        capacity = service.limits.runner_module_bytes
+        if len(state.module) > capacity:
+            raise InvalidSnapshotError(
+                f"the embedded module of {len(state.module)} bytes is larger than runner_module_bytes ({capacity})",
+                stage="bounds", limit="runner_module_bytes", env=env_var_for("runner_module_bytes"),
+                capacity=capacity, observed=len(state.module),
+            )
+        try:
+            # As in vm.create: the engine the module is compiled for stays until the VM holds it.
+            with service.engines.lease(EngineSettings.from_limits(limits)):
+                vm = self._build(slot, state, limits, wasi, reply)
+        except RpcError as exc:
+            raise _as_invalid_snapshot(exc, service.limits) from None
+        if vm is not None:
+            log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
+
+    def _build(self, slot: Starting, state: SnapshotState, limits: Limits, wasi: WasiSettings,
+               reply: Reply) -> Vm | None:
+        """A live VM holding the snapshot's state, answered on `reply` (None: cancelled meanwhile).
+        What goes wrong is told in the sidecar's own errors (an import that does not resolve, a trap
+        at instantiation, a budget), which the caller turns into the file's fault."""
+        compiled = self.service.compile(state.module, limits)
+        if compiled.command:
+            raise InvalidSnapshotError(
+                "the embedded module is a WASI command (it exports `_start`): each run starts afresh, "
+                "so a command has no state to restore", stage="module",
+            )
+        try:
             instrumented = self.instrumented(compiled)
-            if not instrumented.snapshottable:
-                raise InvalidSnapshotError("the snapshot's module cannot be restored faithfully", stage="module",
-                                           reasons=list(instrumented.reasons))
+        except WasmFormatError as exc:
+            raise InvalidSnapshotError(f"the embedded module cannot be instrumented: {exc}", stage="module") from None
+        if not instrumented.snapshottable:
+            raise InvalidSnapshotError("the snapshot's module cannot be restored faithfully", stage="module",
+                                       reasons=list(instrumented.reasons))
 
-            def build(vm: Vm) -> None:
-                isolate = vm.idle_instance()
-                snapshots.apply(isolate, instrumented, state.memories, state.globals, limits)
-                isolate.refresh_memory()
-                vm.next_ticket = state.next_ticket
-                for call in state.pending_host_calls:
-                    if not vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, call.params)):
-                        raise InvalidSnapshotError("a pending host call is live in this sidecar", stage="pending",
-                                                   ids=[call.id])
+        def build(vm: Vm) -> None:
+            isolate = vm.idle_instance()
+            snapshots.apply(isolate, instrumented, state.memories, state.globals, limits)
+            isolate.refresh_memory()
+            vm.next_ticket = state.next_ticket
+            for call in state.pending_host_calls:
+                if not vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, call.params)):
+                    raise InvalidSnapshotError("a pending host call is live in this sidecar", stage="pending",
+                                               ids=[call.id])
 
-            vm = service.add_vm(compiled, limits, state.mode, wasi, restore=build)
-        log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
-        reply.result(VmRestoreResult(
-            vm_id=vm.vm_id,
-            pending_host_calls=[
-                PendingHostCall(id=call.id, method=call.method, params=msgspec.Raw(call.params))
-                for call in state.pending_host_calls
-            ],
-        ))
+        def answer(vm: Vm) -> VmRestoreResult:
+            return VmRestoreResult(
+                vm_id=vm.vm_id,
+                pending_host_calls=[
+                    PendingHostCall(id=call.id, method=call.method, params=msgspec.Raw(call.params))
+                    for call in state.pending_host_calls
+                ],
+            )
+
+        return self.service.add_vm(slot, compiled, limits, state.mode, wasi, reply, answer, restore=build)
 
     def instrumented(self, compiled: CompiledModule) -> Instrumented:
-        """The instrumentation facts of a loaded module (instrumenting is idempotent)."""
+        """The instrumentation facts of a loaded module (instrumenting is idempotent); a module our
+        rewriter cannot read (kept uninstrumented at load) raises WasmFormatError."""
         with self._lock:
             found = self._instrumented.get(compiled.module_id)
         if found is None:
-            try:
-                found = instrument(compiled.wasm)
-            except WasmFormatError as exc:
-                raise InvalidParamsError(f"this VM's module cannot be snapshotted: {exc}", path="$.vm_id") from None
+            found = instrument(compiled.wasm)
             with self._lock:
                 self._instrumented[compiled.module_id] = found
                 while len(self._instrumented) > self.service.limits.runner_modules:
@@ -199,3 +239,22 @@ class SnapshotMethods:
             next_ticket=vm.next_ticket,
             sidecar_version=__version__,
         )
+
+
+def _as_invalid_snapshot(exc: RpcError, limits: Limits) -> RpcError:
+    """An error from building a restored VM, as -32006 when the file is at fault: its module does
+    not fit this sidecar (stage `module`, the sidecar's own error as `cause`) or needs more than a
+    guest budget allows (stage `bounds`, naming the limit). What is not about the file stays as it
+    is: a runner bound that is full (`runner_vms`), a cancel, a fault of the sidecar's own."""
+    if isinstance(exc, InvalidSnapshotError):
+        return exc
+    if isinstance(exc, LimitExceededError) and limits.spec(exc.details["limit"]).limit_class == "guest":
+        return InvalidSnapshotError(f"the snapshot needs more than this sidecar allows: {exc.message}",
+                                    stage="bounds", **exc.details)
+    if isinstance(exc, GuestTrapError):  # start functions do not run on restore: instantiation trapped
+        return InvalidSnapshotError(f"the embedded module traps when instantiated: {exc.details['message']}",
+                                    stage="module", cause=exc.data)
+    if isinstance(exc, InvalidModuleError):
+        return InvalidSnapshotError(f"the embedded module cannot run here: {exc.message}", stage="module",
+                                    cause=exc.data)
+    return exc

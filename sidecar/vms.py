@@ -13,7 +13,9 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -59,6 +61,13 @@ log = structlog.get_logger()
 WASI_MODULE = "wasi_snapshot_preview1"
 
 
+@dataclass
+class Starting:
+    """A `runner_vms` slot held by a VM being built; `held` until the VM is live."""
+
+    held: bool = True
+
+
 class VmService:
     def __init__(self, limits: Limits, runtime: Runtime, modules: ModuleStore, engines: Engines) -> None:
         self.limits = limits
@@ -66,7 +75,7 @@ class VmService:
         self.modules = modules
         self.engines = engines
         self._vms: dict[str, Vm] = {}
-        self._starting = 0  # VMs being built: they count against runner_vms already
+        self._starting = 0  # VMs being built, compile included: they count against runner_vms already
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._compiles = anyio.CapacityLimiter(limits.runner_worker_threads)
@@ -93,6 +102,7 @@ class VmService:
         return {
             "engines": len(self.engines),
             "vms": len(vms),
+            "vms_starting": self._starting,
             "vm_calls": sum(vm.calls for vm in vms),
             "vm_memory_bytes": sum(vm.memory_bytes for vm in vms),
             "instances_recycled": Recycles.of(recycles),
@@ -125,15 +135,16 @@ class VmService:
     def vm_create(self, params: VmCreateParams, reply: Reply) -> None:
         limits = self.limits.tightened(params.limits) if params.limits else self.limits
         settings = EngineSettings.from_limits(limits)
-        with self.engines.lease(settings):  # the engine the module is compiled for stays until the VM holds it
+        # The engine the module is compiled for stays until the VM holds it.
+        with self.starting() as slot, self.engines.lease(settings):
             if params.module_id:
                 compiled = self.modules.get(params.module_id, settings)
                 self._check(compiled, limits)
             else:
                 self.runtime.yield_reading()  # a compile can take seconds: let another thread read
                 compiled = self.compile(read_source(params, self.limits), limits)
-            vm = self.add_vm(compiled, limits, params.mode, params.wasi or WasiSettings())
-        reply.result(VmCreateResult(vm_id=vm.vm_id))
+            self.add_vm(slot, compiled, limits, params.mode, params.wasi or WasiSettings(), reply,
+                        lambda vm: VmCreateResult(vm_id=vm.vm_id))
 
     def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
         """Load a module for VMs with these budgets: instrumented, checked against them."""
@@ -143,43 +154,71 @@ class VmService:
         self._check(compiled, limits)
         return compiled
 
-    def add_vm(
-        self,
-        compiled: CompiledModule,
-        limits: Limits,
-        mode: Mode,
-        wasi: WasiSettings,
-        restore: Callable[[Vm], None] | None = None,
-    ) -> Vm:
-        """A new live VM, counted against `runner_vms`; `restore` fills in a snapshot's state. The
-        caller holds a lease on `compiled`'s engine (see `sidecar.engines`); the VM takes its own."""
-        _check_preopens(wasi)
+    @contextmanager
+    def starting(self) -> Iterator[Starting]:
+        """Hold a `runner_vms` slot for a VM about to be built (compile included), until `add_vm`
+        makes it live or the build ends without one: a VM counts from its first step."""
         with self._lock:
             live = len(self._vms) + self._starting + 1
             if live > self.limits.runner_vms:
                 raise self.limits.exceeded("runner_vms", live)
-            vm_id = f"vm-{next(self._ids)}"
             self._starting += 1
+        slot = Starting()
         try:
-            lease = self.engines.hold(compiled.settings, compiled.engine)
-            try:
-                vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None)
-            except BaseException as exc:
-                lease.release()  # no VM exists to release it
-                if isinstance(exc, RpcError):  # e.g. its start function trapped: no VM exists to name
-                    exc.details.pop("vm_id", None)
-                raise
-            if restore is not None:
-                try:
-                    restore(vm)
-                except BaseException:
-                    vm.dispose()
-                    raise
+            yield slot
         finally:
             with self._lock:
-                self._starting -= 1
+                if slot.held:
+                    self._starting -= 1
+
+    def add_vm(
+        self,
+        slot: Starting,
+        compiled: CompiledModule,
+        limits: Limits,
+        mode: Mode,
+        wasi: WasiSettings,
+        reply: Reply,
+        answer: Callable[[Vm], object],
+        restore: Callable[[Vm], None] | None = None,
+    ) -> Vm | None:
+        """A new VM in the `runner_vms` slot held for it; `restore` fills in a snapshot's state.
+        The caller holds a lease on `compiled`'s engine (see `sidecar.engines`); the VM takes its own.
+
+        The VM goes live and `answer(vm)` answers `reply` as one decision against a cancel. A
+        request cancelled while its VM was built (a compile or a start function cannot always be
+        stopped) gets none: the VM is disposed before anyone could list, count or call it (None).
+        """
+        _check_preopens(wasi)
         with self._lock:
-            self._vms[vm_id] = vm
+            vm_id = f"vm-{next(self._ids)}"
+        lease = self.engines.hold(compiled.settings, compiled.engine)
+        try:
+            vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None)
+        except BaseException as exc:
+            lease.release()  # no VM exists to release it
+            if isinstance(exc, RpcError):  # e.g. its start function trapped: no VM exists to name
+                exc.details.pop("vm_id", None)
+            raise
+        if restore is not None:
+            try:
+                restore(vm)
+            except BaseException:
+                vm.dispose()
+                raise
+
+        def go_live() -> object:
+            result = answer(vm)
+            with self._lock:  # from starting to live in one step: counted once throughout
+                self._vms[vm_id] = vm
+                self._starting -= 1
+                slot.held = False
+            return result
+
+        if not reply.result_of(go_live):
+            vm.dispose()
+            log.info("vm_discarded", vm_id=vm_id, reason="request cancelled")
+            return None
         log.info("vm_created", vm_id=vm_id, module_id=compiled.module_id, mode=mode)
         return vm
 

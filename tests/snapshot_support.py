@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 from collections import deque
 from pathlib import Path
@@ -22,7 +23,7 @@ import msgspec
 
 from protocol.client import SidecarClient
 from sidecar import snapshot_file
-from sidecar.snapshot_file import SnapshotState
+from sidecar.snapshot_file import GlobalValue, MemoryImage, SnapshotState
 
 from .guests import GUESTS, call, rpc
 from .support import WAIT
@@ -230,6 +231,20 @@ def kv_source() -> dict[str, str]:
 
 
 # -- snapshot files ---------------------------------------------------------------------------
+
+
+# The state `honest_state` describes: a module that declares it this way can be restored from it.
+HONEST_STATE = '(memory (export "memory") 1 4) (global (mut i32) (i32.const 0)) (global (mut i64) (i64.const 0))'
+
+
+def honest_state(wasm: bytes) -> SnapshotState:
+    """A state `wasm` could have been snapshotted in (one empty page, two zero globals, declared
+    as `HONEST_STATE`), however unfit the module is otherwise."""
+    return SnapshotState(
+        module_id="sha256:" + hashlib.sha256(wasm).hexdigest(), module=wasm, mode="stateful", limits={}, wasi={},
+        memories=[MemoryImage(0, 65536, [])], globals=[GlobalValue(0, "i32", 0), GlobalValue(1, "i64", 0)],
+        pending_host_calls=[], next_ticket=0, sidecar_version="test",
+    )
 
 
 def read_state(path: Path) -> SnapshotState:
