@@ -41,7 +41,7 @@ from protocol.methods import (
 
 from . import __version__, snapshot_file, snapshots
 from .dispatcher import Dispatcher, Reply
-from .engines import EngineSettings
+from .engines import EngineLease, EngineSettings
 from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
@@ -162,14 +162,14 @@ class SnapshotMethods:
             )
         try:
             # As in vm.create: the engine the module is compiled for stays until the VM holds it.
-            with service.engines.lease(EngineSettings.from_limits(limits)):
-                vm = self._build(slot, state, limits, wasi, reply)
+            with service.engines.lease(EngineSettings.from_limits(limits)) as lease:
+                vm = self._build(slot, lease, state, limits, wasi, reply)
         except RpcError as exc:
             raise _as_invalid_snapshot(exc, service.limits) from None
         if vm is not None:
             log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
 
-    def _build(self, slot: Starting, state: SnapshotState, limits: Limits, wasi: WasiSettings,
+    def _build(self, slot: Starting, lease: EngineLease, state: SnapshotState, limits: Limits, wasi: WasiSettings,
                reply: Reply) -> Vm | None:
         """A live VM holding the snapshot's state, answered on `reply` (None: cancelled meanwhile).
         What goes wrong is told in the sidecar's own errors (an import that does not resolve, a trap
@@ -207,7 +207,7 @@ class SnapshotMethods:
                 ],
             )
 
-        return self.service.add_vm(slot, compiled, limits, state.mode, wasi, reply, answer, restore=build)
+        return self.service.add_vm(slot, lease, compiled, limits, state.mode, wasi, reply, answer, restore=build)
 
     def instrumented(self, compiled: CompiledModule) -> Instrumented:
         """The instrumentation facts of a loaded module (instrumenting is idempotent); a module our

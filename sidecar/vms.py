@@ -46,7 +46,7 @@ from protocol.methods import (
 
 from . import guest_abi
 from .dispatcher import Dispatcher, Reply
-from .engines import Engines, EngineSettings
+from .engines import EngineLease, Engines, EngineSettings
 from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
@@ -136,14 +136,14 @@ class VmService:
         limits = self.limits.tightened(params.limits) if params.limits else self.limits
         settings = EngineSettings.from_limits(limits)
         # The engine the module is compiled for stays until the VM holds it.
-        with self.starting() as slot, self.engines.lease(settings):
+        with self.starting() as slot, self.engines.lease(settings) as lease:
             if params.module_id:
                 compiled = self.modules.get(params.module_id, settings)
                 self._check(compiled, limits)
             else:
                 self.runtime.yield_reading()  # a compile can take seconds: let another thread read
                 compiled = self.compile(read_source(params, self.limits), limits)
-            self.add_vm(slot, compiled, limits, params.mode, params.wasi or WasiSettings(), reply,
+            self.add_vm(slot, lease, compiled, limits, params.mode, params.wasi or WasiSettings(), reply,
                         lambda vm: VmCreateResult(vm_id=vm.vm_id))
 
     def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
@@ -174,6 +174,7 @@ class VmService:
     def add_vm(
         self,
         slot: Starting,
+        request_lease: EngineLease,
         compiled: CompiledModule,
         limits: Limits,
         mode: Mode,
@@ -183,7 +184,8 @@ class VmService:
         restore: Callable[[Vm], None] | None = None,
     ) -> Vm | None:
         """A new VM in the `runner_vms` slot held for it; `restore` fills in a snapshot's state.
-        The caller holds a lease on `compiled`'s engine (see `sidecar.engines`); the VM takes its own.
+        `request_lease` is the request's hold on `compiled`'s engine (see `sidecar.engines`): once
+        the VM holds its own, it is released, before the host can hear of the VM and ask for more.
 
         The VM goes live and `answer(vm)` answers `reply` as one decision against a cancel. A
         request cancelled while its VM was built (a compile or a start function cannot always be
@@ -193,6 +195,7 @@ class VmService:
         with self._lock:
             vm_id = f"vm-{next(self._ids)}"
         lease = self.engines.hold(compiled.settings, compiled.engine)
+        request_lease.release()
         try:
             vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None)
         except BaseException as exc:
