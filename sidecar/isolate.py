@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -74,6 +75,11 @@ class Isolate:
         self.in_guest = False  # guest frames on this store's stack right now (no snapshot then)
         self._fuel = limits.vm_fuel  # read on every call: kept out of the limits lookup
         self.store = wasmtime.Store(engine)
+        # An isolate dropped without close() still frees its store, callbacks and guest memory
+        # when collected. Not at interpreter exit (atexit=False): a guest may still be running in
+        # it on a daemon thread then, and the process returns the memory anyway.
+        self._free_store = weakref.finalize(self, self.store.close)
+        self._free_store.atexit = False
         self._arm_deadline = EpochDeadline(self.store)
         self.store.set_limits(
             memory_size=limits.vm_memory_bytes,
@@ -109,7 +115,7 @@ class Isolate:
                 deadline = time.monotonic() + limits.vm_call_timeout_ms / 1000
                 self.call(START_EXPORT, [], CallState(deadline=deadline), limits.vm_call_timeout_ms)
         except BaseException:
-            self.store.close()
+            self._free_store()
             raise
         self._refresh_memory()
 
@@ -144,7 +150,7 @@ class Isolate:
 
     def close(self) -> None:
         self._fast.clear()
-        self.store.close()
+        self._free_store()
 
     def _bind(self, export: str) -> FastCall:
         found = instance_export(self.store, self.instance, export)

@@ -2,24 +2,41 @@
 
 The end-to-end behaviour (errors on the wire, budgets named, timeouts) is in test_vm_calls,
 test_vm_budgets and test_vm_safety; here is what the C host functions themselves do with
-pointers, lengths, budgets and misuse, that the epoch ticker interrupts guests, and the check
-that refuses a stale build.
+pointers, lengths, budgets and misuse, who keeps a GuestIo (and an isolate's store) alive, that
+the epoch ticker interrupts guests, and the check that refuses a stale build.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import sys
 import threading
-from collections.abc import Iterator
+import time
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import wasmtime
 
-from sidecar.guest_abi import SIGNATURES
-from sidecar.wasmffi import FastCall, MemorySlot, define_native_func, instance_export, trap_message
+from sidecar.engines import Engines, EngineSettings
+from sidecar.guest_abi import SIGNATURES, CallState
+from sidecar.hostcalls import HostCalls
+from sidecar.isolate import Isolate
+from sidecar.limits import load_limits
+from sidecar.modules import ModuleStore
+from sidecar.runtime import Runtime
+from sidecar.wasmffi import (
+    FastCall,
+    MemorySlot,
+    define_native_func,
+    instance_export,
+    live_deadline_callbacks,
+    trap_message,
+)
 from sidecar.wasmffi.capi import address
-from sidecar.wasmffi.native import CALLBACKS, EpochTicker, GuestIo, check_build
+from sidecar.wasmffi.native import CALLBACKS, RELEASE, EpochTicker, GuestIo, check_build
 
 WAIT = 10.0  # seconds: the ceiling on any wait, never an expected duration
 
@@ -51,13 +68,13 @@ class Guest:
         linker = wasmtime.Linker(self.store.engine)
         for name, callback in CALLBACKS.items():
             params, results = SIGNATURES[name]
-            define_native_func(linker, "sidecar", name, params, results, callback, self.io.address)
+            define_native_func(linker, "sidecar", name, params, results, callback, self.io.lend(), RELEASE)
         instance = linker.instantiate(self.store, wasmtime.Module(self.store.engine, GUEST))
         if bind:
             memory = instance_export(self.store, instance, "memory")
             assert isinstance(memory, wasmtime.Memory)
             slot = MemorySlot().bind(self.store, memory)
-            self.io.bind(slot.context, slot.handle, slot)
+            self.io.bind(slot.context, slot.handle)
         self.calls = {name: FastCall(self.store, instance_export(self.store, instance, name), name=name)
                       for name in ("echo", "echo_response", "read_to", "write")}
 
@@ -132,7 +149,7 @@ def reader(memory: str) -> tuple[wasmtime.Store, GuestIo, FastCall]:
     store = wasmtime.Store(wasmtime.Engine())
     io = GuestIo()
     linker = wasmtime.Linker(store.engine)
-    define_native_func(linker, "sidecar", "input_read", ("i32",), (), CALLBACKS["input_read"], io.address)
+    define_native_func(linker, "sidecar", "input_read", ("i32",), (), CALLBACKS["input_read"], io.lend(), RELEASE)
     text = f"""(module (import "sidecar" "input_read" (func $r (param i32)))
                  {memory} (func (export "f") (call $r (i32.const 0))))"""
     instance = linker.instantiate(store, wasmtime.Module(store.engine, text))
@@ -178,9 +195,91 @@ def test_misuse_is_a_python_error() -> None:
     with pytest.raises(AttributeError):
         del io.response
     with pytest.raises(ValueError, match="both"):
-        io.bind(1, 0, None)
-    io.bind(0, 0, None)  # unbinding is fine: back to the lookup by name
+        io.bind(1, 0)
+    with pytest.raises(TypeError, match="context must be an int"):  # reported at once, the rest never read
+        io.bind("1", 2**80)  # type: ignore[arg-type]
+    with pytest.raises(OverflowError, match="memory is not an address"):
+        io.bind(1, -1)
+    with pytest.raises(OverflowError, match="context is not an address"):
+        io.bind(2**64, 1)
+    with pytest.raises(TypeError, match="2 arguments"):
+        io.bind(1, 1, None)  # type: ignore[call-arg]
+    io.bind(0, 0)  # unbinding is fine: back to the lookup by name
     assert io.output() == b"" and io.fault is None and io.output_overflow == 0
+
+
+def test_a_guest_io_that_only_its_store_holds_lives_as_long_as_the_store() -> None:
+    guest = Guest(bind=True)
+    io = weakref.ref(guest.io)
+    del guest.io  # the store's host functions are all that hold it now
+    gc.collect()
+    assert io() is not None
+    io().begin(b"still here", 1 << 10, b"")  # type: ignore[union-attr]
+    assert guest.calls["echo"]([]) == [10] and io().output() == b"still here"  # type: ignore[union-attr]
+    guest.store.close()  # the definitions go, and with them the last references
+    assert io() is None
+
+
+def test_each_definition_gives_its_reference_back_exactly_once() -> None:
+    io = GuestIo()
+    baseline = sys.getrefcount(io)
+    linker = wasmtime.Linker(wasmtime.Engine())
+    define_native_func(linker, "sidecar", "input_len", (), ("i32",), CALLBACKS["input_len"], io.lend(), RELEASE)
+    assert sys.getrefcount(io) == baseline + 1
+    with pytest.raises(wasmtime.WasmtimeError, match="defined twice"):  # wasmtime refuses it, then releases
+        define_native_func(linker, "sidecar", "input_len", (), ("i32",), CALLBACKS["input_len"], io.lend(), RELEASE)
+    with pytest.raises(KeyError):  # refused before wasmtime saw it: released by define_native_func
+        define_native_func(linker, "sidecar", "x", ("f32",), (), CALLBACKS["input_len"], io.lend(), RELEASE)
+    assert sys.getrefcount(io) == baseline + 1
+    linker.close()
+    assert sys.getrefcount(io) == baseline
+
+
+ISOLATE_GUEST = """
+(module
+  (import "sidecar" "input_len" (func $input_len (result i32)))
+  (import "sidecar" "host_call" (func $host_call (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "size") (result i32) (call $input_len)))
+"""
+
+
+@pytest.fixture
+def new_isolate(tmp_path: Path) -> Iterator[Callable[[], Isolate]]:
+    """Makes isolates of ISOLATE_GUEST, with both kinds of host function, outside any VM."""
+    limits = load_limits({})
+    with Engines(limits) as engines:
+        compiled = ModuleStore(limits, engines, tmp_path).load(wasmtime.wat2wasm(ISOLATE_GUEST),
+                                                               EngineSettings.from_limits(limits))
+        engine = engines.get(compiled.settings)
+
+        def unused(*args: object) -> None:
+            raise AssertionError("no host interaction expected")
+
+        runtime = Runtime(HostCalls(limits, unused), unused, unused, unused, unused)
+        yield lambda: Isolate("vm-1", compiled, engine, limits, runtime, unused)
+
+
+def test_an_isolate_dropped_without_close_frees_its_store(new_isolate: Callable[[], Isolate]) -> None:
+    baseline = live_deadline_callbacks()
+    isolate = new_isolate()
+    state = CallState(input=b"abc", deadline=time.monotonic() + WAIT)
+    assert isolate.call("size", [], state, 1000) == [3]
+    store, io = isolate.store, weakref.ref(isolate.abi.io)
+    assert live_deadline_callbacks() == baseline + 1
+    del isolate
+    gc.collect()
+    with pytest.raises(ValueError, match="closed"):  # closed although `store` still refers to it
+        store.set_epoch_deadline(1)
+    assert live_deadline_callbacks() == baseline and io() is None
+
+
+def test_closing_an_isolate_twice_is_fine(new_isolate: Callable[[], Isolate]) -> None:
+    isolate = new_isolate()
+    isolate.close()
+    isolate.close()
+    with pytest.raises(ValueError, match="closed"):
+        isolate.store.set_epoch_deadline(1)
 
 
 def spin_until_interrupted(engine: wasmtime.Engine) -> bool:

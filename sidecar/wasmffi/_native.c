@@ -16,6 +16,12 @@
  * it holds references to (immutable, alive while held) and never call into Python, so they run
  * without the GIL. A fault traps the calling guest and is remembered for the call's error.
  *
+ * Ownership: every definition of a host function holds its own reference to the GuestIo (`lend`
+ * makes it, the definition's finalizer `release` drops it), so a GuestIo lives as long as any
+ * linker or store that can call it, whoever else forgets it. It holds nothing of the store's in
+ * return (the memory handle is copied, the context is a plain address, valid while the store
+ * that calls is): a reference back would be a cycle through wasmtime that no collector sees.
+ *
  * The wasmtime functions come from the library wasmtime-py loaded, handed over once by
  * `setup`, so this module does not link against wasmtime. Build: the `hatch_build.py` hook.
  */
@@ -25,6 +31,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -44,6 +51,7 @@ typedef bool (*caller_export_get_fn)(void *caller, const char *name, size_t leng
 typedef void (*increment_epoch_fn)(void *engine);
 
 #define EXTERN_BYTES_MAX 64
+#define MEMORY_BYTES_MAX 32
 #ifndef SIDECAR_SOURCE_SHA256
 #define SIDECAR_SOURCE_SHA256 "" /* set by the build hook: how a stale build is noticed */
 #endif
@@ -58,6 +66,7 @@ static struct {
     size_t extern_bytes;     /* sizeof(wasmtime_extern_t) */
     size_t extern_of_offset; /* offsetof(wasmtime_extern_t, of) */
     uint8_t extern_memory;   /* WASMTIME_EXTERN_MEMORY */
+    size_t memory_bytes;     /* sizeof(wasmtime_memory_t) */
 } api;
 
 enum fault_kind { FAULT_NONE, FAULT_OUT_OF_BOUNDS, FAULT_NO_MEMORY };
@@ -69,10 +78,10 @@ enum fault_kind { FAULT_NONE, FAULT_OUT_OF_BOUNDS, FAULT_NO_MEMORY };
 
 typedef struct {
     PyObject_HEAD
-    /* The instance's ABI memory, once bound; until then it is looked up through the caller. */
+    /* The instance's ABI memory, once bound (context != NULL); until then it is looked up
+     * through the caller. The handle is a copy: a value, valid as long as its store. */
     void *context;
-    const void *memory;
-    PyObject *memory_owner; /* keeps the store and the memory handle alive while bound */
+    _Alignas(16) uint8_t memory[MEMORY_BYTES_MAX];
     /* What the current call reads. */
     PyObject *input;    /* bytes */
     PyObject *response; /* bytes */
@@ -82,6 +91,7 @@ typedef struct {
     uint64_t output_overflow; /* the size a refused output_write would have reached */
     enum fault_kind fault;
     char message[MESSAGE_BYTES];
+    PyObject *weakrefs; /* so a test can watch its lifetime without holding it */
 } GuestIo;
 
 /* -- the host functions ---------------------------------------------------------------------- */
@@ -210,7 +220,7 @@ static PyObject *GuestIo_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
 }
 
 static void GuestIo_dealloc(GuestIo *io) {
-    Py_XDECREF(io->memory_owner);
+    if (io->weakrefs != NULL) PyObject_ClearWeakRefs((PyObject *)io);
     Py_XDECREF(io->input);
     Py_XDECREF(io->response);
     PyMem_RawFree(io->output);
@@ -248,23 +258,72 @@ static PyObject *GuestIo_output(GuestIo *io, PyObject *unused) {
     return PyBytes_FromStringAndSize(io->output, (Py_ssize_t)io->output_len);
 }
 
-PyDoc_STRVAR(bind_doc, "bind(context, memory, owner)\n--\n\n"
-                       "Use this memory from now on (addresses of a wasmtime_context_t and a wasmtime_memory_t); "
-                       "`owner` is kept referenced, and must keep both alive, until the next bind.");
+/* An address argument: a non-negative int that fits a pointer. -1 with an exception naming the
+ * argument otherwise; callers return at once, so no C API call runs with an exception pending. */
+static int address_arg(PyObject *value, const char *what, void **address) {
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int (an address), not %.100s", what, Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    unsigned long long raw = PyLong_AsUnsignedLongLong(value);
+    if ((raw == (unsigned long long)-1 && PyErr_Occurred()) || raw > UINTPTR_MAX) {
+        PyErr_Format(PyExc_OverflowError, "%s is not an address (negative, or wider than a pointer)", what);
+        return -1;
+    }
+    *address = (void *)(uintptr_t)raw;
+    return 0;
+}
+
+PyDoc_STRVAR(bind_doc, "bind(context, memory)\n--\n\n"
+                       "Use this memory from now on: addresses of the store's wasmtime_context_t and of a "
+                       "wasmtime_memory_t, which is copied (0, 0: back to the lookup by name). The context must "
+                       "be that of the store whose instances call these functions.");
 
 static PyObject *GuestIo_bind(GuestIo *io, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "bind() takes 3 arguments (%zd given)", nargs);
-    void *context = PyLong_AsVoidPtr(args[0]);
-    void *memory = PyLong_AsVoidPtr(args[1]);
-    if (PyErr_Occurred()) return NULL;
+    if (nargs != 2) return PyErr_Format(PyExc_TypeError, "bind() takes 2 arguments (%zd given)", nargs);
+    void *context, *memory;
+    if (address_arg(args[0], "context", &context) < 0 || address_arg(args[1], "memory", &memory) < 0) return NULL;
     if ((context == NULL) != (memory == NULL)) {
         PyErr_SetString(PyExc_ValueError, "context and memory are both set or both 0");
         return NULL;
     }
-    Py_XSETREF(io->memory_owner, context ? Py_NewRef(args[2]) : NULL);
+    if (api.memory_bytes == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "setup() has not run");
+        return NULL;
+    }
+    /* A copy, not a pointer into the Python object that holds the handle: nothing to keep alive. */
+    if (memory != NULL) memcpy(io->memory, memory, api.memory_bytes);
     io->context = context;
-    io->memory = memory;
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(lend_doc, "lend()\n--\n\n"
+                       "A new reference to this GuestIo, as an address: the `env` of one host function "
+                       "definition, whose finalizer must be RELEASE, which drops it.");
+
+static PyObject *GuestIo_lend(GuestIo *io, PyObject *unused) {
+    PyObject *address = PyLong_FromVoidPtr(io);
+    if (address != NULL) Py_INCREF(io);
+    return address;
+}
+
+#if PY_VERSION_HEX >= 0x030D0000
+#define interpreter_finalizing Py_IsFinalizing
+#else
+#define interpreter_finalizing _Py_IsFinalizing
+#endif
+
+/* The finalizer of a host function's env (`lend`): wasmtime runs it when it drops the last
+ * linker or store holding that definition. That is a Python thread closing or collecting one,
+ * in practice, but wasmtime promises no thread, so the GIL is taken here (PyGILState_Ensure is
+ * reentrant on a thread that holds it already). Once the interpreter is finalizing, the
+ * reference is leaked on purpose: CPython ends a thread other than the finalizing one that asks
+ * for the GIL then, and the process is about to return all its memory anyway. */
+static void release(void *env) {
+    if (!Py_IsInitialized() || interpreter_finalizing()) return;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_DECREF((PyObject *)env);
+    PyGILState_Release(gil);
 }
 
 static PyObject *GuestIo_get_response(GuestIo *io, void *closure) { return Py_NewRef(io->response); }
@@ -290,12 +349,11 @@ static PyObject *GuestIo_get_overflow(GuestIo *io, void *closure) {
     return PyLong_FromUnsignedLongLong(io->output_overflow);
 }
 
-static PyObject *GuestIo_get_address(GuestIo *io, void *closure) { return PyLong_FromVoidPtr(io); }
-
 static PyMethodDef GuestIo_methods[] = {
     {"begin", (PyCFunction)(void (*)(void))GuestIo_begin, METH_FASTCALL, begin_doc},
     {"output", (PyCFunction)GuestIo_output, METH_NOARGS, output_doc},
     {"bind", (PyCFunction)(void (*)(void))GuestIo_bind, METH_FASTCALL, bind_doc},
+    {"lend", (PyCFunction)GuestIo_lend, METH_NOARGS, lend_doc},
     {NULL},
 };
 
@@ -306,7 +364,6 @@ static PyGetSetDef GuestIo_getset[] = {
      "(trap code, message) of the ABI violation that trapped the call, or None.", NULL},
     {"output_overflow", (getter)GuestIo_get_overflow, NULL,
      "The output size a refused output_write would have reached (0: none was refused).", NULL},
-    {"address", (getter)GuestIo_get_address, NULL, "The `env` its host functions are defined with.", NULL},
     {NULL},
 };
 
@@ -315,6 +372,7 @@ static PyTypeObject GuestIoType = {
     .tp_name = "sidecar.wasmffi._native.GuestIo",
     .tp_doc = "One instance's guest ABI data: the call's input and response, the output it wrote.",
     .tp_basicsize = sizeof(GuestIo),
+    .tp_weaklistoffset = offsetof(GuestIo, weakrefs),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = GuestIo_new,
     .tp_dealloc = (destructor)GuestIo_dealloc,
@@ -497,17 +555,20 @@ static PyTypeObject EpochTickerType = {
 
 PyDoc_STRVAR(setup_doc,
              "setup(memory_data, memory_data_size, trap_new, caller_context, caller_export_get, increment_epoch, "
-             "extern_bytes, extern_of_offset, extern_memory, raw_value_bytes)\n--\n\n"
-             "The wasmtime C functions (addresses) and the wasmtime_extern_t layout; once, before any call.");
+             "extern_bytes, extern_of_offset, extern_memory, raw_value_bytes, memory_bytes)\n--\n\n"
+             "The wasmtime C functions (addresses) and the layout of wasmtime_extern_t, wasmtime_val_raw_t and "
+             "wasmtime_memory_t; once, before any call.");
 
 static PyObject *setup(PyObject *module, PyObject *args) {
-    unsigned long long pointers[6], raw_value_bytes;
+    unsigned long long pointers[6], raw_value_bytes, memory_bytes;
     unsigned long long extern_bytes, extern_of_offset;
     unsigned char extern_memory;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKbK", &pointers[0], &pointers[1], &pointers[2], &pointers[3], &pointers[4],
-                          &pointers[5], &extern_bytes, &extern_of_offset, &extern_memory, &raw_value_bytes))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKbKK", &pointers[0], &pointers[1], &pointers[2], &pointers[3], &pointers[4],
+                          &pointers[5], &extern_bytes, &extern_of_offset, &extern_memory, &raw_value_bytes,
+                          &memory_bytes))
         return NULL;
-    if (raw_value_bytes != sizeof(raw_value) || extern_bytes > EXTERN_BYTES_MAX || extern_of_offset >= extern_bytes) {
+    if (raw_value_bytes != sizeof(raw_value) || extern_bytes > EXTERN_BYTES_MAX || extern_of_offset >= extern_bytes ||
+        memory_bytes == 0 || memory_bytes > MEMORY_BYTES_MAX) {
         PyErr_SetString(PyExc_RuntimeError, "this wasmtime's C API layout is not the one _native was written for");
         return NULL;
     }
@@ -526,6 +587,7 @@ static PyObject *setup(PyObject *module, PyObject *args) {
     api.extern_bytes = (size_t)extern_bytes;
     api.extern_of_offset = (size_t)extern_of_offset;
     api.extern_memory = extern_memory;
+    api.memory_bytes = (size_t)memory_bytes;
     Py_RETURN_NONE;
 }
 
@@ -542,10 +604,11 @@ static struct PyModuleDef native_module = {
     .m_methods = module_methods,
 };
 
-static int add_callback(PyObject *callbacks, const char *name, void *function) {
+/* `function`'s address as `dict[name]`. */
+static int add_address(PyObject *dict, const char *name, void *function) {
     PyObject *address = PyLong_FromVoidPtr(function);
     if (address == NULL) return -1;
-    int failed = PyDict_SetItemString(callbacks, name, address);
+    int failed = PyDict_SetItemString(dict, name, address);
     Py_DECREF(address);
     return failed;
 }
@@ -555,12 +618,13 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *module = PyModule_Create(&native_module);
     if (module == NULL) return NULL;
     PyObject *callbacks = PyDict_New();
-    if (callbacks == NULL || add_callback(callbacks, "input_len", input_len) < 0 ||
-        add_callback(callbacks, "input_read", input_read) < 0 ||
-        add_callback(callbacks, "output_write", output_write) < 0 ||
-        add_callback(callbacks, "response_len", response_len) < 0 ||
-        add_callback(callbacks, "response_read", response_read) < 0 ||
+    if (callbacks == NULL || add_address(callbacks, "input_len", input_len) < 0 ||
+        add_address(callbacks, "input_read", input_read) < 0 ||
+        add_address(callbacks, "output_write", output_write) < 0 ||
+        add_address(callbacks, "response_len", response_len) < 0 ||
+        add_address(callbacks, "response_read", response_read) < 0 ||
         PyModule_AddObjectRef(module, "CALLBACKS", callbacks) < 0 ||
+        add_address(PyModule_GetDict(module), "RELEASE", release) < 0 ||
         PyModule_AddObjectRef(module, "GuestIo", (PyObject *)&GuestIoType) < 0 ||
         PyModule_AddObjectRef(module, "EpochTicker", (PyObject *)&EpochTickerType) < 0 ||
         PyModule_AddStringConstant(module, "SOURCE_SHA256", SIDECAR_SOURCE_SHA256) < 0) {
