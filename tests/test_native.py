@@ -56,6 +56,8 @@ GUEST = """
     (call $response_read (i32.const 2048))
     (call $output_write (i32.const 2048) (call $response_len))
     (call $response_len))
+  (func (export "input_size") (result i32) (call $input_len))
+  (func (export "response_size") (result i32) (call $response_len))
   (func (export "read_to") (param i32) (call $input_read (local.get 0)))
   (func (export "write") (param i32 i32) (call $output_write (local.get 0) (local.get 1))))
 """
@@ -76,7 +78,7 @@ class Guest:
             slot = MemorySlot().bind(self.store, memory)
             self.io.bind(slot.context, slot.handle)
         self.calls = {name: FastCall(self.store, instance_export(self.store, instance, name), name=name)
-                      for name in ("echo", "echo_response", "read_to", "write")}
+                      for name in ("echo", "echo_response", "input_size", "response_size", "read_to", "write")}
 
     def call(self, export: str, *args: int, input: bytes = b"", cap: int = 1 << 20, response: bytes = b"") -> list:
         self.io.begin(input, cap, response)
@@ -110,6 +112,19 @@ def test_response_is_what_response_read_gives(guest: Guest) -> None:
     assert guest.io.output() == b'{"v":1}'
     guest.io.response = b"[]"  # a host answer arriving during a call replaces it
     assert guest.io.response == b"[]"
+
+
+def test_lengths_an_i32_cannot_tell_are_refused(guest: Guest) -> None:
+    longest, too_long = bytes(2**31 - 1), bytes(2**31)  # calloc'd: address space, not memory
+    assert guest.call("input_size", input=longest) == [2**31 - 1]
+    assert guest.call("response_size", response=longest) == [2**31 - 1]
+    with pytest.raises(ValueError, match="input of 2147483648 bytes is longer than the guest ABI's i32"):
+        guest.io.begin(too_long, 0, b"")
+    with pytest.raises(ValueError, match="response of 2147483648 bytes"):
+        guest.io.begin(b"", 0, too_long)
+    with pytest.raises(ValueError, match="response of 2147483648 bytes"):
+        guest.io.response = too_long
+    assert guest.calls["response_size"]([]) == [2**31 - 1]  # what was refused changed nothing
 
 
 # A host function's trap reaches Python as a WasmtimeError carrying its message (see test_hostfunc).

@@ -52,6 +52,10 @@ typedef void (*increment_epoch_fn)(void *engine);
 
 #define EXTERN_BYTES_MAX 64
 #define MEMORY_BYTES_MAX 32
+/* The guest ABI's lengths are i32 (`input_len`, `response_len`, `host_call`'s result): a longer
+ * input or response could not be told to the guest, so `begin` and the `response` setter refuse
+ * one. vm_input_bytes and vm_host_call_bytes have this as their maximum. */
+#define ABI_LENGTH_MAX INT32_MAX
 #ifndef SIDECAR_SOURCE_SHA256
 #define SIDECAR_SOURCE_SHA256 "" /* set by the build hook: how a stale build is noticed */
 #endif
@@ -124,7 +128,10 @@ static uint8_t *locate(GuestIo *io, void *caller, size_t *size, void **failed) {
     return api.memory_data(context, item + api.extern_of_offset);
 }
 
-/* [pointer, +length) inside a memory of `size` bytes; i32 pointers are unsigned addresses. */
+/* Whether [pointer, +length) lies inside a memory of `size` bytes (written so nothing overflows). */
+static bool inside(uint32_t pointer, size_t length, size_t size) { return length <= size && pointer <= size - length; }
+
+/* [pointer, +length) is not inside a memory of `size` bytes; i32 pointers are unsigned addresses. */
 static void *outside(GuestIo *io, uint32_t pointer, int64_t length, size_t size) {
     char message[MESSAGE_BYTES];
     snprintf(message, sizeof message, "guest range [%u, +%lld) is outside its memory of %zu bytes", pointer,
@@ -138,12 +145,13 @@ static void *copy_out(GuestIo *io, void *caller, uint32_t pointer, PyObject *dat
     uint8_t *base = locate(io, caller, &size, &failed);
     if (failed != NULL) return failed;
     size_t length = (size_t)PyBytes_GET_SIZE(data);
-    if ((uint64_t)pointer + length > size) return outside(io, pointer, (int64_t)length, size);
+    if (!inside(pointer, length, size)) return outside(io, pointer, (int64_t)length, size);
     if (length == 0) return NULL;
     memcpy(base + pointer, PyBytes_AS_STRING(data), length);
     return NULL;
 }
 
+/* The casts cannot truncate: nothing longer than ABI_LENGTH_MAX gets in (`abi_length`). */
 static void *input_len(void *env, void *caller, raw_value *values, size_t count) {
     values[0].i32 = (int32_t)PyBytes_GET_SIZE(((GuestIo *)env)->input);
     return NULL;
@@ -172,18 +180,20 @@ static void *output_write(void *env, void *caller, raw_value *values, size_t cou
     void *failed = NULL;
     uint8_t *base = locate(io, caller, &size, &failed);
     if (failed != NULL) return failed;
-    if (length < 0 || (uint64_t)pointer + (uint64_t)length > size) return outside(io, pointer, length, size);
+    if (length < 0 || !inside(pointer, (size_t)length, size)) return outside(io, pointer, length, size);
     if (length == 0) return NULL; /* nothing to keep; the buffer may not exist yet */
-    size_t wanted = io->output_len + (size_t)length;
-    if (wanted > io->output_cap) {
+    if ((size_t)length > io->output_cap - io->output_len) { /* output_len <= output_cap, always */
+        uint64_t wanted = (uint64_t)io->output_len + (uint64_t)length;
         char message[MESSAGE_BYTES];
-        snprintf(message, sizeof message, "vm_output_bytes exceeded: %zu > %zu", wanted, io->output_cap);
+        snprintf(message, sizeof message, "vm_output_bytes exceeded: %llu > %zu", (unsigned long long)wanted,
+                 io->output_cap);
         if (io->fault == FAULT_NONE && io->output_overflow == 0) io->output_overflow = wanted;
         return trap(message);
     }
+    size_t wanted = io->output_len + (size_t)length; /* <= output_cap: cannot overflow */
     if (wanted > io->output_alloc) {
         size_t grown = io->output_alloc ? io->output_alloc : 256;
-        while (grown < wanted) grown *= 2;
+        while (grown < wanted) grown = grown > io->output_cap / 2 ? io->output_cap : 2 * grown;
         if (grown > io->output_cap) grown = io->output_cap;
         char *output = PyMem_RawRealloc(io->output, grown); /* allowed without the GIL */
         if (output == NULL) return trap("the sidecar is out of memory for the guest's output");
@@ -200,6 +210,16 @@ static void *output_write(void *env, void *caller, raw_value *values, size_t cou
 static int require_bytes(PyObject *value, const char *what) {
     if (PyBytes_CheckExact(value)) return 0;
     PyErr_Format(PyExc_TypeError, "%s must be bytes, not %.100s", what, Py_TYPE(value)->tp_name);
+    return -1;
+}
+
+/* Bytes a guest may be told the length of. */
+static int abi_length(PyObject *value, const char *what) {
+    if (require_bytes(value, what) < 0) return -1;
+    Py_ssize_t length = PyBytes_GET_SIZE(value);
+    if ((size_t)length <= ABI_LENGTH_MAX) return 0;
+    PyErr_Format(PyExc_ValueError, "%s of %zd bytes is longer than the guest ABI's i32 lengths allow (%d)", what,
+                 length, ABI_LENGTH_MAX);
     return -1;
 }
 
@@ -232,7 +252,7 @@ PyDoc_STRVAR(begin_doc, "begin(input, output_cap, response)\n--\n\n"
 
 static PyObject *GuestIo_begin(GuestIo *io, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) return PyErr_Format(PyExc_TypeError, "begin() takes 3 arguments (%zd given)", nargs);
-    if (require_bytes(args[0], "input") < 0 || require_bytes(args[2], "response") < 0) return NULL;
+    if (abi_length(args[0], "input") < 0 || abi_length(args[2], "response") < 0) return NULL;
     Py_ssize_t cap = PyLong_AsSsize_t(args[1]);
     if (cap < 0) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "output_cap must be >= 0");
@@ -329,7 +349,7 @@ static void release(void *env) {
 static PyObject *GuestIo_get_response(GuestIo *io, void *closure) { return Py_NewRef(io->response); }
 
 static int GuestIo_set_response(GuestIo *io, PyObject *value, void *closure) {
-    if (value == NULL || require_bytes(value, "response") < 0) {
+    if (value == NULL || abi_length(value, "response") < 0) {
         if (value == NULL) PyErr_SetString(PyExc_AttributeError, "response cannot be deleted");
         return -1;
     }
