@@ -30,6 +30,7 @@ from sidecar.runtime import Runtime
 from sidecar.wasmffi import (
     FastCall,
     MemorySlot,
+    _native,
     define_native_func,
     instance_export,
     live_deadline_callbacks,
@@ -221,6 +222,21 @@ def test_misuse_is_a_python_error() -> None:
         io.bind(1, 1, None)  # type: ignore[call-arg]
     io.bind(0, 0)  # unbinding is fine: back to the lookup by name
     assert io.output() == b"" and io.fault is None and io.output_overflow == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "memory_bytes", "error", "message"),
+    [
+        (-1, 24, OverflowError, "a wasmtime function is not an address"),
+        ("1", 24, TypeError, "a wasmtime function must be an int"),
+        (0, 24, ValueError, "address is 0"),
+        (1, -24, RuntimeError, "layout is not the one"),  # "K" would have made it a huge size
+    ],
+)
+def test_setup_refuses_what_is_not_an_address_or_a_size(first: object, memory_bytes: int, error: type,
+                                                        message: str) -> None:
+    with pytest.raises(error, match=message):  # refused before anything is set: the module still works
+        _native.setup(first, 1, 1, 1, 1, 1, 16, 8, 2, 16, memory_bytes)
 
 
 def test_a_guest_io_that_only_its_store_holds_lives_as_long_as_the_store() -> None:

@@ -580,23 +580,27 @@ PyDoc_STRVAR(setup_doc,
              "wasmtime_memory_t; once, before any call.");
 
 static PyObject *setup(PyObject *module, PyObject *args) {
-    unsigned long long pointers[6], raw_value_bytes, memory_bytes;
-    unsigned long long extern_bytes, extern_of_offset;
+    PyObject *addresses[6];
+    void *pointers[6];
+    Py_ssize_t raw_value_bytes, memory_bytes, extern_bytes, extern_of_offset;
     unsigned char extern_memory;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKbKK", &pointers[0], &pointers[1], &pointers[2], &pointers[3], &pointers[4],
-                          &pointers[5], &extern_bytes, &extern_of_offset, &extern_memory, &raw_value_bytes,
-                          &memory_bytes))
+    /* "n", not "K": K masks a negative or too wide value into some other number, silently. */
+    if (!PyArg_ParseTuple(args, "OOOOOOnnbnn", &addresses[0], &addresses[1], &addresses[2], &addresses[3],
+                          &addresses[4], &addresses[5], &extern_bytes, &extern_of_offset, &extern_memory,
+                          &raw_value_bytes, &memory_bytes))
         return NULL;
-    if (raw_value_bytes != sizeof(raw_value) || extern_bytes > EXTERN_BYTES_MAX || extern_of_offset >= extern_bytes ||
-        memory_bytes == 0 || memory_bytes > MEMORY_BYTES_MAX) {
-        PyErr_SetString(PyExc_RuntimeError, "this wasmtime's C API layout is not the one _native was written for");
-        return NULL;
-    }
     for (int i = 0; i < 6; i++) {
-        if (pointers[i] == 0) {
+        if (address_arg(addresses[i], "a wasmtime function", &pointers[i]) < 0) return NULL;
+        if (pointers[i] == NULL) {
             PyErr_SetString(PyExc_ValueError, "a wasmtime function address is 0");
             return NULL;
         }
+    }
+    if (raw_value_bytes != sizeof(raw_value) || extern_bytes < 1 || extern_bytes > EXTERN_BYTES_MAX ||
+        extern_of_offset < 0 || extern_of_offset >= extern_bytes || memory_bytes < 1 ||
+        memory_bytes > MEMORY_BYTES_MAX) {
+        PyErr_SetString(PyExc_RuntimeError, "this wasmtime's C API layout is not the one _native was written for");
+        return NULL;
     }
     api.memory_data = (memory_data_fn)(uintptr_t)pointers[0];
     api.memory_data_size = (memory_data_size_fn)(uintptr_t)pointers[1];
