@@ -117,6 +117,11 @@ class Isolate:
         except BaseException:
             self._free_store()
             raise
+        finally:
+            # Its definitions hold references (each GuestIo one, host functions a registry slot)
+            # that the store holds too if it needs them. Dropped now, not whenever a traceback
+            # that keeps this frame alive is collected: at exit that is too late to free them.
+            linker.close()
         self._refresh_memory()
 
     def call(self, export: str, args: Sequence[int | float], state: CallState, timeout_ms: int) -> list[int | float]:
