@@ -5,6 +5,10 @@ It needs a C compiler (`$CC`, else the one Python was built with) and the Python
 module lands next to its source, which is where an editable install imports it from, and a
 wheel takes it from there. The source's SHA-256 is compiled in, so `sidecar.wasmffi.native`
 can refuse a build that no longer matches the source beside it (an edit without a rebuild).
+
+`SIDECAR_NATIVE_SANITIZE=address` builds it instrumented for CI instead (`.ci/run`): with clang
+(`$CC` overrides), whose AddressSanitizer runtime the tests then preload, since the Python that
+loads the module is not instrumented. Never a build to ship: it does not load without that runtime.
 """
 
 from __future__ import annotations
@@ -35,11 +39,16 @@ class NativeBuildHook(BuildHookInterface):
 
 
 def compile_extension(source: Path, built: Path) -> None:
-    compiler = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    sanitize = os.environ.get("SIDECAR_NATIVE_SANITIZE")
+    if sanitize:  # frame pointers and debug info: reports name our lines; -O1 keeps them readable
+        default, flags = "clang", [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g", "-O1"]
+    else:
+        default, flags = sysconfig.get_config_var("CC") or "cc", ["-O2"]
+    compiler = shlex.split(os.environ.get("CC") or default)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     partial = built.with_name(built.name + ".partial")
     command = [
-        *compiler, "-shared", "-fPIC", "-O2", "-Wall", f"-I{sysconfig.get_paths()['include']}",
+        *compiler, "-shared", "-fPIC", *flags, "-Wall", f"-I{sysconfig.get_paths()['include']}",
         f'-DSIDECAR_SOURCE_SHA256="{digest}"', str(source), "-o", str(partial),
     ]
     if sys.platform == "darwin":

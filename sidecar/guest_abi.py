@@ -23,7 +23,7 @@ from protocol.errors import LimitExceededError, ParseError
 from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, bounded, refusal
 from .limits import Limits
 from .wasmffi import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
-from .wasmffi.native import CALLBACKS, GuestIo
+from .wasmffi.native import CALLBACKS, RELEASE, GuestIo
 
 VERSION = 1  # guest ABI v1 (DESIGN.md); extensions add imports without breaking v1 guests
 MODULE = "sidecar"
@@ -76,7 +76,7 @@ class GuestAbi:
         self.issue_async = issue_async  # the VM keeps async calls: they outlive this instance's call
         self.state = CallState()
         self.memory = MemorySlot()  # the instance fills it in once it exists (`bind_memory`)
-        self.io = GuestIo()  # the data calls' view of the call; must outlive the instance's calls
+        self.io = GuestIo()  # the data calls' view of the call; each definition holds it too
 
     def define(self, linker: wasmtime.Linker) -> None:
         handlers = {"host_call": self._host_call, "host_call_async": self._host_call_async}
@@ -84,12 +84,12 @@ class GuestAbi:
             if name in handlers:
                 define_host_func(linker, MODULE, name, params, results, handlers[name], self.memory, self._on_fault)
             else:
-                define_native_func(linker, MODULE, name, params, results, CALLBACKS[name], self.io.address)
+                define_native_func(linker, MODULE, name, params, results, CALLBACKS[name], self.io.lend(), RELEASE)
 
     def bind_memory(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
         """The instance's `memory` export, once it exists: every ABI function uses it from now on."""
         self.memory.bind(store, memory)
-        self.io.bind(self.memory.context, self.memory.handle, self.memory)
+        self.io.bind(self.memory.context, self.memory.handle)
 
     def begin(self, state: CallState) -> None:
         self.state = state

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -75,6 +76,11 @@ class Isolate:
         self._fuel = limits.vm_fuel  # read on every call: kept out of the limits lookup
         engine = compiled.engine
         self.store = wasmtime.Store(engine)
+        # An isolate dropped without close() still frees its store, callbacks and guest memory
+        # when collected. Not at interpreter exit (atexit=False): a guest may still be running in
+        # it on a daemon thread then, and the process returns the memory anyway.
+        self._free_store = weakref.finalize(self, self.store.close)
+        self._free_store.atexit = False
         self._arm_deadline = EpochDeadline(self.store)
         self.store.set_limits(
             memory_size=limits.vm_memory_bytes,
@@ -110,8 +116,13 @@ class Isolate:
                 deadline = time.monotonic() + limits.vm_call_timeout_ms / 1000
                 self.call(START_EXPORT, [], CallState(deadline=deadline), limits.vm_call_timeout_ms)
         except BaseException:
-            self.store.close()
+            self._free_store()
             raise
+        finally:
+            # Its definitions hold references (each GuestIo one, host functions a registry slot)
+            # that the store holds too if it needs them. Dropped now, not whenever a traceback
+            # that keeps this frame alive is collected: at exit that is too late to free them.
+            linker.close()
         self._refresh_memory()
 
     def call(self, export: str, args: Sequence[int | float], state: CallState, timeout_ms: int) -> list[int | float]:
@@ -145,7 +156,7 @@ class Isolate:
 
     def close(self) -> None:
         self._fast.clear()
-        self.store.close()
+        self._free_store()
 
     def _bind(self, export: str) -> FastCall:
         found = instance_export(self.store, self.instance, export)

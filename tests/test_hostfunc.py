@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -150,6 +152,38 @@ def test_a_bound_memory_slot_follows_growth() -> None:
     store.close()
     with pytest.raises(ValueError, match="closed"):
         slot.data_size()  # the context is freed memory now: refused, never read
+
+
+def test_bound_methods_are_held_without_keeping_their_object_alive() -> None:
+    class Owner:  # in the sidecar, the guest ABI of an isolate, which owns the store
+        def __init__(self) -> None:
+            self.faults: list[str] = []
+
+        def double(self, memory: object, args: list[int]) -> list[int]:
+            return double(memory, args)
+
+        def on_fault(self, fault: GuestFault) -> None:
+            self.faults.append(str(fault))
+
+    owner, engine = Owner(), wasmtime.Engine()
+    linker = wasmtime.Linker(engine)
+    define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], owner.double, on_fault=owner.on_fault)
+    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek)
+    store = wasmtime.Store(engine)
+    exports = linker.instantiate(store, wasmtime.Module(engine, GUEST)).exports(store)
+    twice = FastCall(store, exports["twice"])
+    assert twice([2]) == [4]
+    with pytest.raises(wasmtime.WasmtimeError):
+        twice([-1])
+    assert owner.faults == ["negative input"]
+    gone = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert gone() is None
+    with pytest.raises(wasmtime.WasmtimeError) as caught:
+        twice([2])
+    assert "the host function's owner is gone" in trap_message(caught.value)
+    store.close()
 
 
 def test_a_guest_without_memory_traps_when_a_host_function_needs_it() -> None:

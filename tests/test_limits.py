@@ -245,6 +245,9 @@ def test_valid_values_win(variable, value, expected):
         ("SIDECAR_RUNNER_WORKER_THREADS", "1025", "above the maximum 1024"),
         ("SIDECAR_PROTOCOL_COMPLETED_IDS", "15", "below the minimum 16"),
         ("SIDECAR_RUNNER_MODULE_BYTES", "99999999999 TiB", "above the maximum"),
+        # Lengths the guest ABI reports as i32: one more than its largest would turn negative.
+        ("SIDECAR_VM_INPUT_BYTES", "2GiB", "above the maximum 2147483647 B"),
+        ("SIDECAR_VM_HOST_CALL_BYTES", "2147483648", "above the maximum 2147483647 B"),
     ],
 )
 def test_bad_values_fall_back_to_the_default_and_warn_naming_the_variable(variable, value, reason):

@@ -2,26 +2,42 @@
 
 The end-to-end behaviour (errors on the wire, budgets named, timeouts) is in test_vm_calls,
 test_vm_budgets and test_vm_safety; here is what the C host functions themselves do with
-pointers, lengths, budgets and misuse, that the epoch ticker interrupts guests, and the check
-that refuses a stale build.
+pointers, lengths, budgets and misuse, who keeps a GuestIo (and an isolate's store) alive, that
+the epoch ticker interrupts guests, and the check that refuses a stale build.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import wasmtime
 
-from sidecar.guest_abi import SIGNATURES
-from sidecar.wasmffi import FastCall, MemorySlot, define_native_func, instance_export, trap_message
+from sidecar.engines import Engines, EngineSettings
+from sidecar.guest_abi import SIGNATURES, CallState
+from sidecar.hostcalls import HostCalls
+from sidecar.isolate import Isolate
+from sidecar.limits import load_limits
+from sidecar.modules import ModuleStore
+from sidecar.runtime import Runtime
+from sidecar.wasmffi import (
+    FastCall,
+    MemorySlot,
+    _native,
+    define_native_func,
+    instance_export,
+    live_deadline_callbacks,
+    trap_message,
+)
 from sidecar.wasmffi.capi import address
-from sidecar.wasmffi.native import CALLBACKS, EpochTicker, GuestIo, check_build
+from sidecar.wasmffi.native import CALLBACKS, RELEASE, EpochTicker, GuestIo, check_build
 
 WAIT = 10.0  # seconds: the ceiling on any wait, never an expected duration
 
@@ -41,6 +57,8 @@ GUEST = """
     (call $response_read (i32.const 2048))
     (call $output_write (i32.const 2048) (call $response_len))
     (call $response_len))
+  (func (export "input_size") (result i32) (call $input_len))
+  (func (export "response_size") (result i32) (call $response_len))
   (func (export "read_to") (param i32) (call $input_read (local.get 0)))
   (func (export "write") (param i32 i32) (call $output_write (local.get 0) (local.get 1))))
 """
@@ -53,15 +71,15 @@ class Guest:
         linker = wasmtime.Linker(self.store.engine)
         for name, callback in CALLBACKS.items():
             params, results = SIGNATURES[name]
-            define_native_func(linker, "sidecar", name, params, results, callback, self.io.address)
+            define_native_func(linker, "sidecar", name, params, results, callback, self.io.lend(), RELEASE)
         instance = linker.instantiate(self.store, wasmtime.Module(self.store.engine, GUEST))
         if bind:
             memory = instance_export(self.store, instance, "memory")
             assert isinstance(memory, wasmtime.Memory)
             slot = MemorySlot().bind(self.store, memory)
-            self.io.bind(slot.context, slot.handle, slot)
+            self.io.bind(slot.context, slot.handle)
         self.calls = {name: FastCall(self.store, instance_export(self.store, instance, name), name=name)
-                      for name in ("echo", "echo_response", "read_to", "write")}
+                      for name in ("echo", "echo_response", "input_size", "response_size", "read_to", "write")}
 
     def call(self, export: str, *args: int, input: bytes = b"", cap: int = 1 << 20, response: bytes = b"") -> list:
         self.io.begin(input, cap, response)
@@ -95,6 +113,19 @@ def test_response_is_what_response_read_gives(guest: Guest) -> None:
     assert guest.io.output() == b'{"v":1}'
     guest.io.response = b"[]"  # a host answer arriving during a call replaces it
     assert guest.io.response == b"[]"
+
+
+def test_lengths_an_i32_cannot_tell_are_refused(guest: Guest) -> None:
+    longest, too_long = bytes(2**31 - 1), bytes(2**31)  # calloc'd: address space, not memory
+    assert guest.call("input_size", input=longest) == [2**31 - 1]
+    assert guest.call("response_size", response=longest) == [2**31 - 1]
+    with pytest.raises(ValueError, match="input of 2147483648 bytes is longer than the guest ABI's i32"):
+        guest.io.begin(too_long, 0, b"")
+    with pytest.raises(ValueError, match="response of 2147483648 bytes"):
+        guest.io.begin(b"", 0, too_long)
+    with pytest.raises(ValueError, match="response of 2147483648 bytes"):
+        guest.io.response = too_long
+    assert guest.calls["response_size"]([]) == [2**31 - 1]  # what was refused changed nothing
 
 
 # A host function's trap reaches Python as a WasmtimeError carrying its message (see test_hostfunc).
@@ -134,7 +165,7 @@ def reader(memory: str) -> tuple[wasmtime.Store, GuestIo, FastCall]:
     store = wasmtime.Store(wasmtime.Engine())
     io = GuestIo()
     linker = wasmtime.Linker(store.engine)
-    define_native_func(linker, "sidecar", "input_read", ("i32",), (), CALLBACKS["input_read"], io.address)
+    define_native_func(linker, "sidecar", "input_read", ("i32",), (), CALLBACKS["input_read"], io.lend(), RELEASE)
     text = f"""(module (import "sidecar" "input_read" (func $r (param i32)))
                  {memory} (func (export "f") (call $r (i32.const 0))))"""
     instance = linker.instantiate(store, wasmtime.Module(store.engine, text))
@@ -180,9 +211,106 @@ def test_misuse_is_a_python_error() -> None:
     with pytest.raises(AttributeError):
         del io.response
     with pytest.raises(ValueError, match="both"):
-        io.bind(1, 0, None)
-    io.bind(0, 0, None)  # unbinding is fine: back to the lookup by name
+        io.bind(1, 0)
+    with pytest.raises(TypeError, match="context must be an int"):  # reported at once, the rest never read
+        io.bind("1", 2**80)  # type: ignore[arg-type]
+    with pytest.raises(OverflowError, match="memory is not an address"):
+        io.bind(1, -1)
+    with pytest.raises(OverflowError, match="context is not an address"):
+        io.bind(2**64, 1)
+    with pytest.raises(TypeError, match="2 arguments"):
+        io.bind(1, 1, None)  # type: ignore[call-arg]
+    io.bind(0, 0)  # unbinding is fine: back to the lookup by name
     assert io.output() == b"" and io.fault is None and io.output_overflow == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "memory_bytes", "error", "message"),
+    [
+        (-1, 24, OverflowError, "a wasmtime function is not an address"),
+        ("1", 24, TypeError, "a wasmtime function must be an int"),
+        (0, 24, ValueError, "address is 0"),
+        (1, -24, RuntimeError, "layout is not the one"),  # "K" would have made it a huge size
+    ],
+)
+def test_setup_refuses_what_is_not_an_address_or_a_size(first: object, memory_bytes: int, error: type,
+                                                        message: str) -> None:
+    with pytest.raises(error, match=message):  # refused before anything is set: the module still works
+        _native.setup(first, 1, 1, 1, 1, 1, 16, 8, 2, 16, memory_bytes)
+
+
+def test_a_guest_io_that_only_its_store_holds_lives_as_long_as_the_store() -> None:
+    guest = Guest(bind=True)
+    io = weakref.ref(guest.io)
+    del guest.io  # the store's host functions are all that hold it now
+    gc.collect()
+    assert io() is not None
+    io().begin(b"still here", 1 << 10, b"")  # type: ignore[union-attr]
+    assert guest.calls["echo"]([]) == [10] and io().output() == b"still here"  # type: ignore[union-attr]
+    guest.store.close()  # the definitions go, and with them the last references
+    assert io() is None
+
+
+def test_each_definition_gives_its_reference_back_exactly_once() -> None:
+    io = GuestIo()
+    baseline = sys.getrefcount(io)
+    linker = wasmtime.Linker(wasmtime.Engine())
+    define_native_func(linker, "sidecar", "input_len", (), ("i32",), CALLBACKS["input_len"], io.lend(), RELEASE)
+    assert sys.getrefcount(io) == baseline + 1
+    with pytest.raises(wasmtime.WasmtimeError, match="defined twice"):  # wasmtime refuses it, then releases
+        define_native_func(linker, "sidecar", "input_len", (), ("i32",), CALLBACKS["input_len"], io.lend(), RELEASE)
+    with pytest.raises(KeyError):  # refused before wasmtime saw it: released by define_native_func
+        define_native_func(linker, "sidecar", "x", ("f32",), (), CALLBACKS["input_len"], io.lend(), RELEASE)
+    assert sys.getrefcount(io) == baseline + 1
+    linker.close()
+    assert sys.getrefcount(io) == baseline
+
+
+ISOLATE_GUEST = """
+(module
+  (import "sidecar" "input_len" (func $input_len (result i32)))
+  (import "sidecar" "host_call" (func $host_call (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "size") (result i32) (call $input_len)))
+"""
+
+
+@pytest.fixture
+def new_isolate(tmp_path: Path) -> Iterator[Callable[[], Isolate]]:
+    """Makes isolates of ISOLATE_GUEST, with both kinds of host function, outside any VM."""
+    limits = load_limits({})
+    with Engines(limits) as engines:
+        compiled = ModuleStore(limits, engines, tmp_path).load(wasmtime.wat2wasm(ISOLATE_GUEST),
+                                                               EngineSettings.from_limits(limits))
+        engine = engines.get(compiled.settings)
+
+        def unused(*args: object) -> None:
+            raise AssertionError("no host interaction expected")
+
+        runtime = Runtime(HostCalls(limits, unused), unused, unused, unused, unused)
+        yield lambda: Isolate("vm-1", compiled, engine, limits, runtime, unused)
+
+
+def test_an_isolate_dropped_without_close_frees_its_store(new_isolate: Callable[[], Isolate]) -> None:
+    baseline = live_deadline_callbacks()
+    isolate = new_isolate()
+    state = CallState(input=b"abc", deadline=time.monotonic() + WAIT)
+    assert isolate.call("size", [], state, 1000) == [3]
+    store, io = isolate.store, weakref.ref(isolate.abi.io)
+    assert live_deadline_callbacks() == baseline + 1
+    del isolate
+    gc.collect()
+    with pytest.raises(ValueError, match="closed"):  # closed although `store` still refers to it
+        store.set_epoch_deadline(1)
+    assert live_deadline_callbacks() == baseline and io() is None
+
+
+def test_closing_an_isolate_twice_is_fine(new_isolate: Callable[[], Isolate]) -> None:
+    isolate = new_isolate()
+    isolate.close()
+    isolate.close()
+    with pytest.raises(ValueError, match="closed"):
+        isolate.store.set_epoch_deadline(1)
 
 
 def spin_until_interrupted(engine: wasmtime.Engine) -> bool:

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,28 @@ def test_zero_ticks_means_ask_again_at_the_next_check() -> None:
             g.fast("spin")([])
         assert trap_message(info.value) == "enough"
         assert len(seen) == 50
+    finally:
+        g.store.close()
+
+
+def test_a_bound_method_is_held_without_keeping_its_object_alive() -> None:
+    class Owner:  # in the sidecar, an isolate: it owns the store, so the store must not own it
+        def decide(self) -> str:
+            return "decided"
+
+    owner = Owner()
+    g = _expired_guest(owner.decide)
+    try:
+        with pytest.raises(wasmtime.WasmtimeError) as info:
+            g.fast("spin")([])
+        assert trap_message(info.value) == "decided"
+        gone = weakref.ref(owner)
+        del owner
+        gc.collect()
+        assert gone() is None
+        with pytest.raises(wasmtime.WasmtimeError) as info:  # still stopped, never let run on
+            g.fast("spin")([])
+        assert trap_message(info.value).startswith("deadline callback raised ReferenceError")
     finally:
         g.store.close()
 

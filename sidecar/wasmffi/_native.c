@@ -16,6 +16,12 @@
  * it holds references to (immutable, alive while held) and never call into Python, so they run
  * without the GIL. A fault traps the calling guest and is remembered for the call's error.
  *
+ * Ownership: every definition of a host function holds its own reference to the GuestIo (`lend`
+ * makes it, the definition's finalizer `release` drops it), so a GuestIo lives as long as any
+ * linker or store that can call it, whoever else forgets it. It holds nothing of the store's in
+ * return (the memory handle is copied, the context is a plain address, valid while the store
+ * that calls is): a reference back would be a cycle through wasmtime that no collector sees.
+ *
  * The wasmtime functions come from the library wasmtime-py loaded, handed over once by
  * `setup`, so this module does not link against wasmtime. Build: the `hatch_build.py` hook.
  */
@@ -25,6 +31,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -44,6 +51,11 @@ typedef bool (*caller_export_get_fn)(void *caller, const char *name, size_t leng
 typedef void (*increment_epoch_fn)(void *engine);
 
 #define EXTERN_BYTES_MAX 64
+#define MEMORY_BYTES_MAX 32
+/* The guest ABI's lengths are i32 (`input_len`, `response_len`, `host_call`'s result): a longer
+ * input or response could not be told to the guest, so `begin` and the `response` setter refuse
+ * one. vm_input_bytes and vm_host_call_bytes have this as their maximum. */
+#define ABI_LENGTH_MAX INT32_MAX
 #ifndef SIDECAR_SOURCE_SHA256
 #define SIDECAR_SOURCE_SHA256 "" /* set by the build hook: how a stale build is noticed */
 #endif
@@ -58,6 +70,7 @@ static struct {
     size_t extern_bytes;     /* sizeof(wasmtime_extern_t) */
     size_t extern_of_offset; /* offsetof(wasmtime_extern_t, of) */
     uint8_t extern_memory;   /* WASMTIME_EXTERN_MEMORY */
+    size_t memory_bytes;     /* sizeof(wasmtime_memory_t) */
 } api;
 
 enum fault_kind { FAULT_NONE, FAULT_OUT_OF_BOUNDS, FAULT_NO_MEMORY };
@@ -69,10 +82,10 @@ enum fault_kind { FAULT_NONE, FAULT_OUT_OF_BOUNDS, FAULT_NO_MEMORY };
 
 typedef struct {
     PyObject_HEAD
-    /* The instance's ABI memory, once bound; until then it is looked up through the caller. */
+    /* The instance's ABI memory, once bound (context != NULL); until then it is looked up
+     * through the caller. The handle is a copy: a value, valid as long as its store. */
     void *context;
-    const void *memory;
-    PyObject *memory_owner; /* keeps the store and the memory handle alive while bound */
+    _Alignas(16) uint8_t memory[MEMORY_BYTES_MAX];
     /* What the current call reads. */
     PyObject *input;    /* bytes */
     PyObject *response; /* bytes */
@@ -82,6 +95,7 @@ typedef struct {
     uint64_t output_overflow; /* the size a refused output_write would have reached */
     enum fault_kind fault;
     char message[MESSAGE_BYTES];
+    PyObject *weakrefs; /* so a test can watch its lifetime without holding it */
 } GuestIo;
 
 /* -- the host functions ---------------------------------------------------------------------- */
@@ -114,7 +128,10 @@ static uint8_t *locate(GuestIo *io, void *caller, size_t *size, void **failed) {
     return api.memory_data(context, item + api.extern_of_offset);
 }
 
-/* [pointer, +length) inside a memory of `size` bytes; i32 pointers are unsigned addresses. */
+/* Whether [pointer, +length) lies inside a memory of `size` bytes (written so nothing overflows). */
+static bool inside(uint32_t pointer, size_t length, size_t size) { return length <= size && pointer <= size - length; }
+
+/* [pointer, +length) is not inside a memory of `size` bytes; i32 pointers are unsigned addresses. */
 static void *outside(GuestIo *io, uint32_t pointer, int64_t length, size_t size) {
     char message[MESSAGE_BYTES];
     snprintf(message, sizeof message, "guest range [%u, +%lld) is outside its memory of %zu bytes", pointer,
@@ -128,12 +145,13 @@ static void *copy_out(GuestIo *io, void *caller, uint32_t pointer, PyObject *dat
     uint8_t *base = locate(io, caller, &size, &failed);
     if (failed != NULL) return failed;
     size_t length = (size_t)PyBytes_GET_SIZE(data);
-    if ((uint64_t)pointer + length > size) return outside(io, pointer, (int64_t)length, size);
+    if (!inside(pointer, length, size)) return outside(io, pointer, (int64_t)length, size);
     if (length == 0) return NULL;
     memcpy(base + pointer, PyBytes_AS_STRING(data), length);
     return NULL;
 }
 
+/* The casts cannot truncate: nothing longer than ABI_LENGTH_MAX gets in (`abi_length`). */
 static void *input_len(void *env, void *caller, raw_value *values, size_t count) {
     values[0].i32 = (int32_t)PyBytes_GET_SIZE(((GuestIo *)env)->input);
     return NULL;
@@ -162,18 +180,20 @@ static void *output_write(void *env, void *caller, raw_value *values, size_t cou
     void *failed = NULL;
     uint8_t *base = locate(io, caller, &size, &failed);
     if (failed != NULL) return failed;
-    if (length < 0 || (uint64_t)pointer + (uint64_t)length > size) return outside(io, pointer, length, size);
+    if (length < 0 || !inside(pointer, (size_t)length, size)) return outside(io, pointer, length, size);
     if (length == 0) return NULL; /* nothing to keep; the buffer may not exist yet */
-    size_t wanted = io->output_len + (size_t)length;
-    if (wanted > io->output_cap) {
+    if ((size_t)length > io->output_cap - io->output_len) { /* output_len <= output_cap, always */
+        uint64_t wanted = (uint64_t)io->output_len + (uint64_t)length;
         char message[MESSAGE_BYTES];
-        snprintf(message, sizeof message, "vm_output_bytes exceeded: %zu > %zu", wanted, io->output_cap);
+        snprintf(message, sizeof message, "vm_output_bytes exceeded: %llu > %zu", (unsigned long long)wanted,
+                 io->output_cap);
         if (io->fault == FAULT_NONE && io->output_overflow == 0) io->output_overflow = wanted;
         return trap(message);
     }
+    size_t wanted = io->output_len + (size_t)length; /* <= output_cap: cannot overflow */
     if (wanted > io->output_alloc) {
         size_t grown = io->output_alloc ? io->output_alloc : 256;
-        while (grown < wanted) grown *= 2;
+        while (grown < wanted) grown = grown > io->output_cap / 2 ? io->output_cap : 2 * grown;
         if (grown > io->output_cap) grown = io->output_cap;
         char *output = PyMem_RawRealloc(io->output, grown); /* allowed without the GIL */
         if (output == NULL) return trap("the sidecar is out of memory for the guest's output");
@@ -190,6 +210,16 @@ static void *output_write(void *env, void *caller, raw_value *values, size_t cou
 static int require_bytes(PyObject *value, const char *what) {
     if (PyBytes_CheckExact(value)) return 0;
     PyErr_Format(PyExc_TypeError, "%s must be bytes, not %.100s", what, Py_TYPE(value)->tp_name);
+    return -1;
+}
+
+/* Bytes a guest may be told the length of. */
+static int abi_length(PyObject *value, const char *what) {
+    if (require_bytes(value, what) < 0) return -1;
+    Py_ssize_t length = PyBytes_GET_SIZE(value);
+    if ((size_t)length <= ABI_LENGTH_MAX) return 0;
+    PyErr_Format(PyExc_ValueError, "%s of %zd bytes is longer than the guest ABI's i32 lengths allow (%d)", what,
+                 length, ABI_LENGTH_MAX);
     return -1;
 }
 
@@ -210,7 +240,7 @@ static PyObject *GuestIo_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
 }
 
 static void GuestIo_dealloc(GuestIo *io) {
-    Py_XDECREF(io->memory_owner);
+    if (io->weakrefs != NULL) PyObject_ClearWeakRefs((PyObject *)io);
     Py_XDECREF(io->input);
     Py_XDECREF(io->response);
     PyMem_RawFree(io->output);
@@ -222,7 +252,7 @@ PyDoc_STRVAR(begin_doc, "begin(input, output_cap, response)\n--\n\n"
 
 static PyObject *GuestIo_begin(GuestIo *io, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) return PyErr_Format(PyExc_TypeError, "begin() takes 3 arguments (%zd given)", nargs);
-    if (require_bytes(args[0], "input") < 0 || require_bytes(args[2], "response") < 0) return NULL;
+    if (abi_length(args[0], "input") < 0 || abi_length(args[2], "response") < 0) return NULL;
     Py_ssize_t cap = PyLong_AsSsize_t(args[1]);
     if (cap < 0) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "output_cap must be >= 0");
@@ -248,29 +278,78 @@ static PyObject *GuestIo_output(GuestIo *io, PyObject *unused) {
     return PyBytes_FromStringAndSize(io->output, (Py_ssize_t)io->output_len);
 }
 
-PyDoc_STRVAR(bind_doc, "bind(context, memory, owner)\n--\n\n"
-                       "Use this memory from now on (addresses of a wasmtime_context_t and a wasmtime_memory_t); "
-                       "`owner` is kept referenced, and must keep both alive, until the next bind.");
+/* An address argument: a non-negative int that fits a pointer. -1 with an exception naming the
+ * argument otherwise; callers return at once, so no C API call runs with an exception pending. */
+static int address_arg(PyObject *value, const char *what, void **address) {
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int (an address), not %.100s", what, Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    unsigned long long raw = PyLong_AsUnsignedLongLong(value);
+    if ((raw == (unsigned long long)-1 && PyErr_Occurred()) || raw > UINTPTR_MAX) {
+        PyErr_Format(PyExc_OverflowError, "%s is not an address (negative, or wider than a pointer)", what);
+        return -1;
+    }
+    *address = (void *)(uintptr_t)raw;
+    return 0;
+}
+
+PyDoc_STRVAR(bind_doc, "bind(context, memory)\n--\n\n"
+                       "Use this memory from now on: addresses of the store's wasmtime_context_t and of a "
+                       "wasmtime_memory_t, which is copied (0, 0: back to the lookup by name). The context must "
+                       "be that of the store whose instances call these functions.");
 
 static PyObject *GuestIo_bind(GuestIo *io, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "bind() takes 3 arguments (%zd given)", nargs);
-    void *context = PyLong_AsVoidPtr(args[0]);
-    void *memory = PyLong_AsVoidPtr(args[1]);
-    if (PyErr_Occurred()) return NULL;
+    if (nargs != 2) return PyErr_Format(PyExc_TypeError, "bind() takes 2 arguments (%zd given)", nargs);
+    void *context, *memory;
+    if (address_arg(args[0], "context", &context) < 0 || address_arg(args[1], "memory", &memory) < 0) return NULL;
     if ((context == NULL) != (memory == NULL)) {
         PyErr_SetString(PyExc_ValueError, "context and memory are both set or both 0");
         return NULL;
     }
-    Py_XSETREF(io->memory_owner, context ? Py_NewRef(args[2]) : NULL);
+    if (api.memory_bytes == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "setup() has not run");
+        return NULL;
+    }
+    /* A copy, not a pointer into the Python object that holds the handle: nothing to keep alive. */
+    if (memory != NULL) memcpy(io->memory, memory, api.memory_bytes);
     io->context = context;
-    io->memory = memory;
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(lend_doc, "lend()\n--\n\n"
+                       "A new reference to this GuestIo, as an address: the `env` of one host function "
+                       "definition, whose finalizer must be RELEASE, which drops it.");
+
+static PyObject *GuestIo_lend(GuestIo *io, PyObject *unused) {
+    PyObject *address = PyLong_FromVoidPtr(io);
+    if (address != NULL) Py_INCREF(io);
+    return address;
+}
+
+#if PY_VERSION_HEX >= 0x030D0000
+#define interpreter_finalizing Py_IsFinalizing
+#else
+#define interpreter_finalizing _Py_IsFinalizing
+#endif
+
+/* The finalizer of a host function's env (`lend`): wasmtime runs it when it drops the last
+ * linker or store holding that definition. That is a Python thread closing or collecting one,
+ * in practice, but wasmtime promises no thread, so the GIL is taken here (PyGILState_Ensure is
+ * reentrant on a thread that holds it already). Once the interpreter is finalizing, the
+ * reference is leaked on purpose: CPython ends a thread other than the finalizing one that asks
+ * for the GIL then, and the process is about to return all its memory anyway. */
+static void release(void *env) {
+    if (!Py_IsInitialized() || interpreter_finalizing()) return;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_DECREF((PyObject *)env);
+    PyGILState_Release(gil);
 }
 
 static PyObject *GuestIo_get_response(GuestIo *io, void *closure) { return Py_NewRef(io->response); }
 
 static int GuestIo_set_response(GuestIo *io, PyObject *value, void *closure) {
-    if (value == NULL || require_bytes(value, "response") < 0) {
+    if (value == NULL || abi_length(value, "response") < 0) {
         if (value == NULL) PyErr_SetString(PyExc_AttributeError, "response cannot be deleted");
         return -1;
     }
@@ -290,12 +369,11 @@ static PyObject *GuestIo_get_overflow(GuestIo *io, void *closure) {
     return PyLong_FromUnsignedLongLong(io->output_overflow);
 }
 
-static PyObject *GuestIo_get_address(GuestIo *io, void *closure) { return PyLong_FromVoidPtr(io); }
-
 static PyMethodDef GuestIo_methods[] = {
     {"begin", (PyCFunction)(void (*)(void))GuestIo_begin, METH_FASTCALL, begin_doc},
     {"output", (PyCFunction)GuestIo_output, METH_NOARGS, output_doc},
     {"bind", (PyCFunction)(void (*)(void))GuestIo_bind, METH_FASTCALL, bind_doc},
+    {"lend", (PyCFunction)GuestIo_lend, METH_NOARGS, lend_doc},
     {NULL},
 };
 
@@ -306,7 +384,6 @@ static PyGetSetDef GuestIo_getset[] = {
      "(trap code, message) of the ABI violation that trapped the call, or None.", NULL},
     {"output_overflow", (getter)GuestIo_get_overflow, NULL,
      "The output size a refused output_write would have reached (0: none was refused).", NULL},
-    {"address", (getter)GuestIo_get_address, NULL, "The `env` its host functions are defined with.", NULL},
     {NULL},
 };
 
@@ -315,6 +392,7 @@ static PyTypeObject GuestIoType = {
     .tp_name = "sidecar.wasmffi._native.GuestIo",
     .tp_doc = "One instance's guest ABI data: the call's input and response, the output it wrote.",
     .tp_basicsize = sizeof(GuestIo),
+    .tp_weaklistoffset = offsetof(GuestIo, weakrefs),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = GuestIo_new,
     .tp_dealloc = (destructor)GuestIo_dealloc,
@@ -523,25 +601,32 @@ static PyTypeObject EpochTickerType = {
 
 PyDoc_STRVAR(setup_doc,
              "setup(memory_data, memory_data_size, trap_new, caller_context, caller_export_get, increment_epoch, "
-             "extern_bytes, extern_of_offset, extern_memory, raw_value_bytes)\n--\n\n"
-             "The wasmtime C functions (addresses) and the wasmtime_extern_t layout; once, before any call.");
+             "extern_bytes, extern_of_offset, extern_memory, raw_value_bytes, memory_bytes)\n--\n\n"
+             "The wasmtime C functions (addresses) and the layout of wasmtime_extern_t, wasmtime_val_raw_t and "
+             "wasmtime_memory_t; once, before any call.");
 
 static PyObject *setup(PyObject *module, PyObject *args) {
-    unsigned long long pointers[6], raw_value_bytes;
-    unsigned long long extern_bytes, extern_of_offset;
+    PyObject *addresses[6];
+    void *pointers[6];
+    Py_ssize_t raw_value_bytes, memory_bytes, extern_bytes, extern_of_offset;
     unsigned char extern_memory;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKbK", &pointers[0], &pointers[1], &pointers[2], &pointers[3], &pointers[4],
-                          &pointers[5], &extern_bytes, &extern_of_offset, &extern_memory, &raw_value_bytes))
+    /* "n", not "K": K masks a negative or too wide value into some other number, silently. */
+    if (!PyArg_ParseTuple(args, "OOOOOOnnbnn", &addresses[0], &addresses[1], &addresses[2], &addresses[3],
+                          &addresses[4], &addresses[5], &extern_bytes, &extern_of_offset, &extern_memory,
+                          &raw_value_bytes, &memory_bytes))
         return NULL;
-    if (raw_value_bytes != sizeof(raw_value) || extern_bytes > EXTERN_BYTES_MAX || extern_of_offset >= extern_bytes) {
-        PyErr_SetString(PyExc_RuntimeError, "this wasmtime's C API layout is not the one _native was written for");
-        return NULL;
-    }
     for (int i = 0; i < 6; i++) {
-        if (pointers[i] == 0) {
+        if (address_arg(addresses[i], "a wasmtime function", &pointers[i]) < 0) return NULL;
+        if (pointers[i] == NULL) {
             PyErr_SetString(PyExc_ValueError, "a wasmtime function address is 0");
             return NULL;
         }
+    }
+    if (raw_value_bytes != sizeof(raw_value) || extern_bytes < 1 || extern_bytes > EXTERN_BYTES_MAX ||
+        extern_of_offset < 0 || extern_of_offset >= extern_bytes || memory_bytes < 1 ||
+        memory_bytes > MEMORY_BYTES_MAX) {
+        PyErr_SetString(PyExc_RuntimeError, "this wasmtime's C API layout is not the one _native was written for");
+        return NULL;
     }
     api.memory_data = (memory_data_fn)(uintptr_t)pointers[0];
     api.memory_data_size = (memory_data_size_fn)(uintptr_t)pointers[1];
@@ -552,6 +637,7 @@ static PyObject *setup(PyObject *module, PyObject *args) {
     api.extern_bytes = (size_t)extern_bytes;
     api.extern_of_offset = (size_t)extern_of_offset;
     api.extern_memory = extern_memory;
+    api.memory_bytes = (size_t)memory_bytes;
     Py_RETURN_NONE;
 }
 
@@ -568,10 +654,11 @@ static struct PyModuleDef native_module = {
     .m_methods = module_methods,
 };
 
-static int add_callback(PyObject *callbacks, const char *name, void *function) {
+/* `function`'s address as `dict[name]`. */
+static int add_address(PyObject *dict, const char *name, void *function) {
     PyObject *address = PyLong_FromVoidPtr(function);
     if (address == NULL) return -1;
-    int failed = PyDict_SetItemString(callbacks, name, address);
+    int failed = PyDict_SetItemString(dict, name, address);
     Py_DECREF(address);
     return failed;
 }
@@ -581,12 +668,13 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *module = PyModule_Create(&native_module);
     if (module == NULL) return NULL;
     PyObject *callbacks = PyDict_New();
-    if (callbacks == NULL || add_callback(callbacks, "input_len", input_len) < 0 ||
-        add_callback(callbacks, "input_read", input_read) < 0 ||
-        add_callback(callbacks, "output_write", output_write) < 0 ||
-        add_callback(callbacks, "response_len", response_len) < 0 ||
-        add_callback(callbacks, "response_read", response_read) < 0 ||
+    if (callbacks == NULL || add_address(callbacks, "input_len", input_len) < 0 ||
+        add_address(callbacks, "input_read", input_read) < 0 ||
+        add_address(callbacks, "output_write", output_write) < 0 ||
+        add_address(callbacks, "response_len", response_len) < 0 ||
+        add_address(callbacks, "response_read", response_read) < 0 ||
         PyModule_AddObjectRef(module, "CALLBACKS", callbacks) < 0 ||
+        add_address(PyModule_GetDict(module), "RELEASE", release) < 0 ||
         PyModule_AddObjectRef(module, "GuestIo", (PyObject *)&GuestIoType) < 0 ||
         PyModule_AddObjectRef(module, "EpochTicker", (PyObject *)&EpochTickerType) < 0 ||
         PyModule_AddStringConstant(module, "SOURCE_SHA256", SIDECAR_SOURCE_SHA256) < 0) {

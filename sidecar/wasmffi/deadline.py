@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import ctypes
 import re
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import wasmtime
 from wasmtime import _bindings, _ffi
 
 from . import capi
-from .slots import Slots, c_text
+from .slots import Slots, c_text, call_unbound, unbound
 
 __all__ = ["EpochDeadline", "live_deadline_callbacks", "set_deadline_callback", "trap_message"]
 
@@ -42,8 +44,9 @@ _UPDATE_DEADLINE_CONTINUE = 0
 # 2**62 ticks of 1 ms is longer than any process lives, so clamping changes nothing observable.
 _FOREVER_TICKS = 2**62
 
-# Freed by wasmtime when the store is dropped or its callback replaced.
-_DECIDERS: Slots[Callable[[], int | str]] = Slots(_FINALIZER_TYPE)
+# (decide, its owner) as `unbound` gives them; freed by wasmtime when the store is dropped or its
+# callback replaced.
+_DECIDERS: Slots[tuple[Callable[..., int | str], weakref.ref[Any] | None]] = Slots(_FINALIZER_TYPE)
 
 
 def set_deadline_callback(store: wasmtime.Store, decide: Callable[[], int | str]) -> None:
@@ -64,14 +67,15 @@ def set_deadline_callback(store: wasmtime.Store, decide: Callable[[], int | str]
     noticed (N ticks plus that wait), and each return stalls the guest for a GIL hand-off;
     with a 1 ms tick, N=1 polls 1000 times a second per running guest. Setting a callback
     again replaces (and frees) the previous one; it is freed when the store is closed or
-    collected.
+    collected. A bound method is held through a weak reference to its object (which usually
+    owns `store`: held strongly, it would keep the store alive); once it is gone, the call ends.
     """
     if not isinstance(store, wasmtime.Store):
         raise TypeError(f"expected a wasmtime.Store, got {type(store).__name__}")
     if not callable(decide):
         raise TypeError(f"decide must be callable, got {type(decide).__name__}")
     store_ptr = store.ptr()  # ValueError('already closed') before anything is registered
-    slot = _DECIDERS.add(decide)
+    slot = _DECIDERS.add(unbound(decide))
     try:
         _ffi.wasmtime_store_epoch_deadline_callback(store_ptr, _on_deadline, slot, _DECIDERS.finalizer)
     except BaseException:
@@ -124,12 +128,12 @@ def trap_message(exc: BaseException) -> str:
 @_CALLBACK_TYPE
 def _on_deadline(_context, slot, delta_out, kind_out):  # type: ignore[no-untyped-def]
     try:
-        decide = _DECIDERS.get(slot)
-        if decide is None:
+        entry = _DECIDERS.get(slot)
+        if entry is None:
             message = "deadline callback is not registered"
         else:
             try:
-                verdict = decide()
+                verdict = call_unbound(*entry)
             except BaseException as exc:  # noqa: BLE001 - must not cross the C boundary
                 message = f"deadline callback raised {type(exc).__name__}: {_safe_str(exc)}"
             else:

@@ -7,7 +7,9 @@ Here a host function signals a fault by raising `GuestFault`, which becomes a tr
 straight to wasmtime for that call only; any other exception is a bug and traps the same way
 with a generic message. Values cross as raw i32/i64 (the guest ABI uses nothing else).
 `define_native_func` defines a function written in C (see `native`) through the same route.
-Knows nothing about what the functions do.
+A definition lives as long as the linker and stores holding it; what it refers to must not keep
+those alive (see `slots`): bound methods are held by a weak reference to their object, and a
+`MemorySlot` refers to its store weakly. Knows nothing about what the functions do.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import ctypes
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 import wasmtime
 from wasmtime import _ffi
 
 from . import capi
-from .slots import Slots, c_text
+from .slots import Slots, c_text, call_unbound, unbound
 from .valtypes import raw_layout
 
 __all__ = ["GuestFault", "GuestMemory", "MemorySlot", "define_host_func", "define_native_func"]
@@ -45,8 +48,11 @@ _FUNC_TYPES = weakref.WeakKeyDictionary()
 
 _HostFunction = Callable[["GuestMemory", Sequence[int]], Sequence[int]]
 _OnFault = Callable[["GuestFault"], None]
-_Entry = tuple[_HostFunction, "_RawValues", "_RawValues", "MemorySlot | None", "_OnFault | None"]
-# (function, params, results, memory, on_fault); freed by wasmtime when the last instance using it goes.
+_Owner = weakref.ref[Any] | None
+_Entry = tuple[Callable[..., Sequence[int]], _Owner, "_RawValues", "_RawValues", "MemorySlot | None",
+               Callable[..., None] | None, _Owner]
+# (function, its owner, params, results, memory, on_fault, its owner), the functions as `unbound`
+# gives them; freed by wasmtime when the last linker or instance using it goes.
 _FUNCS: Slots[_Entry] = Slots(_FINALIZER_TYPE)
 
 
@@ -95,8 +101,10 @@ class MemorySlot(GuestMemory):
     """One of an instance's memories, once its owner knows it: host functions reach the caller's
     memory through it instead of a lookup by name, and the owner reads its size cheaply.
 
-    Holds the store's context and the memory's handle as addresses; `bind` keeps the store and
-    the `Memory` referenced, so both stay valid for as long as the slot is bound.
+    Holds the store's context and the memory's handle as addresses. `bind` keeps the `Memory`
+    referenced (the handle lives in it) and the store weakly: a slot used by a host function is
+    held as long as its store, so a strong reference would keep the store alive for good. The
+    context is used only during a call into the store or after checking the store is open.
     """
 
     __slots__ = ("context", "handle", "_memory", "_store", "_base", "_size")
@@ -105,13 +113,13 @@ class MemorySlot(GuestMemory):
         self.context = 0
         self.handle = 0  # address of the instance's `wasmtime_memory_t`, 0 until bound
         self._memory: wasmtime.Memory | None = None
-        self._store: wasmtime.Store | None = None
+        self._store: weakref.ref[wasmtime.Store] | None = None
         self._base = 0
         self._size = -1  # unknown: the first access reads the base
 
     def bind(self, store: wasmtime.Store, memory: wasmtime.Memory) -> MemorySlot:
         self.context = capi.address(store._context())
-        self._store, self._memory = store, memory
+        self._store, self._memory = weakref.ref(store), memory
         self.handle = ctypes.addressof(memory._memory)
         self._size = -1  # whatever was known belonged to another memory
         return self
@@ -125,10 +133,11 @@ class MemorySlot(GuestMemory):
         return self._base, size
 
     def data_size(self) -> int:
-        """The memory's current size in bytes (ValueError once its store is closed)."""
-        if self._store is None:
-            raise ValueError("the memory slot is not bound")
-        self._store._context()  # raises once closed: the context would be freed memory
+        """The memory's current size in bytes (ValueError once its store is closed or gone)."""
+        store = self._store() if self._store is not None else None
+        if store is None:
+            raise ValueError("the memory slot is not bound to a live store")
+        store._context()  # raises once closed: the context would be freed memory
         return capi.memory_data_size(self.context, self.handle)
 
 
@@ -168,33 +177,40 @@ def define_host_func(
 
     `memory` is the caller's, valid only during that call (located only if used, through the
     `MemorySlot` once its owner bound it). Raising `GuestFault` traps the guest with its message,
-    after `on_fault(fault)` has told the owner why.
+    after `on_fault(fault)` has told the owner why. Bound methods are held through a weak
+    reference to their object, which its owner keeps alive; once it is gone, a call traps.
     """
-    slot = _FUNCS.add((function, _RawValues(params), _RawValues(results), memory, on_fault))
-    try:
-        _define(linker, module, name, params, results, ctypes.cast(_trampoline, capi.VOID_P).value, slot,
-                ctypes.cast(_FUNCS.finalizer, capi.VOID_P).value)
-    except BaseException:
-        _FUNCS.discard(slot)
-        raise
+    slot = _FUNCS.add((*unbound(function), _RawValues(params), _RawValues(results), memory,
+                       *(unbound(on_fault) if on_fault is not None else (None, None))))
+    _define(linker, module, name, params, results, ctypes.cast(_trampoline, capi.VOID_P).value, slot,
+            ctypes.cast(_FUNCS.finalizer, capi.VOID_P).value)
 
 
 def define_native_func(
     linker: wasmtime.Linker, module: str, name: str, params: Sequence[str], results: Sequence[str], callback: int,
-    env: int,
+    env: int, finalizer: int,
 ) -> None:
     """Define `module.name` in `linker` as a C function of wasmtime's unchecked callback type
-    (address `callback`), called with `env` (an address). Nothing frees `env`: the caller keeps
-    what it points to alive for as long as any instance linked here can run."""
-    _define(linker, module, name, params, results, callback, env, None)
+    (address `callback`), called with `env` (an address). `finalizer(env)` (a C function's
+    address) runs once, when wasmtime drops the definition or here if defining fails, so `env`
+    may carry a reference that the definition owns."""
+    _define(linker, module, name, params, results, callback, env, finalizer)
 
 
 def _define(linker: wasmtime.Linker, module: str, name: str, params: Sequence[str], results: Sequence[str],
-            callback: int | None, data: int, finalizer: int | None) -> None:
-    ty = _func_type(linker.engine, tuple(params), tuple(results))
-    module_bytes, name_bytes = module.encode(), name.encode()
+            callback: int, data: int, finalizer: int) -> None:
+    """`finalizer(data)` runs exactly once: from here until wasmtime has the definition, a
+    failure runs it; from then on wasmtime does, even when it refuses the definition (the
+    names are UTF-8, the one check it makes before taking `data` over)."""
+    try:
+        ty = _func_type(linker.engine, tuple(params), tuple(results))
+        module_bytes, name_bytes = module.encode(), name.encode()
+        linker_address = capi.address(linker.ptr())
+    except BaseException:
+        _FINALIZER_TYPE(finalizer)(data)
+        raise
     error = _define_func_unchecked(
-        capi.address(linker.ptr()), module_bytes, len(module_bytes), name_bytes, len(name_bytes),
+        linker_address, module_bytes, len(module_bytes), name_bytes, len(name_bytes),
         capi.address(ty.ptr()), callback, data, finalizer,
     )
     if error:
@@ -215,28 +231,35 @@ class _RawValues:
 
 @_CALLBACK_TYPE
 def _trampoline(slot, caller, values, _count):  # type: ignore[no-untyped-def]
-    on_fault = None
+    on_fault = fault_owner = None
     try:
         entry = _FUNCS.items.get(slot)
         if entry is None:
             return _trap("host function is not registered")
-        function, params, results, memory, on_fault = entry
+        function, owner, params, results, memory, on_fault, fault_owner = entry
         args = params.unpack_from(params.array.from_address(values)) if params.array else ()
-        produced = function(memory if memory is not None and memory.handle else _MemoryByName(caller), args)
+        memory = memory if memory is not None and memory.handle else _MemoryByName(caller)
+        if owner is None:
+            produced = function(memory, args)
+        else:  # `call_unbound`, inline: this runs on every host call
+            target = owner()
+            if target is None:
+                return _trap("the host function's owner is gone")
+            produced = function(target, memory, args)
         if results.array:
             results.pack_into(results.array.from_address(values), 0, *produced)
         return 0
     except GuestFault as fault:
-        return _fault_trap(fault, on_fault)
+        return _fault_trap(fault, on_fault, fault_owner)
     except BaseException as exc:  # noqa: BLE001 - must not cross the C boundary
         _log_failure(exc)
         return _trap("sidecar host function failed")
 
 
-def _fault_trap(fault: GuestFault, on_fault: _OnFault | None) -> int:
+def _fault_trap(fault: GuestFault, on_fault: Callable[..., None] | None, owner: _Owner) -> int:
     try:
         if on_fault is not None:
-            on_fault(fault)
+            call_unbound(on_fault, owner, fault)
     except BaseException as exc:  # noqa: BLE001 - the guest still traps with its own message
         _log_failure(exc)
     return _trap(str(fault))

@@ -4,9 +4,11 @@ native host functions, and the epoch ticker.
 Owns loading the extension, refusing a build that no longer matches its source (an edit without
 `pip install -e .`), and handing it the wasmtime C functions it calls, the ones wasmtime-py
 loaded. `GuestIo` is one instance's input, response and output; `CALLBACKS` maps each function
-name to its C callback, to define with `define_native_func(..., env=io.address)`. `EpochTicker`
-advances engines' epochs from a thread that never takes the GIL. Knows nothing about limits or
-requests: the owner passes the output budget and reads back what went wrong.
+name to its C callback, to define with `define_native_func(..., env=io.lend(), finalizer=RELEASE)`:
+each definition holds a reference to the GuestIo and wasmtime drops it with the definition, so
+the GuestIo lives exactly as long as something can call it. `EpochTicker` advances engines'
+epochs from a thread that never takes the GIL. Knows nothing about limits or requests: the owner
+passes the output budget and reads back what went wrong.
 """
 
 from __future__ import annotations
@@ -26,11 +28,7 @@ except ImportError as exc:
         "sidecar.wasmffi._native is not built: installing the package (`pip install -e .`) compiles it"
     ) from exc
 
-__all__ = ["CALLBACKS", "EpochTicker", "GuestIo", "check_build"]
-
-GuestIo = _native.GuestIo
-EpochTicker = _native.EpochTicker
-CALLBACKS: dict[str, int] = _native.CALLBACKS
+__all__ = ["CALLBACKS", "RELEASE", "EpochTicker", "GuestIo", "check_build"]
 
 
 def check_build(source: Path, built_from: str) -> None:
@@ -38,6 +36,15 @@ def check_build(source: Path, built_from: str) -> None:
     if source.exists() and hashlib.sha256(source.read_bytes()).hexdigest() != built_from:
         raise ImportError(f"sidecar.wasmffi._native was built from another version of {source}: "
                           "rebuild it with `pip install -e .`")
+
+
+# Before anything else is read from it: a stale build may lack it, which would hide why.
+check_build(Path(__file__).with_name("_native.c"), _native.SOURCE_SHA256)
+
+GuestIo = _native.GuestIo
+EpochTicker = _native.EpochTicker
+CALLBACKS: dict[str, int] = _native.CALLBACKS
+RELEASE: int = _native.RELEASE  # the finalizer that gives back what `GuestIo.lend` lent
 
 
 def _setup() -> None:
@@ -49,9 +56,8 @@ def _setup() -> None:
     _native.setup(
         *(ctypes.cast(function, ctypes.c_void_p).value for function in functions),
         ctypes.sizeof(extern), extern.of.offset, _ffi.WASMTIME_EXTERN_MEMORY.value,
-        ctypes.sizeof(_ffi.wasmtime_val_raw_t),
+        ctypes.sizeof(_ffi.wasmtime_val_raw_t), ctypes.sizeof(_ffi.wasmtime_memory_t),
     )
 
 
-check_build(Path(__file__).with_name("_native.c"), _native.SOURCE_SHA256)
 _setup()

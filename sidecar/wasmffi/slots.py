@@ -4,13 +4,21 @@ Owns the slot numbers that travel through wasmtime as a callback's `data` pointe
 finalizer that frees a slot when wasmtime drops the callback, so a registry holds exactly the
 live callbacks. dict get/pop and count() are atomic under the GIL, which is all the locking a
 callback and its finalizer need.
+
+A slot lives as long as the store that can call it, so what it holds must not keep that store
+alive: the registry is a global, and a store reachable from it is never collected, only closed.
+`unbound` splits a bound method (whose object usually owns the store) into its function and a
+weak reference to the object.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
-from typing import Generic, TypeVar
+import weakref
+from collections.abc import Callable
+from types import MethodType
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 
@@ -44,6 +52,24 @@ class Slots(Generic[Item]):
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def unbound(function: Callable[..., Any]) -> tuple[Callable[..., Any], weakref.ref[Any] | None]:
+    """(function, owner) for a slot to hold: a bound method as its plain function and a weak
+    reference to its object (call `function(owner(), ...)`), anything else as itself and None."""
+    if isinstance(function, MethodType):
+        return function.__func__, weakref.ref(function.__self__)
+    return function, None
+
+
+def call_unbound(function: Callable[..., Any], owner: weakref.ref[Any] | None, *args: Any) -> Any:
+    """Call what `unbound` split; ReferenceError once the owner is gone."""
+    if owner is None:
+        return function(*args)
+    target = owner()
+    if target is None:
+        raise ReferenceError("the callback's object is gone")
+    return function(target, *args)
 
 
 def c_text(message: str) -> bytes:
