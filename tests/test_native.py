@@ -282,13 +282,12 @@ def new_isolate(tmp_path: Path) -> Iterator[Callable[[], Isolate]]:
     with Engines(limits) as engines:
         compiled = ModuleStore(limits, engines, tmp_path).load(wasmtime.wat2wasm(ISOLATE_GUEST),
                                                                EngineSettings.from_limits(limits))
-        engine = engines.get(compiled.settings)
 
         def unused(*args: object) -> None:
             raise AssertionError("no host interaction expected")
 
         runtime = Runtime(HostCalls(limits, unused), unused, unused, unused, unused)
-        yield lambda: Isolate("vm-1", compiled, engine, limits, runtime, unused)
+        yield lambda: Isolate("vm-1", compiled, limits, runtime, unused)
 
 
 def test_an_isolate_dropped_without_close_frees_its_store(new_isolate: Callable[[], Isolate]) -> None:
