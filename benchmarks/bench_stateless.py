@@ -198,7 +198,7 @@ def replacement_in_process(runs: int = 2_000) -> None:
     from sidecar.isolate import Isolate
     from sidecar.limits import load_limits
     from sidecar.modules import ModuleStore
-    from sidecar.runtime import Runtime
+    from sidecar.runtime import NotReading, Runtime
     from sidecar.snapshot_service import INSTRUMENT_ID, instrument_or_keep
 
     limits = load_limits({})
@@ -207,7 +207,7 @@ def replacement_in_process(runs: int = 2_000) -> None:
         compiled = store.load(bytes(wasmtime.wat2wasm(GUEST)), EngineSettings.from_limits(limits),
                               transform=instrument_or_keep, transform_id=INSTRUMENT_ID)
         hostcalls = HostCalls(limits, lambda _frame: None)
-        runtime = Runtime(hostcalls, lambda: None, lambda: None, lambda _event, _timeout: None, lambda _frame: None)
+        runtime = Runtime(hostcalls, NotReading(), lambda _frame: None)
 
         def spawn() -> Isolate:
             return Isolate("vm-bench", compiled, limits, runtime, lambda _m, _p: -3)

@@ -1,11 +1,11 @@
 """Dispatch of incoming frames: routing, the in-flight bound, cancellation, batches, responses.
 
-Owns what happens to each decoded item, on whichever intake thread read it. Cheap methods run
-inline and their answers leave with the rest of the input chunk's answers in one write; slow
-methods become cancellable tasks on the event loop; guest work is deferred to the VM, which
-answers from the thread that ran it. All three answer through a `Reply`, a one-shot that any
-thread may complete, so a cancel racing a completion yields exactly one response. Knows nothing
-about VMs or what methods do.
+Owns what happens to each decoded item, on the intake's leader thread (the threading rules are
+`sidecar.intake`'s). Cheap methods run inline; slow methods become cancellable tasks on the event
+loop; guest work is deferred to the VM, which answers from the thread that ran it. All three
+answer through a `Reply`, a one-shot that any thread may complete, so a cancel racing a
+completion yields exactly one response; every answer goes to the intake's `answer`, which
+decides when it is written. Knows nothing about VMs or what methods do.
 """
 
 from __future__ import annotations
@@ -152,22 +152,19 @@ class Dispatcher:
     def __init__(
         self,
         limits: Limits,
-        send: Callable[[bytes], None],
+        answer: Callable[[bytes], None],
         portal: BlockingPortal,
         deliver_response: Callable[..., bool],
-        is_leader: Callable[[], bool],
-        more_input: Callable[[], bool],
     ) -> None:
         self._limits = limits
-        self._send = send
+        self._deliver = answer  # `Intake.answer`: from any thread; the intake batches the leader's
         self._portal = portal
         # `HostCalls.deliver(response, unless_guest=...)`: an async call's answer runs the guest's callback
         self._deliver_response = deliver_response
-        self._is_leader = is_leader
-        self._more_input = more_input  # frames of the reading thread's chunk are still unhandled
         self._routes: dict[str, Route] = {}
+        # Touched by the leader only (admission), and by whichever thread completes a reply
+        # (removal): a single dict operation each, atomic under the GIL.
         self._in_flight: dict[object, Reply] = {}
-        self._collected: list[bytes] = []  # the reading thread's answers, written once per chunk
         self._served_lock = threading.Lock()
         self._loop_thread = threading.get_ident()  # constructed on the event loop
         self.requests_served = 0
@@ -213,13 +210,6 @@ class Dispatcher:
             self._handle_item(items[0], None)
         return True
 
-    def flush(self) -> None:
-        """Write the answers the reading thread gathered, in one go."""
-        if self._collected:
-            out = b"".join(self._collected)
-            self._collected.clear()
-            self._send(out)
-
     def handle_line(self, line: bytes | OversizedLine) -> None:
         """Handle one frame. Nothing raised while handling it escapes: it would stop the intake and
         with it the whole sidecar, so the frame is answered -32603 instead and serving goes on."""
@@ -243,7 +233,7 @@ class Dispatcher:
                 capacity=line.bound,
                 observed=line.seen,
             )
-            self._collected.append(_encode_response(None, None, refused))
+            self._deliver(_encode_response(None, None, refused))
             return
         frame = decode_frame(line)
         if frame.batch:
@@ -283,21 +273,11 @@ class Dispatcher:
             self._deliver(frame)
 
     def _answer_later(self, batch: _Batch | None) -> Callable[[bytes | None], None]:
-        return batch.add if batch is not None else self._deliver
+        return batch.add if batch is not None else self._deliver_unless_none
 
-    def _deliver(self, frame: bytes | None) -> None:
-        """The reading thread's answers join its chunk's write, keeping input order; any other
-        answer (a task's, a thread's that gave up reading) goes out at once. The answer to the
-        chunk's last frame leaves at once too, with those gathered before it: the host should
-        not wait for the bookkeeping that follows an answer. (None: a notification's, nothing.)"""
-        if frame is None:
-            return
-        if not self._is_leader():
-            self._send(frame)
-            return
-        self._collected.append(frame)
-        if not self._more_input():
-            self.flush()
+    def _deliver_unless_none(self, frame: bytes | None) -> None:
+        if frame is not None:  # None: a notification's answer, which nobody hears
+            self._deliver(frame)
 
     def _handle_call(self, call: IncomingCall, batch: _Batch | None) -> None:
         route = self._routes.get(call.method)

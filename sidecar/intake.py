@@ -1,12 +1,33 @@
 """Reading the host's input on a pool of threads, one of which reads at a time (leader/followers).
 
-Owns fd 0's read side and the order in which frames are handled. The thread that reads a chunk
-(the leader) also handles its frames, guest calls included, and writes the answers itself: a
-`vm.call` costs no thread hand-off, which on these machines is worth more than the whole call.
-Before that thread could make the host wait (a guest that runs past one epoch tick, a guest
-blocked on `host_call`, a compile), it hands the reader role and the rest of its chunk to an
-idle thread (`yield_leadership`), so nothing queues behind a slow request for more than a tick.
-Knows nothing about what frames mean: the dispatcher does.
+Everything about who reads the host's input, who writes the answers gathered while reading, and
+what may run on a thread while it reads lives here; other modules refer to these rules and keep
+them, they do not restate them.
+
+Rules
+-----
+1. One leader. Exactly one thread at a time reads fd 0: the one holding `_lead`. Only the leader
+   touches the backlog (frames read but not yet handled) and the gathered answers.
+2. The leader handles what it read, in order, on its own thread: a `vm.call` runs its guest right
+   there, with no hand-off (a thread hand-off costs more here than a whole call).
+3. Answers the leader produces are gathered and written once per chunk (`answer`), and the answer
+   to a chunk's last frame leaves at once. Answers produced on any other thread (a task's, a guest's
+   that gave up reading) go straight to the outbox, which is thread-safe.
+4. Before the leader may keep the host waiting (a guest running past one epoch tick, a compile, a
+   WASI run, a big snapshot), it hands leadership over (`yield_reading`): its gathered answers leave
+   first, and the unhandled frames of its chunk stay in the backlog for the next leader.
+5. A leader whose guest waits in a blocking `host_call` keeps reading (`wait_serving`), so the
+   answer reaches it without waking another thread. While it does, a guest is on its stack, so it
+   handles only frames that run no guest code (an answer to a blocking host call, errors, inline
+   methods: `FrameHandler.handle_if_cheap`); the first frame that needs more makes it hand over.
+   Nothing re-enters a guest on a thread that already has one on its stack.
+
+Theory of operation: the pool has `runner_worker_threads` threads (at least two: one may run a
+guest while another reads). Idle threads block on `_lead`; the leader polls fd 0 (spinning briefly
+first: a host that just got an answer usually writes its next frame within microseconds), feeds
+the framer, and handles the backlog. Guest work learns of these rules only through the
+`runtime.InputReader` protocol this class implements. Knows nothing about what frames mean: the
+dispatcher does.
 """
 
 from __future__ import annotations
@@ -31,13 +52,13 @@ Line = bytes | OversizedLine
 
 
 class FrameHandler(Protocol):
-    """What the intake hands frames to (the dispatcher)."""
+    """What the intake hands frames to (the dispatcher). Neither method raises."""
 
     def handle_line(self, line: Line) -> None: ...
 
-    def handle_if_cheap(self, line: Line) -> bool: ...
-
-    def flush(self) -> None: ...
+    def handle_if_cheap(self, line: Line) -> bool:
+        """Handle `line` only if that runs no guest code (rule 5); False leaves it unhandled."""
+        ...
 
 
 class Intake:
@@ -47,13 +68,15 @@ class Intake:
         framer: LineFramer,
         threads: int,
         on_end: Callable[[str], None],
+        send: Callable[[bytes], None],
         spin_s: float = 0.0,
     ) -> None:
         self._fd = fd
         self._framer = framer
         self._handle_line: Callable[[Line], None]
         self._handle_if_cheap: Callable[[Line], bool]
-        self._flush: Callable[[], None]
+        self._send = send
+        self._gathered: list[bytes] = []  # the leader's answers, written once per chunk (rule 3)
         self._thread_count = max(2, threads)  # one reads while another may run a guest
         self._on_end = on_end
         self._spin_s = spin_s
@@ -72,7 +95,7 @@ class Intake:
         """Start handing frames to `frames`, on threads with `stack_bytes` of native stack each:
         guests run on them, and a guest's wasm stack lives on the native one, so it must hold
         `vm_stack_bytes` and more. (The handler comes this late because it needs the intake.)"""
-        self._handle_line, self._handle_if_cheap, self._flush = frames.handle_line, frames.handle_if_cheap, frames.flush
+        self._handle_line, self._handle_if_cheap = frames.handle_line, frames.handle_if_cheap
         previous = threading.stack_size(stack_bytes)
         try:
             self._start_threads()
@@ -85,28 +108,36 @@ class Intake:
             thread.start()
             self._threads.append(thread)
 
-    def is_leader(self) -> bool:
-        return self._leader == threading.get_ident()
+    def answer(self, frame: bytes) -> None:
+        """Send one answer, from any thread (rule 3): the leader's wait for the end of its chunk
+        unless this is the chunk's last frame; any other thread's leave at once."""
+        if self._leader != threading.get_ident():
+            self._send(frame)
+            return
+        self._gathered.append(frame)
+        if not self._backlog:
+            self._flush()
 
-    def has_backlog(self) -> bool:
-        """Frames already read are still waiting to be handled."""
-        return bool(self._backlog)
-
-    def flush(self) -> None:
-        """Write the reading thread's gathered answers now (a no-op on other threads)."""
+    def flush_answers(self) -> None:
+        """Write the leader's gathered answers now (a no-op on other threads)."""
         if self._leader == threading.get_ident():
             self._flush()
 
-    def yield_leadership(self) -> None:
-        """Called by a thread that may keep the host waiting: if it reads, another thread takes over.
-
-        Answers gathered so far leave first, and unhandled frames of its chunk go to the next leader.
+    def yield_reading(self) -> None:
+        """Called by a thread that may keep the host waiting: if it leads, another thread takes
+        over (rule 4). Answers gathered so far leave first; unhandled frames stay for the next leader.
         """
         if self._leader != threading.get_ident():
             return
         self._flush()
         self._leader = None
         self._lead.release()
+
+    def _flush(self) -> None:
+        if self._gathered:
+            out = b"".join(self._gathered)
+            self._gathered.clear()
+            self._send(out)
 
     def stop(self) -> None:
         self._stopping = True
@@ -195,10 +226,9 @@ class Intake:
 
     def wait_serving(self, ready: Callable[[], bool], timeout_s: float) -> None:
         """Called by a thread about to wait up to `timeout_s` for `ready`, an answer that arrives
-        as input (a guest blocked in `host_call`). If that thread reads the input, it goes on
-        reading and handling cheap frames itself, so the answer reaches it without waking any
-        other thread; the first frame that needs real work makes it hand reading over instead.
-        Returns when `ready()` is true, the time is up, or it no longer reads.
+        as input (a guest blocked in `host_call`). If that thread leads, it goes on reading and
+        handling cheap frames itself (rule 5). Returns when `ready()` is true, the time is up, or
+        it no longer leads.
         """
         me = threading.get_ident()
         deadline = time.monotonic() + timeout_s
@@ -207,7 +237,7 @@ class Intake:
                 line = self._backlog.popleft()
                 if not self._handle_if_cheap(line):
                     self._backlog.appendleft(line)  # the next reader handles it
-                    self.yield_leadership()
+                    self.yield_reading()
                     return
                 continue
             self._flush()

@@ -68,7 +68,7 @@ class Isolate:
         self.vm_id = vm_id
         self.compiled = compiled
         self.limits = limits
-        self._yield_reading = runtime.yield_reading
+        self._yield_reading = runtime.reader.yield_reading
         self._fast: dict[str, FastCall] = {}
         self.memory_bytes = 0  # retained linear memory after the last call; read without the store
         self.calls = 0
@@ -93,7 +93,7 @@ class Isolate:
         if compiled.wasi:  # a WASI guest in a store without WASI aborts the process
             linker.define_wasi()
             self.store.set_wasi(wasi if wasi is not None else wasmtime.WasiConfig())
-        self._wait_serving = runtime.wait_serving
+        self._wait_serving = runtime.reader.wait_serving
         self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, self._wait_for_host, issue_async)
         self.abi.define(linker)
         set_deadline_callback(self.store, self._decide)

@@ -1,21 +1,52 @@
 """What every VM and instance shares with the daemon around it, as one small bundle.
 
-Owns nothing: it names the few daemon services guest work needs (host calls, the hand-over of
-input reading, the output channel) so that VMs and isolates know them without knowing the server.
+Owns nothing but two interfaces: `InputReader`, what guest work owes whoever reads the host's
+input (the intake implements it; its rules are `sidecar.intake`'s), and `Runtime`, the few daemon
+services guest work needs (host calls, that reader, the output channel). Declared here, below the
+VMs and isolates that use them, so that those know the daemon only through these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .hostcalls import HostCalls
+
+
+class InputReader(Protocol):
+    """The hooks a thread running guest work calls, each a no-op unless that thread reads input."""
+
+    def yield_reading(self) -> None:
+        """Hand input reading to another thread before work that may keep the host waiting."""
+        ...
+
+    def flush_answers(self) -> None:
+        """Write the answers gathered so far now, before more bookkeeping."""
+        ...
+
+    def wait_serving(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        """Wait up to `timeout_s` for `ready`, an answer that arrives as input, reading meanwhile."""
+        ...
 
 
 @dataclass(frozen=True)
 class Runtime:
     hostcalls: HostCalls
-    yield_reading: Callable[[], None]  # hand input reading to another thread (work may be long)
-    flush_answers: Callable[[], None]  # write what the reading thread has gathered, now
-    wait_serving: Callable[[Callable[[], bool], float], None]  # wait for an answer, reading meanwhile
-    send: Callable[[bytes], None]
+    reader: InputReader
+    send: Callable[[bytes], None]  # a frame to the host, from any thread (notifications)
+
+
+class NotReading:
+    """The reader of work that no input-reading thread runs (tools, tests, benchmarks): a thread
+    that does not read has nothing to hand over or flush, and its waits are plain waits."""
+
+    def yield_reading(self) -> None:
+        pass
+
+    def flush_answers(self) -> None:
+        pass
+
+    def wait_serving(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        pass

@@ -99,15 +99,13 @@ class Server:
             LineFramer(self.limits.protocol_frame_bytes),
             threads=self.limits.runner_worker_threads,
             on_end=self._end_from_thread,
+            send=self.outbox.send,
             spin_s=self.limits.runner_input_spin_us / 1e6,
         )
         self.hostcalls = HostCalls(self.limits, self.outbox.send)
         async with BlockingPortal() as portal, anyio.create_task_group() as tg:
             self._portal = portal
-            self.dispatcher = Dispatcher(
-                self.limits, self.outbox.send, portal, self.hostcalls.deliver, self.intake.is_leader,
-                self.intake.has_backlog,
-            )
+            self.dispatcher = Dispatcher(self.limits, self.intake.answer, portal, self.hostcalls.deliver)
             self._register_session_methods()
             for factory in self._service_factories:
                 service = factory(self)

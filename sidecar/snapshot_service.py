@@ -113,7 +113,7 @@ class SnapshotMethods:
         def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmSnapshotResult:
             assert isolate is not None
             memories, globals_ = snapshots.capture(isolate, instrumented)
-            self.service.runtime.yield_reading()  # encoding and writing a big memory takes a while
+            self.service.runtime.reader.yield_reading()  # encoding and writing a big memory takes a while
             blob = self._writers[params.format](vm, instrumented, memories, globals_)
             capacity = vm.limits.runner_snapshot_bytes
             if len(blob) > capacity:
@@ -129,7 +129,7 @@ class SnapshotMethods:
 
     def vm_restore(self, params: VmRestoreParams, reply: Reply) -> None:
         service = self.service
-        service.runtime.yield_reading()  # reading a file and maybe compiling: let another thread read input
+        service.runtime.reader.yield_reading()  # reading a file and maybe compiling: let another thread read input
         with service.starting() as slot:
             self._restore(params, slot, reply)
 

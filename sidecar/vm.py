@@ -342,7 +342,7 @@ class Vm:
         self.recycles[reason] += 1
         log.debug("instance_recycled", vm_id=self.vm_id, reason=reason, calls=isolate.calls,
                   memory_bytes=isolate.memory_bytes)
-        self.runtime.flush_answers()  # the answer leaves before the replacement is built
+        self.runtime.reader.flush_answers()  # the answer leaves before the replacement is built
         self._close(isolate)
         try:
             return self._spawn()

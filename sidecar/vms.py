@@ -141,7 +141,7 @@ class VmService:
                 compiled = self.modules.get(params.module_id, settings)
                 self._check(compiled, limits)
             else:
-                self.runtime.yield_reading()  # a compile can take seconds: let another thread read
+                self.runtime.reader.yield_reading()  # a compile can take seconds: let another thread read
                 compiled = self.compile(read_source(params, self.limits), limits)
             self.add_vm(slot, lease, compiled, limits, params.mode, params.wasi or WasiSettings(), reply,
                         lambda vm: VmCreateResult(vm_id=vm.vm_id))
@@ -272,7 +272,7 @@ class VmService:
             config = _wasi_config(vm.wasi, params, stdin, stdout, stderr)
             state.deadline = time.monotonic() + timeout_ms / 1000
             started = time.perf_counter()
-            self.runtime.yield_reading()  # a whole program: do not hold the host's input meanwhile
+            self.runtime.reader.yield_reading()  # a whole program: do not hold the host's input meanwhile
             isolate = vm.isolate_for(config)
             try:
                 code = isolate.run_start(state, timeout_ms)
@@ -471,5 +471,5 @@ def vm_service(server: Any) -> VmService:
     engines = Engines(server.limits)
     engines.start()
     intake = server.intake
-    runtime = Runtime(server.hostcalls, intake.yield_leadership, intake.flush, intake.wait_serving, server.outbox.send)
+    runtime = Runtime(server.hostcalls, intake, server.outbox.send)
     return VmService(server.limits, runtime, ModuleStore(server.limits, engines), engines)

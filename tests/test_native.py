@@ -26,7 +26,7 @@ from sidecar.hostcalls import HostCalls
 from sidecar.isolate import Isolate
 from sidecar.limits import load_limits
 from sidecar.modules import ModuleStore
-from sidecar.runtime import Runtime
+from sidecar.runtime import NotReading, Runtime
 from sidecar.wasmffi import (
     FastCall,
     MemorySlot,
@@ -286,7 +286,7 @@ def new_isolate(tmp_path: Path) -> Iterator[Callable[[], Isolate]]:
         def unused(*args: object) -> None:
             raise AssertionError("no host interaction expected")
 
-        runtime = Runtime(HostCalls(limits, unused), unused, unused, unused, unused)
+        runtime = Runtime(HostCalls(limits, unused), NotReading(), unused)
         yield lambda: Isolate("vm-1", compiled, limits, runtime, unused)
 
 
