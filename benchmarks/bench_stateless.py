@@ -197,9 +197,8 @@ def replacement_in_process(runs: int = 2_000) -> None:
     from sidecar.hostcalls import HostCalls
     from sidecar.isolate import Isolate
     from sidecar.limits import load_limits
-    from sidecar.modules import ModuleStore
+    from sidecar.modules import INSTRUMENT_ID, ModuleStore, instrument_or_keep
     from sidecar.runtime import NotReading, Runtime
-    from sidecar.snapshot_service import INSTRUMENT_ID, instrument_or_keep
 
     limits = load_limits({})
     with tempfile.TemporaryDirectory(prefix="bench-stateless-") as cache_dir, Engines(limits) as engines:

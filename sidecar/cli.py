@@ -1,7 +1,7 @@
 """Command line: `wasm-sidecar` serves on stdio; `wasm-sidecar limits ...` shows the inventory.
 
 Owns argument parsing and process setup (logging, limits, stdio, the event loop). The daemon
-itself lives in `sidecar.server`.
+itself is assembled in `sidecar.app`.
 """
 
 from __future__ import annotations
@@ -42,16 +42,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve() -> int:
+    from .app import build_server
     from .limits import process_limits
-    from .server import Server
     from .transport import claim_stdio, nonblocking
-    from .vms import vm_service
 
     logs.configure()
     limits = process_limits()
     in_fd, out_fd = claim_stdio()
-    server = Server(in_fd, out_fd, limits, handle_signals=True)
-    server.add_service(vm_service)
+    server = build_server(in_fd, out_fd, limits, handle_signals=True)
     with nonblocking(out_fd):
         return anyio.run(server.run)
 

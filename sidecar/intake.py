@@ -45,9 +45,8 @@ import structlog
 
 from protocol.framing import LineFramer, OversizedLine
 
-from .transport import READ_CHUNK
-
 log = structlog.get_logger()
+READ_CHUNK = 1 << 16  # bytes asked of one read(2): a pipe's default capacity
 Line = bytes | OversizedLine
 
 

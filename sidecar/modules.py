@@ -8,9 +8,12 @@ value-type path; and the in-memory table (LRU, `runner_modules`; evicting drops 
 reference). The table is keyed by the engine object, never by its settings, and forgets an
 engine's code when `Engines` drops it; the bytes of modules known by id are kept apart, so a
 `module_id` outlives the engine it was first compiled for. Compiling is the runner's work: no
-guest budget applies to it. Knows nothing about stores, instances, VMs or snapshots: a snapshot
-rewrite plugs in as `transform`, named by `transform_id` in cache keys, and its output is cached
-with the code so a hit skips it."""
+guest budget applies to it. Every module a VM runs is loaded through the load-time rewrite
+(`instrument_or_keep`: the instrumentation that makes internal memories and globals reachable for
+snapshots and puts the start function under our control); a load names its rewrite as
+`transform`/`transform_id` in cache keys, and the rewritten bytes are cached with the code so a
+hit skips the rewrite. Knows nothing about stores, instances or VMs.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from .engines import EngineLease, Engines, EngineSettings
 from .hostfiles import TooLarge, read_bounded
 from .limits import Limits
 from .wasmbin import Module as Layout
-from .wasmbin import WasmFormatError
+from .wasmbin import WasmFormatError, instrument
 from .wasmbin.module import MEMORY, START
 from .wasmbin.sections import defined_tables
 from .wasmffi import value_type_names
@@ -60,6 +63,19 @@ class _Known(NamedTuple):
     transform_id: str
     wasm: bytes  # what to compile: the transform applied, or still to apply
     original: bytes  # the bytes as loaded, which `module_id` names
+
+
+INSTRUMENT_ID = "sidecar-instrument-1"  # names the load-time rewrite in compile-cache keys
+
+
+def instrument_or_keep(wasm: bytes) -> bytes:
+    """The load-time rewrite. A module our rewriter cannot read (wasmtime accepted it) still
+    runs, uninstrumented; a snapshot of it then says why it cannot be taken."""
+    try:
+        return instrument(wasm).wasm
+    except WasmFormatError as exc:
+        _log().warning("instrumentation_skipped", reason=str(exc))
+        return wasm
 
 
 def _log() -> Any:

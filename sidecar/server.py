@@ -52,7 +52,9 @@ HOST_STACK_MARGIN = 8 << 20
 class Service(Protocol):
     """A group of methods with state to release at shutdown (the VM registry is one)."""
 
-    def register(self, dispatcher: Dispatcher) -> None: ...
+    def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
+        """`(method, kind, handler)` for each method it serves; kinds are `Dispatcher.route`'s."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -77,7 +79,7 @@ class Server:
         self._stop_reason: str | None = None
         self._stopped: anyio.Event | None = None
         self._services: list[Service] = []
-        self._service_factories: list[Callable[[Server], Service]] = []
+        self._service_factories: list[Callable[[Server], list[Service]]] = []
         self._rows = [
             LimitRow(**{("class_" if key == "class" else key): value for key, value in row.items()})
             for row in limits.rows()
@@ -86,8 +88,9 @@ class Server:
         self.dispatcher: Dispatcher
         self.hostcalls: HostCalls
 
-    def add_service(self, factory: Callable[[Server], Service]) -> None:
-        """`factory(server)` builds a service once the loop runs; it may use outbox and hostcalls."""
+    def add_services(self, factory: Callable[[Server], list[Service]]) -> None:
+        """`factory(server)` builds services once the loop runs; they may use the server's
+        `outbox`, `hostcalls` and `intake`, which exist from then on."""
         self._service_factories.append(factory)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
@@ -108,9 +111,10 @@ class Server:
             self.dispatcher = Dispatcher(self.limits, self.intake.answer, portal, self.hostcalls.deliver)
             self._register_session_methods()
             for factory in self._service_factories:
-                service = factory(self)
-                service.register(self.dispatcher)
-                self._services.append(service)
+                for service in factory(self):
+                    for method, kind, handler in service.routes():
+                        self.dispatcher.route(method, kind, handler)  # type: ignore[arg-type]
+                    self._services.append(service)
             tg.start_soon(self._drain)
             if self._handle_signals:
                 await tg.start(self._watch_signals)

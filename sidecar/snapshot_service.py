@@ -1,12 +1,12 @@
 """`vm.snapshot` and `vm.restore`: parking a VM in a file and resuming it in any sidecar.
 
-Owns the two methods and the instrumentation plugged into every module load (the rewrite that
-makes internal memories and globals reachable and puts the start function under our control).
-A snapshot is taken as a job on the VM, so it never sees a guest mid-call; a VM with guest frames
-on its stack (a call running, a guest blocked in `host_call`) is refused instead of waited for,
-since the answer it waits on may itself wait for the snapshot. A restore builds a VM from the
-file's module (through the compile cache), writes the state into a fresh instance without
-running its start function, and makes its pending async host calls live again under their ids.
+Owns the two methods and the instrumentation facts of loaded modules (whether, and how, a module
+can be snapshotted; the rewrite itself runs at load, in `sidecar.modules`). A snapshot is taken
+as a job on the VM, so it never sees a guest mid-call; a VM with guest frames on its stack (a
+call running, a guest blocked in `host_call`) is refused instead of waited for, since the answer
+it waits on may itself wait for the snapshot. A restore builds a VM from the file's module
+(through the compile cache), writes the state into a fresh instance without running its start
+function, and makes its pending async host calls live again under their ids.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import msgspec
 import structlog
@@ -40,31 +40,18 @@ from protocol.methods import (
 )
 
 from . import __version__, snapshot_file, snapshots
-from .dispatcher import Dispatcher, Reply
-from .engines import EngineLease, EngineSettings
+from .engines import EngineLease, Engines, EngineSettings
 from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
 from .modules import CompiledModule
+from .runtime import Runtime
 from .snapshot_file import PendingCall, SnapshotState
-from .vm import AsyncCall, Job, Vm
+from .vm import AsyncCall, Completion, Job, Vm
+from .vms import Starting, VmService
 from .wasmbin import Instrumented, WasmFormatError, instrument
 
-if TYPE_CHECKING:
-    from .vms import Starting, VmService
-
 log = structlog.get_logger()
-INSTRUMENT_ID = "sidecar-instrument-1"  # names the rewrite in compile-cache keys
-
-
-def instrument_or_keep(wasm: bytes) -> bytes:
-    """The load-time transform. A module our rewriter cannot read (wasmtime accepted it) still
-    runs, uninstrumented; a snapshot of it then says why it cannot be taken."""
-    try:
-        return instrument(wasm).wasm
-    except WasmFormatError as exc:
-        log.warning("instrumentation_skipped", reason=str(exc))
-        return wasm
 
 
 def _restored_wasi(saved: dict, given: WasiSettings | msgspec.UnsetType) -> WasiSettings:
@@ -76,9 +63,14 @@ def _restored_wasi(saved: dict, given: WasiSettings | msgspec.UnsetType) -> Wasi
     return msgspec.structs.replace(msgspec.convert(saved, WasiSettings), preopens=[])
 
 
-class SnapshotMethods:
-    def __init__(self, service: VmService) -> None:
-        self.service = service
+class SnapshotService:
+    """Works on VMs through the registry's public face: `find`, `starting`, `compile`, `add_vm`."""
+
+    def __init__(self, vms: VmService, runtime: Runtime, engines: Engines, limits: Limits) -> None:
+        self._vms = vms
+        self._runtime = runtime
+        self._engines = engines
+        self._limits = limits
         self._instrumented: OrderedDict[str, Instrumented] = OrderedDict()
         self._lock = threading.Lock()
         self._writers: dict[str, Callable[[Vm, Instrumented, list, list], bytes]] = {
@@ -86,16 +78,20 @@ class SnapshotMethods:
             "wasm": lambda _, instrumented, memories, globals_: snapshots.to_wasm(instrumented, memories, globals_),
         }
 
-    def register(self, dispatcher: Dispatcher) -> None:
-        dispatcher.route("vm.snapshot", "deferred", self.vm_snapshot)
-        dispatcher.route("vm.restore", "deferred", self.vm_restore)
+    def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
+        return [("vm.snapshot", "deferred", self.vm_snapshot), ("vm.restore", "deferred", self.vm_restore)]
 
-    def formats(self) -> list[str]:
-        """The `format`s `vm.snapshot` writes: what `initialize` advertises."""
-        return list(self._writers)
+    def capabilities(self) -> dict[str, Any]:
+        return {"snapshot_formats": list(self._writers)}  # the formats `vm.snapshot` writes
 
-    def vm_snapshot(self, params: VmSnapshotParams, reply: Reply) -> None:
-        vm = self.service.find(params.vm_id)
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    async def close(self) -> None:
+        pass  # the VMs it made belong to the registry, which disposes them
+
+    def vm_snapshot(self, params: VmSnapshotParams, reply: Completion) -> None:
+        vm = self._vms.find(params.vm_id)
         if vm.mode != "stateful" or vm.compiled.command:
             raise InvalidParamsError("only stateful VMs that keep an instance hold state to snapshot", path="$.vm_id")
         if vm.in_guest:
@@ -113,7 +109,7 @@ class SnapshotMethods:
         def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmSnapshotResult:
             assert isolate is not None
             memories, globals_ = snapshots.capture(isolate, instrumented)
-            self.service.runtime.reader.yield_reading()  # encoding and writing a big memory takes a while
+            self._runtime.reader.yield_reading()  # encoding and writing a big memory takes a while
             blob = self._writers[params.format](vm, instrumented, memories, globals_)
             capacity = vm.limits.runner_snapshot_bytes
             if len(blob) > capacity:
@@ -127,17 +123,15 @@ class SnapshotMethods:
 
         vm.submit(Job(reply, work))
 
-    def vm_restore(self, params: VmRestoreParams, reply: Reply) -> None:
-        service = self.service
-        service.runtime.reader.yield_reading()  # reading a file and maybe compiling: let another thread read input
-        with service.starting() as slot:
+    def vm_restore(self, params: VmRestoreParams, reply: Completion) -> None:
+        self._runtime.reader.yield_reading()  # reading a file and maybe compiling: let another thread read input
+        with self._vms.starting() as slot:
             self._restore(params, slot, reply)
 
-    def _restore(self, params: VmRestoreParams, slot: Starting, reply: Reply) -> None:
-        service = self.service
-        state = snapshot_file.read(Path(params.path), service.limits.runner_snapshot_bytes)
+    def _restore(self, params: VmRestoreParams, slot: Starting, reply: Completion) -> None:
+        state = snapshot_file.read(Path(params.path), self._limits.runner_snapshot_bytes)
         try:
-            limits = service.limits.tightened(state.limits)
+            limits = self._limits.tightened(state.limits)
             wasi = _restored_wasi(state.wasi, params.wasi)
         except (RpcError, msgspec.ValidationError) as exc:
             raise InvalidSnapshotError(f"snapshot settings do not fit this sidecar: {exc}", stage="bounds") from None
@@ -147,13 +141,13 @@ class SnapshotMethods:
             raise InvalidSnapshotError("more pending host calls than vm_host_calls_in_flight", stage="bounds",
                                        limit="vm_host_calls_in_flight", capacity=limits.vm_host_calls_in_flight,
                                        observed=len(state.pending_host_calls))
-        live = [call.id for call in state.pending_host_calls if service.runtime.hostcalls.is_pending(call.id)]
+        live = [call.id for call in state.pending_host_calls if self._runtime.hostcalls.is_pending(call.id)]
         if live:
             raise InvalidSnapshotError(
                 "a VM of this sidecar still waits on this snapshot's host calls; dispose it first",
                 stage="pending", ids=live,
             )
-        capacity = service.limits.runner_module_bytes
+        capacity = self._limits.runner_module_bytes
         if len(state.module) > capacity:
             raise InvalidSnapshotError(
                 f"the embedded module of {len(state.module)} bytes is larger than runner_module_bytes ({capacity})",
@@ -162,19 +156,19 @@ class SnapshotMethods:
             )
         try:
             # As in vm.create: the engine the module is compiled for stays until the VM holds it.
-            with service.engines.lease(EngineSettings.from_limits(limits)) as lease:
+            with self._engines.lease(EngineSettings.from_limits(limits)) as lease:
                 vm = self._build(slot, lease, state, limits, wasi, reply)
         except RpcError as exc:
-            raise _as_invalid_snapshot(exc, service.limits) from None
+            raise _as_invalid_snapshot(exc, self._limits) from None
         if vm is not None:
             log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
 
     def _build(self, slot: Starting, lease: EngineLease, state: SnapshotState, limits: Limits, wasi: WasiSettings,
-               reply: Reply) -> Vm | None:
+               reply: Completion) -> Vm | None:
         """A live VM holding the snapshot's state, answered on `reply` (None: cancelled meanwhile).
         What goes wrong is told in the sidecar's own errors (an import that does not resolve, a trap
         at instantiation, a budget), which the caller turns into the file's fault."""
-        compiled = self.service.compile(state.module, limits)
+        compiled = self._vms.compile(state.module, limits)
         if compiled.command:
             raise InvalidSnapshotError(
                 "the embedded module is a WASI command (it exports `_start`): each run starts afresh, "
@@ -207,7 +201,7 @@ class SnapshotMethods:
                 ],
             )
 
-        return self.service.add_vm(slot, lease, compiled, limits, state.mode, wasi, reply, answer, restore=build)
+        return self._vms.add_vm(slot, lease, compiled, limits, state.mode, wasi, reply, answer, restore=build)
 
     def instrumented(self, compiled: CompiledModule) -> Instrumented:
         """The instrumentation facts of a loaded module (instrumenting is idempotent); a module our
@@ -218,7 +212,7 @@ class SnapshotMethods:
             found = instrument(compiled.wasm)
             with self._lock:
                 self._instrumented[compiled.module_id] = found
-                while len(self._instrumented) > self.service.limits.runner_modules:
+                while len(self._instrumented) > self._limits.runner_modules:
                     self._instrumented.popitem(last=False)
         return found
 

@@ -1,7 +1,8 @@
 """Byte transport between the host and the sidecar: the only code that touches fds 0 and 1.
 
 Owns the stdio descriptors (claimed at start so nothing else can use them) and the bounded
-outbox that any thread may send frames through; `sidecar.intake` reads the input side.
+outbox that any thread may send frames through; `sidecar.intake` reads the input side (fd 0,
+claimed here).
 A frame is written straight to the pipe by the thread that produced it when nothing is queued
 (a guest's worker answers its own `vm.call` without a thread hand-off); what the pipe cannot
 take at once waits in the outbox and a drainer task on the event loop writes it when the pipe
@@ -25,7 +26,6 @@ import anyio
 import structlog
 
 log = structlog.get_logger()
-READ_CHUNK = 1 << 16
 
 
 class FdSink:

@@ -19,12 +19,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 import structlog
 import wasmtime
 
+from protocol.envelope import RequestId
 from protocol.errors import (
     CallTimeoutError,
     GuestTrapError,
@@ -36,7 +37,6 @@ from protocol.errors import (
 )
 from protocol.methods import WasiSettings
 
-from .dispatcher import Reply
 from .engines import EngineLease
 from .guest_abi import ON_RESPONSE, CallState
 from .hostcalls import STATUS_HOST_ERROR, STATUS_OK, STATUS_REFUSED, HostAnswer, HostCalls, bounded
@@ -72,23 +72,55 @@ class AsyncCall:
     params: bytes
 
 
-class CallbackReply(Reply):
-    """The reply of work nobody asked for over the wire (an async answer's delivery): logged."""
+class Completion(Protocol):
+    """How a job's work ends, as the VM layer needs it: one result or one error, whichever comes
+    first; a cancel (from elsewhere) ends it too and runs `on_cancel`. The dispatcher's reply to a
+    request is one; `_Delivery` is the one for work no request asked for."""
 
-    def __init__(self, vm_id: str, what: str) -> None:
-        super().__init__(None, what, lambda _frame: None, lambda _reply: None)
+    id: RequestId | None  # of the request, if a request asked
+    method: str
+    done: bool  # ended already (answered or cancelled): work not started need not run
+    on_cancel: Callable[[], None] | None
+
+    def result(self, value: Any) -> None: ...
+
+    def error(self, error: RpcError) -> None: ...
+
+    def result_of(self, commit: Callable[[], Any]) -> bool:
+        """End with `commit()`'s value, run only if not ended yet, as one step against a cancel."""
+        ...
+
+
+class _Delivery:
+    """The completion of work nobody asked for over the wire (an async answer's delivery to the
+    guest): nobody hears of it, so a failure is logged."""
+
+    id = None
+    on_cancel = None
+
+    def __init__(self, vm_id: str, method: str) -> None:
         self._vm_id = vm_id
+        self.method = method
+        self.done = False
+
+    def result(self, value: Any) -> None:
+        self.done = True
 
     def error(self, error: RpcError) -> None:
+        self.done = True
         log.warning("async_delivery_failed", vm_id=self._vm_id, kind=error.kind, error=error.message)
-        super().error(error)
+
+    def result_of(self, commit: Callable[[], Any]) -> bool:
+        commit()
+        self.done = True
+        return True
 
 
 class Job(msgspec.Struct, eq=False):  # identity: jobs are tracked in sets while they run
     """One request's work. `work(vm, isolate, state)` returns the result or raises an RpcError;
     `isolate` is None for a VM that holds a WASI command (each run makes its own)."""
 
-    reply: Reply
+    reply: Completion
     work: Callable[[Vm, Isolate | None, CallState], object]
     state: CallState = msgspec.field(default_factory=CallState)
 
@@ -252,7 +284,7 @@ class Vm:
 
     def _answer_to(self, ticket: int) -> Callable[[HostAnswer], None]:
         def deliver(answer: HostAnswer) -> None:
-            self.submit(Job(CallbackReply(self.vm_id, ON_RESPONSE), lambda vm, isolate, state: vm._on_response(
+            self.submit(Job(_Delivery(self.vm_id, ON_RESPONSE), lambda vm, isolate, state: vm._on_response(
                 isolate, state, ticket, answer)))
 
         return deliver

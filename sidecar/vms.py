@@ -1,15 +1,15 @@
-"""The VM service: `module.load`, `vm.create`, `vm.call`, `vm.run`, `vm.dispose`, `vm.list`.
+"""The VM registry and its methods: `module.load`, `vm.create`, `vm.call`, `vm.dispose`, `vm.list`.
 
-Owns the registry of live VMs and the checks that come before a VM exists (the import contract,
-declared memories and tables against the store limits, per-VM limits against their ceilings, the
-live-VM bound), and turns each request into a job on its VM. Guest work runs on the thread that read the
-request; compiles run in a worker thread, never on the event loop and never on a guest's budget.
+Owns the registry of live VMs (and of those being built, which count against `runner_vms` from
+their first step), creating a VM once `sidecar.admission` passed its module, and turning each call
+into a job on its VM. Guest work runs on the thread that read the request; compiles run in a
+worker thread, never on the event loop and never on a guest's budget. Other services reach VMs
+through `find`, `starting` and `add_vm` (runs, snapshots); this module knows nothing of them.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from collections import Counter
@@ -21,10 +21,8 @@ from typing import Any
 import anyio
 import msgspec
 import structlog
-import wasmtime
 
-from protocol.envelope import Notification, encode
-from protocol.errors import InvalidModuleError, InvalidParamsError, RpcError, VmNotFoundError
+from protocol.errors import InvalidParamsError, RpcError, VmNotFoundError
 from protocol.methods import (
     Empty,
     ExportInfo,
@@ -38,27 +36,22 @@ from protocol.methods import (
     VmDisposeParams,
     VmInfo,
     VmListResult,
-    VmOutputParams,
-    VmRunParams,
-    VmRunResult,
     WasiSettings,
 )
 
 from . import guest_abi
-from .dispatcher import Dispatcher, Reply
+from .admission import check_module, check_preopens
 from .engines import EngineLease, Engines, EngineSettings
 from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
-from .modules import CompiledModule, ModuleStore, read_source
+from .modules import INSTRUMENT_ID, CompiledModule, ModuleStore, instrument_or_keep, read_source
+from .payloads import call_timeout, payload, text_or_base64
 from .runtime import Runtime
-from .snapshot_service import INSTRUMENT_ID, SnapshotMethods, instrument_or_keep
-from .vm import Job, Mode, Vm, wasi_config
+from .vm import Completion, Job, Mode, Vm
 from .wasmbin import PREFIX
-from .wasmffi import set_wasi_stdin_bytes
 
 log = structlog.get_logger()
-WASI_MODULE = "wasi_snapshot_preview1"
 
 
 @dataclass
@@ -79,19 +72,18 @@ class VmService:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._compiles = anyio.CapacityLimiter(limits.runner_worker_threads)
-        self._snapshots = SnapshotMethods(self)
 
-    def register(self, dispatcher: Dispatcher) -> None:
-        dispatcher.route("module.load", "task", self.module_load)
-        dispatcher.route("vm.create", "deferred", self.vm_create)
-        dispatcher.route("vm.call", "deferred", self.vm_call)
-        dispatcher.route("vm.run", "deferred", self.vm_run)
-        dispatcher.route("vm.dispose", "inline", self.vm_dispose)
-        dispatcher.route("vm.list", "inline", self.vm_list)
-        self._snapshots.register(dispatcher)
+    def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
+        return [
+            ("module.load", "task", self.module_load),
+            ("vm.create", "deferred", self.vm_create),
+            ("vm.call", "deferred", self.vm_call),
+            ("vm.dispose", "inline", self.vm_dispose),
+            ("vm.list", "inline", self.vm_list),
+        ]
 
     def capabilities(self) -> dict[str, Any]:
-        return {"guest_abi": guest_abi.VERSION, "snapshot_formats": self._snapshots.formats()}
+        return {"guest_abi": guest_abi.VERSION}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -132,14 +124,14 @@ class VmService:
             compile_ms=round(compiled.compile_ms, 3),
         )
 
-    def vm_create(self, params: VmCreateParams, reply: Reply) -> None:
+    def vm_create(self, params: VmCreateParams, reply: Completion) -> None:
         limits = self.limits.tightened(params.limits) if params.limits else self.limits
         settings = EngineSettings.from_limits(limits)
         # The engine the module is compiled for stays until the VM holds it.
         with self.starting() as slot, self.engines.lease(settings) as lease:
             if params.module_id:
                 compiled = self.modules.get(params.module_id, settings)
-                self._check(compiled, limits)
+                check_module(compiled, limits)
             else:
                 self.runtime.reader.yield_reading()  # a compile can take seconds: let another thread read
                 compiled = self.compile(read_source(params, self.limits), limits)
@@ -151,7 +143,7 @@ class VmService:
         compiled = self.modules.load(
             wasm, EngineSettings.from_limits(limits), transform=instrument_or_keep, transform_id=INSTRUMENT_ID
         )
-        self._check(compiled, limits)
+        check_module(compiled, limits)
         return compiled
 
     @contextmanager
@@ -179,7 +171,7 @@ class VmService:
         limits: Limits,
         mode: Mode,
         wasi: WasiSettings,
-        reply: Reply,
+        reply: Completion,
         answer: Callable[[Vm], object],
         restore: Callable[[Vm], None] | None = None,
     ) -> Vm | None:
@@ -191,7 +183,7 @@ class VmService:
         request cancelled while its VM was built (a compile or a start function cannot always be
         stopped) gets none: the VM is disposed before anyone could list, count or call it (None).
         """
-        _check_preopens(wasi)
+        check_preopens(wasi)
         with self._lock:
             vm_id = f"vm-{next(self._ids)}"
         lease = self.engines.hold(compiled.settings, compiled.engine)
@@ -225,15 +217,15 @@ class VmService:
         log.info("vm_created", vm_id=vm_id, module_id=compiled.module_id, mode=mode)
         return vm
 
-    def vm_call(self, params: VmCallParams, reply: Reply) -> None:
+    def vm_call(self, params: VmCallParams, reply: Completion) -> None:
         vm = self.find(params.vm_id)
         if params.export.startswith(PREFIX):
             raise InvalidParamsError(f"exports named {PREFIX}* belong to the sidecar", path="$.export")
-        data = _payload(params.input, params.input_base64)
+        data = payload(params.input, params.input_base64)
         budget = vm.budget
         if len(data) > budget.input_bytes:
             raise vm.limits.exceeded("vm_input_bytes", len(data), vm_id=vm.vm_id)
-        timeout_ms = _timeout(params.timeout_ms, vm.limits)
+        timeout_ms = call_timeout(params.timeout_ms, vm.limits)
 
         def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmCallResult:
             if isolate is None:
@@ -244,53 +236,13 @@ class VmService:
             state.deadline = time.monotonic() + timeout_ms / 1000
             results = isolate.call(params.export, params.args, state, timeout_ms)
             elapsed = (time.perf_counter() - started) * 1000
-            text, binary = _text_or_base64(state.output)
+            text, binary = text_or_base64(state.output)
             return VmCallResult(
                 results=results,
                 output=text,
                 output_base64=binary,
                 elapsed_ms=round(elapsed, 3),
                 fuel_used=isolate.fuel_used(budget.fuel) if budget.fuel else msgspec.UNSET,
-            )
-
-        vm.submit(Job(reply, work))
-
-    def vm_run(self, params: VmRunParams, reply: Reply) -> None:
-        vm = self.find(params.vm_id)
-        if not vm.compiled.command:
-            raise InvalidParamsError("the VM's module exports no `_start`: use vm.call", path="$.vm_id")
-        stdin = _payload(params.stdin, params.stdin_base64)
-        if len(stdin) > vm.limits.vm_input_bytes:
-            raise vm.limits.exceeded("vm_input_bytes", len(stdin), vm_id=vm.vm_id)
-        timeout_ms = _timeout(params.timeout_ms, vm.limits)
-        stream_to = reply.id if params.stream else None
-
-        def work(vm: Vm, _: Isolate | None, state: CallState) -> VmRunResult:
-            cap = vm.limits.vm_output_bytes
-            stdout = _Capture(cap, vm, "stdout", stream_to, self.runtime)
-            stderr = _Capture(cap, vm, "stderr", stream_to, self.runtime)
-            config = _wasi_config(vm.wasi, params, stdin, stdout, stderr)
-            state.deadline = time.monotonic() + timeout_ms / 1000
-            started = time.perf_counter()
-            self.runtime.reader.yield_reading()  # a whole program: do not hold the host's input meanwhile
-            isolate = vm.isolate_for(config)
-            try:
-                code = isolate.run_start(state, timeout_ms)
-            finally:
-                isolate.close()
-            for capture in (stdout, stderr):
-                capture.report()
-            out_text, out_binary = _text_or_base64(bytes(stdout.data))
-            err_text, err_binary = _text_or_base64(bytes(stderr.data))
-            return VmRunResult(
-                exit_code=code,
-                stdout=out_text,
-                stdout_base64=out_binary,
-                stderr=err_text,
-                stderr_base64=err_binary,
-                stdout_truncated=stdout.truncated,
-                stderr_truncated=stderr.truncated,
-                elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
             )
 
         vm.submit(Job(reply, work))
@@ -324,10 +276,7 @@ class VmService:
             ]
         )
 
-    # -- checks ----------------------------------------------------------------------------
-
-    def _load(self, params: ModuleLoadParams) -> CompiledModule:
-        return self.compile(read_source(params, self.limits), self.limits)
+    # -- for other services -----------------------------------------------------------------
 
     def find(self, vm_id: str) -> Vm:
         vm = self._vms.get(vm_id)
@@ -335,45 +284,8 @@ class VmService:
             raise VmNotFoundError(vm_id)
         return vm
 
-    def _check(self, compiled: CompiledModule, limits: Limits) -> None:
-        self._check_imports(compiled)
-        self._check_declared(compiled, limits)
-
-    def _check_imports(self, compiled: CompiledModule) -> None:
-        """Refuse, naming it, any import the sidecar does not provide with that signature."""
-        for item in compiled.imports:
-            if item.module == WASI_MODULE:
-                continue
-            expected = guest_abi.SIGNATURES.get(item.name) if item.module == guest_abi.MODULE else None
-            if expected is None or item.kind != "func":
-                raise InvalidModuleError(
-                    f"the module imports {item.module}.{item.name}, which the sidecar does not provide",
-                    stage="imports",
-                    module=item.module,
-                    name=item.name,
-                )
-            if (tuple(item.params or ()), tuple(item.results or ())) != expected:
-                raise InvalidModuleError(
-                    f"{item.module}.{item.name} is imported with the wrong signature",
-                    stage="imports",
-                    module=item.module,
-                    name=item.name,
-                    expected={"params": list(expected[0]), "results": list(expected[1])},
-                )
-
-    def _check_declared(self, compiled: CompiledModule, limits: Limits) -> None:
-        """Refuse, naming the limit, a module whose declared memories or tables exceed a store
-        limit: wasmtime refuses those at instantiation with a generic error. `vm_instances` needs
-        no check: every store instantiates exactly one module."""
-        memories, tables = compiled.memory_minimums, compiled.table_minimums
-        for name, observed in (
-            ("vm_memory_bytes", max(memories, default=0)),
-            ("vm_memories", len(memories)),
-            ("vm_tables", len(tables)),
-            ("vm_table_elements", max(tables, default=0)),
-        ):
-            if observed > getattr(limits, name):
-                raise limits.exceeded(name, observed, module_id=compiled.module_id)
+    def _load(self, params: ModuleLoadParams) -> CompiledModule:
+        return self.compile(read_source(params, self.limits), self.limits)
 
 def _wait_all_idle(vms: list[Vm], within_s: float) -> None:
     deadline = time.monotonic() + within_s
@@ -382,94 +294,6 @@ def _wait_all_idle(vms: list[Vm], within_s: float) -> None:
             log.warning("vm_still_running_at_shutdown", vm_id=vm.vm_id)
 
 
-class _Capture:
-    """A WASI stream kept up to `vm_output_bytes` (the rest counted, not kept), or streamed."""
-
-    def __init__(self, cap: int, vm: Vm, stream: str, request_id: Any, runtime: Runtime) -> None:
-        self.cap = cap
-        self.data = bytearray()
-        self.seen = 0
-        self._vm_id = vm.vm_id
-        self._limits = vm.limits
-        self._stream = stream
-        self._request_id = request_id
-        self._runtime = runtime
-
-    @property
-    def truncated(self) -> bool:
-        return self.seen > self.cap
-
-    def __call__(self, chunk: bytes) -> None:
-        room = self.cap - self.seen
-        self.seen += len(chunk)
-        if room <= 0:
-            return
-        kept = chunk[:room]
-        if self._request_id is None:
-            self.data += kept
-            return
-        text, binary = _text_or_base64(kept)
-        params = VmOutputParams(vm_id=self._vm_id, stream=self._stream, data=text, data_base64=binary,  # type: ignore[arg-type]
-                                request_id=self._request_id)
-        self._runtime.send(encode(Notification(method="vm.output", params=params)))
-
-    def report(self) -> None:
-        if self.truncated:
-            self._limits.exhausted("vm_output_bytes", self.seen, capacity=self.cap, vm_id=self._vm_id,
-                                   stream=self._stream)
-
-
 def public_exports(compiled: CompiledModule) -> list[ExportInfo]:
     """The module's own exports: the `__sidecar_*` ones our instrumentation added are not the guest's."""
     return [export for export in compiled.exports if not export.name.startswith(PREFIX)]
-
-
-def _wasi_config(
-    wasi: WasiSettings, params: VmRunParams, stdin: bytes, stdout: _Capture, stderr: _Capture
-) -> wasmtime.WasiConfig:
-    config = wasi_config(wasi, params.args, params.env)
-    set_wasi_stdin_bytes(config, stdin)
-    config.stdout_custom = stdout
-    config.stderr_custom = stderr
-    return config
-
-
-def _check_preopens(wasi: WasiSettings) -> None:
-    for index, preopen in enumerate(wasi.preopens):
-        if not os.path.isdir(preopen.host_path):
-            raise InvalidParamsError(
-                f"preopen {preopen.host_path!r} is not a directory", path=f"$.wasi.preopens[{index}].host_path"
-            )
-
-
-def _payload(text: Any, binary: Any) -> bytes:
-    if isinstance(text, str):
-        return text.encode()
-    return binary if isinstance(binary, bytes) else b""
-
-
-def _timeout(requested: Any, limits: Limits) -> int:
-    """A per-request `timeout_ms` tightens `vm_call_timeout_ms`, never raises it."""
-    if not isinstance(requested, int):
-        return limits.vm_call_timeout_ms
-    if requested > limits.timer_max_ms:
-        raise InvalidParamsError(f"timeout_ms above timer_max_ms ({limits.timer_max_ms})", path="$.timeout_ms")
-    return min(requested, limits.vm_call_timeout_ms)
-
-
-def _text_or_base64(data: bytes) -> tuple[Any, Any]:
-    if not data:
-        return "", msgspec.UNSET
-    try:
-        return data.decode("utf-8"), msgspec.UNSET
-    except UnicodeDecodeError:
-        return msgspec.UNSET, data
-
-
-def vm_service(server: Any) -> VmService:
-    """The service as the server builds it, once its outbox, host calls and intake exist."""
-    engines = Engines(server.limits)
-    engines.start()
-    intake = server.intake
-    runtime = Runtime(server.hostcalls, intake, server.outbox.send)
-    return VmService(server.limits, runtime, ModuleStore(server.limits, engines), engines)

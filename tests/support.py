@@ -15,9 +15,9 @@ import anyio
 import anyio.abc
 
 from protocol.client import HostHandler, SidecarClient
+from sidecar.app import build_server
 from sidecar.limits import load_limits
 from sidecar.server import Server
-from sidecar.vms import vm_service
 
 WAIT = 10  # seconds: the ceiling on any single wait in a test, never an expected duration
 
@@ -29,8 +29,7 @@ async def memory_session(
     """A server in this process, wired to a client through a socket pair (no subprocess)."""
     host_end, sidecar_end = socket.socketpair()
     sidecar_end.setblocking(False)
-    server = Server(sidecar_end.fileno(), sidecar_end.fileno(), load_limits(dict(env or {})))
-    server.add_service(vm_service)
+    server = build_server(sidecar_end.fileno(), sidecar_end.fileno(), load_limits(dict(env or {})))
 
     async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
         try:
