@@ -1,9 +1,11 @@
 """Outbound `host.call` requests: issue from any thread, deliver answers, drop what matches nothing.
 
 Owns the thread-safe shell around `protocol.correlator`: guests' worker threads issue calls and
-wait on them, the event loop delivers the host's responses, and disposal or cancellation
-abandons a VM's calls. Every answer that matches no live call is dropped with a log event and a
-counter by reason. Knows nothing about guests' memory; `HostAnswer` is what a guest gets back.
+wait on them, the intake's leader thread delivers the host's responses (a leader whose guest
+waits in `host_call` delivers its own answer: `sidecar.intake`, rule 5), and disposal or
+cancellation abandons a VM's calls. Every correlator operation and counter is under one lock.
+Every answer that matches no live call is dropped with a log event and a counter by reason.
+Knows nothing about guests' memory; `HostAnswer` is what a guest gets back.
 """
 
 from __future__ import annotations
@@ -174,8 +176,9 @@ class HostCalls:
                 if pending is not None and not isinstance(pending.waiter, BlockingCall):
                     return False
             verdict = self._correlator.resolve(response.id)
+            if not isinstance(verdict, Delivered):  # counted under the lock: answers arrive on any thread
+                self.dropped[verdict.reason] += 1
         if not isinstance(verdict, Delivered):
-            self.dropped[verdict.reason] += 1
             log.info("response_dropped", reason=verdict.reason, request_id=response.id, vm_id=verdict.owner)
             return True
         verdict.pending.waiter(_answer_from(response))

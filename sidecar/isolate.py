@@ -150,10 +150,6 @@ class Isolate:
     def fuel_used(self, budget: int) -> int:
         return budget - self.store.get_fuel()
 
-    def stop(self, reason: str) -> None:
-        """From any thread: the running call (if any) ends at the next epoch tick."""
-        self.abi.state.stop = reason
-
     def close(self) -> None:
         self._fast.clear()
         self._free_store()

@@ -169,6 +169,12 @@ class ModuleStore:
         self._cache = CompileCache.open(cache_dir, limits.runner_cache_bytes)
         engines.on_evicted(self._forget)
 
+    @property
+    def compiling(self) -> int:
+        """Compiles under way (each shared by every concurrent load of the same module)."""
+        with self._lock:
+            return len(self._pending)
+
     def load(
         self, wasm: bytes, settings: EngineSettings, *, transform: Transform | None = None, transform_id: str = ""
     ) -> CompiledModule:

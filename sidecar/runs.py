@@ -19,11 +19,13 @@ from protocol.envelope import Notification, RequestId, encode
 from protocol.errors import InvalidParamsError
 from protocol.methods import VmOutputParams, VmRunParams, VmRunResult, WasiSettings
 
+from .completion import Completion
 from .guest_abi import CallState
 from .isolate import Isolate
 from .payloads import call_timeout, payload, text_or_base64
 from .runtime import Runtime
-from .vm import Completion, Job, Vm, wasi_config
+from .vm import Job, Vm
+from .wasi_view import wasi_config
 from .wasmffi import set_wasi_stdin_bytes
 
 

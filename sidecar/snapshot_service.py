@@ -40,6 +40,7 @@ from protocol.methods import (
 )
 
 from . import __version__, snapshot_file, snapshots
+from .completion import Completion
 from .engines import EngineLease, Engines, EngineSettings
 from .guest_abi import CallState
 from .isolate import Isolate
@@ -47,7 +48,7 @@ from .limits import Limits
 from .modules import CompiledModule
 from .runtime import Runtime
 from .snapshot_file import PendingCall, SnapshotState
-from .vm import AsyncCall, Completion, Job, Vm
+from .vm import AsyncCall, Job, Vm
 from .vms import Starting, VmService
 from .wasmbin import Instrumented, WasmFormatError, instrument
 

@@ -90,6 +90,9 @@ def _restore_memory(store: wasmtime.Store, memory: wasmtime.Memory, image: Memor
         memory.grow(store, (image.size_bytes - current) // page)
     base = ctypes.addressof(memory.data_ptr(store).contents)
     ctypes.memset(base, 0, current)  # what instantiation's data segments put there is not the state
+    # No bounds check here: `snapshot_file.read` refused any run past its memory's `size_bytes`,
+    # and the memory was just grown to exactly that size. A caller with images of other origin
+    # must check the same before calling `apply`.
     for offset, data in image.runs:
         ctypes.memmove(base + offset, data, len(data))
 

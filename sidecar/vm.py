@@ -17,15 +17,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import msgspec
 import structlog
 import wasmtime
 
-from protocol.envelope import RequestId
 from protocol.errors import (
     CallTimeoutError,
     GuestTrapError,
@@ -37,6 +36,7 @@ from protocol.errors import (
 )
 from protocol.methods import WasiSettings
 
+from .completion import Completion, Delivery
 from .engines import EngineLease
 from .guest_abi import ON_RESPONSE, CallState
 from .hostcalls import STATUS_HOST_ERROR, STATUS_OK, STATUS_REFUSED, HostAnswer, HostCalls, bounded
@@ -44,6 +44,7 @@ from .isolate import Isolate
 from .limits import Limits
 from .modules import CompiledModule
 from .runtime import Runtime
+from .wasi_view import wasi_config
 
 log = structlog.get_logger()
 Mode = Literal["stateful", "stateless"]
@@ -70,50 +71,6 @@ class AsyncCall:
     request_id: str
     method: str
     params: bytes
-
-
-class Completion(Protocol):
-    """How a job's work ends, as the VM layer needs it: one result or one error, whichever comes
-    first; a cancel (from elsewhere) ends it too and runs `on_cancel`. The dispatcher's reply to a
-    request is one; `_Delivery` is the one for work no request asked for."""
-
-    id: RequestId | None  # of the request, if a request asked
-    method: str
-    done: bool  # ended already (answered or cancelled): work not started need not run
-    on_cancel: Callable[[], None] | None
-
-    def result(self, value: Any) -> None: ...
-
-    def error(self, error: RpcError) -> None: ...
-
-    def result_of(self, commit: Callable[[], Any]) -> bool:
-        """End with `commit()`'s value, run only if not ended yet, as one step against a cancel."""
-        ...
-
-
-class _Delivery:
-    """The completion of work nobody asked for over the wire (an async answer's delivery to the
-    guest): nobody hears of it, so a failure is logged."""
-
-    id = None
-    on_cancel = None
-
-    def __init__(self, vm_id: str, method: str) -> None:
-        self._vm_id = vm_id
-        self.method = method
-        self.done = False
-
-    def result(self, value: Any) -> None:
-        self.done = True
-
-    def error(self, error: RpcError) -> None:
-        self.done = True
-        log.warning("async_delivery_failed", vm_id=self._vm_id, kind=error.kind, error=error.message)
-
-    def result_of(self, commit: Callable[[], Any]) -> bool:
-        commit()
-        self.done = True
-        return True
 
 
 class Job(msgspec.Struct, eq=False):  # identity: jobs are tracked in sets while they run
@@ -271,6 +228,8 @@ class Vm:
                 self.limits.exhausted("vm_host_calls_in_flight", len(self.async_calls) + 1, vm_id=self.vm_id)
             return STATUS_REFUSED
         request_id = self.runtime.hostcalls.issue(self.vm_id, method, params, self._answer_to(ticket))
+        # Outside the lock, and after a check made under it: safe only because a stateful VM (the
+        # only kind that gets here) runs one job at a time, and only its guest's thread issues.
         self.async_calls[ticket] = AsyncCall(request_id, method, params)
         return ticket
 
@@ -284,7 +243,7 @@ class Vm:
 
     def _answer_to(self, ticket: int) -> Callable[[HostAnswer], None]:
         def deliver(answer: HostAnswer) -> None:
-            self.submit(Job(_Delivery(self.vm_id, ON_RESPONSE), lambda vm, isolate, state: vm._on_response(
+            self.submit(Job(Delivery(self.vm_id, ON_RESPONSE), lambda vm, isolate, state: vm._on_response(
                 isolate, state, ticket, answer)))
 
         return deliver
@@ -396,16 +355,3 @@ class Vm:
             if isolate in self._live:
                 self._live.remove(isolate)
         isolate.close()
-
-
-def wasi_config(
-    wasi: WasiSettings, args: Sequence[str] = (), env: Mapping[str, str] | None = None
-) -> wasmtime.WasiConfig:
-    """The VM's WASI view (args, env, preopens) as a fresh config; a run adds its own args and env.
-    Standard streams are left unset (discarded): stdout carries protocol frames only."""
-    config = wasmtime.WasiConfig()
-    config.argv = [*wasi.args, *args]
-    config.env = list({**wasi.env, **(env or {})}.items())
-    for preopen in wasi.preopens:
-        config.preopen_dir(preopen.host_path, preopen.guest_path, fs_mutable=preopen.writable)
-    return config

@@ -41,6 +41,7 @@ from protocol.methods import (
 
 from . import guest_abi
 from .admission import check_module, check_preopens
+from .completion import Completion
 from .engines import EngineLease, Engines, EngineSettings
 from .guest_abi import CallState
 from .isolate import Isolate
@@ -48,7 +49,7 @@ from .limits import Limits
 from .modules import INSTRUMENT_ID, CompiledModule, ModuleStore, instrument_or_keep, read_source
 from .payloads import call_timeout, payload, text_or_base64
 from .runtime import Runtime
-from .vm import Completion, Job, Mode, Vm
+from .vm import Job, Mode, Vm
 from .wasmbin import PREFIX
 
 log = structlog.get_logger()

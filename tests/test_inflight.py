@@ -135,12 +135,14 @@ async def test_timeout_then_late_answer_is_stale_and_second_answer_duplicate() -
 
     async with memory_session(host_handler=slow_host) as (client, server):
         with anyio.fail_after(WAIT):
-            answer = await anyio.to_thread.run_sync(server.hostcalls.call_blocking, "vm-1", "slow", b"{}", 0.05)
+            issued: list[str] = []
+            answer = await anyio.to_thread.run_sync(server.hostcalls.call_blocking, "vm-1", "slow", b"{}", 0.05,
+                                                    issued.append)
             assert answer.status == STATUS_TIMEOUT
             answer_now.set()
             while server.hostcalls.dropped["stale"] == 0:
                 await client.request("ping")  # each round trip lets the late answer arrive first
-            stale_id = next(iter(server.hostcalls._correlator._completed))
+            stale_id = issued[0]
             await client.send_frame(b'{"jsonrpc":"2.0","id":"%s","result":1}\n' % stale_id.encode())
             stats = await client.request("sidecar.stats")
         assert stats["responses_dropped"] == {"stale": 2, "duplicate": 0, "unmatched": 0}
@@ -152,8 +154,9 @@ async def test_duplicate_answers_are_dropped_as_duplicate() -> None:
 
     async with memory_session(host_handler=host) as (client, server):
         with anyio.fail_after(WAIT):
-            await anyio.to_thread.run_sync(server.hostcalls.call_blocking, "vm-1", "m", b"{}", WAIT)
-            answered_id = next(iter(server.hostcalls._correlator._completed))
+            issued: list[str] = []
+            await anyio.to_thread.run_sync(server.hostcalls.call_blocking, "vm-1", "m", b"{}", WAIT, issued.append)
+            answered_id = issued[0]
             for _ in range(2):
                 await client.send_frame(b'{"jsonrpc":"2.0","id":"%s","result":2}\n' % answered_id.encode())
             stats = await client.request("sidecar.stats")

@@ -65,7 +65,7 @@ async def test_a_new_engine_is_refused_by_name_while_every_engine_is_in_use(sess
 
 
 async def test_an_engine_in_use_keeps_its_deadlines_while_others_come_and_go(session) -> None:
-    timeout_ms = 200
+    timeout_ms = 300
     async with session(env={"SIDECAR_RUNNER_ENGINES": "2"}) as (client, _):
         held = await new_vm(client, "faults", limits={"vm_stack_bytes": stack(0), "vm_call_timeout_ms": timeout_ms})
         for i in range(1, 6):  # each one evicts the idle engine before it, never the held one
@@ -74,7 +74,7 @@ async def test_an_engine_in_use_keeps_its_deadlines_while_others_come_and_go(ses
         started = time.monotonic()
         error = await refused(client, "vm.call", {"vm_id": held, "export": "spin"}, code=-32004)
         assert error.data["limit"] == "vm_call_timeout_ms" and error.data["capacity"] == timeout_ms
-        assert time.monotonic() - started < 20 * timeout_ms / 1000
+        assert (time.monotonic() - started) * 1000 <= 1.3 * timeout_ms
         assert (await call(client, held, "pages"))["results"] == [1]
 
 
