@@ -306,7 +306,8 @@ async def test_a_start_function_that_traps_fails_vm_create_only(session) -> None
 
 async def test_a_start_function_that_never_returns_is_bounded_by_the_timeout(session) -> None:
     async with session() as (client, _):
-        await new_vm(client, "numeric")  # a fresh process's first compile sets the compiler up (~0.2 s)
+        warm = await new_vm(client, "numeric")  # a fresh process's first compile sets the compiler up (~0.2 s)
+        await rpc(client, "vm.dispose", {"vm_id": warm})
         started = time.monotonic()
         params = {"wat": wat("start_spin"), "limits": {"vm_call_timeout_ms": TIMEOUT_MS}}
         error = await refused(client, "vm.create", params, code=-32004)
