@@ -1,32 +1,49 @@
 """A host-side client for Python hosts (and this project's tests): spawn or attach, then talk.
 
-Owns the host's half of the protocol: request ids and response matching, serving the sidecar's
-`host.call` requests with a handler the host registers, and handing notifications and frames
-that match nothing (errors with id null, answers to raw frames) to the caller. Runs on anyio.
-The only module of `protocol` that does I/O, and only through the streams it is given.
+Owns the host's half of the conversation: sending requests and waiting for their answers,
+serving the sidecar's `host.call` requests with a handler the host registers, and handing
+notifications and frames that match nothing (errors with id null, answers to raw frames) to the
+caller. Runs on anyio. The only module of `protocol` that does I/O, and only through the
+streams it is given.
+
+Ids, the pending table and the verdict on every response are `protocol.correlator`'s, the same
+kernel the daemon uses for its `host.call`s; this module only waits. The waiting rules:
+- One deadline per wait: `request(..., timeout_s=)` bounds sending and waiting together, a
+  result's `timeout_s` bounds its wait; each is one `anyio.fail_after`.
+- A request's pending entry leaves the table on every path: answered (the correlator pops it),
+  timed out or cancelled (the wait abandons it), connection closed (every entry is abandoned),
+  never awaited (dropping or closing its `PendingResult` abandons it). An answer that comes
+  after its request was given up is counted `stale`, never delivered.
+- All of it runs on the client's event loop; nothing here is shared with other threads.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import subprocess
 import sys
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.abc
 import msgspec
 
-from .envelope import ErrorObject, Notification, Request, Response, encode
+from .correlator import Correlator, Delivered, DropReason, Pending
+from .envelope import ErrorObject, Notification, Request, RequestId, Response, encode
 from .framing import LineFramer
 
 HostHandler = Callable[[str, str, Any], Awaitable[Any]]
 _decoder = msgspec.json.Decoder()
 CLIENT_FRAME_BOUND = 1 << 30  # the host trusts its sidecar; this only stops runaway buffering
+# Ids remembered after their answer or abandonment, to tell `duplicate` and `stale` answers from
+# `unmatched` ones; past it the oldest are forgotten (and still count as `stale`).
+CLIENT_COMPLETED_IDS = 1024
+_OWNER = "host"  # the correlator groups calls by owner; every call of this client has the same
 
 
 class RemoteError(Exception):
@@ -51,12 +68,62 @@ class HostError(Exception):
         self.error = ErrorObject(code=code, message=message, data=msgspec.UNSET if data is None else data)
 
 
+class ConnectionClosed(Exception):
+    """The connection to the sidecar ended before this request was answered."""
+
+
+@dataclass(frozen=True)
+class ClientStatistics:
+    requests_pending: int
+    """Requests sent and neither answered nor given up."""
+    responses_dropped: Mapping[DropReason, int]
+    """Responses that matched no pending request, by reason (as `sidecar.stats` counts them)."""
+
+
 class _Waiter:
-    __slots__ = ("event", "message")
+    """What one request's wait shares with the read loop: `Pending.waiter` in the correlator."""
+
+    __slots__ = ("event", "message", "closed")
 
     def __init__(self) -> None:
         self.event = anyio.Event()
         self.message: dict[str, Any] | None = None
+        self.closed = False  # the connection ended without an answer
+
+
+class PendingResult:
+    """The answer to one request sent by `start_request`: call it to wait for the answer.
+
+    Dropping it (CPython drops it at once, once the last reference goes) or `close()` gives the
+    request up, so a result never awaited leaves nothing pending. A result whose wait timed out,
+    was cancelled or ended with the connection cannot be awaited again.
+    """
+
+    __slots__ = ("id", "_waiter", "_give_up", "__weakref__")
+
+    def __init__(self, client: SidecarClient, pending: Pending) -> None:
+        self.id = pending.id
+        self._waiter: _Waiter = pending.waiter
+        # The finalizer holds the correlator, not this object, so it can run when this is dropped.
+        self._give_up = weakref.finalize(self, client._correlator.abandon, pending.id)
+
+    async def __call__(self, timeout_s: float | None = None) -> Any:
+        """The result; `RemoteError` for an error answer, `TimeoutError` past `timeout_s`."""
+        waiter = self._waiter
+        if not waiter.event.is_set() and not self._give_up.alive:
+            raise RuntimeError(f"request {self.id} was given up; its answer is no longer awaited")
+        try:
+            with anyio.fail_after(timeout_s):
+                await waiter.event.wait()
+        finally:
+            self.close()  # after an answer the correlator has popped it already: a no-op
+        if waiter.closed:
+            raise ConnectionClosed(f"the sidecar closed the connection before answering {self.id}")
+        return _unwrap(waiter.message)
+
+    def close(self) -> None:
+        """Stop waiting: an answer that still comes is dropped as `stale`."""
+        self._give_up()
 
 
 class SidecarClient:
@@ -71,8 +138,8 @@ class SidecarClient:
         self._receive_stream = receive_stream
         self._tg = task_group
         self._host_handler = host_handler
-        self._ids = itertools.count(1)
-        self._waiters: dict[int | str, _Waiter] = {}
+        self._correlator = Correlator(CLIENT_COMPLETED_IDS)
+        self._dropped: dict[DropReason, int] = {"unmatched": 0, "duplicate": 0, "stale": 0}
         self._send_lock = anyio.Lock()
         self._notify_in, self.notifications = anyio.create_memory_object_stream[dict[str, Any]](math.inf)
         self._other_in, self.unsolicited = anyio.create_memory_object_stream[Any](math.inf)
@@ -131,32 +198,39 @@ class SidecarClient:
                     process.kill()
                     await process.wait()
 
-    async def request(self, method: str, params: Any = None) -> Any:
-        """Send a request and wait for its result; raise `RemoteError` for an error response."""
-        _, result = await self.start_request(method, params)
-        return await result()
+    async def request(self, method: str, params: Any = None, *, timeout_s: float | None = None) -> Any:
+        """Send a request and wait for its result; raise `RemoteError` for an error response.
 
-    async def start_request(self, method: str, params: Any = None) -> tuple[int, Callable[[], Awaitable[Any]]]:
-        """Send now, wait later: returns the id (for `$/cancelRequest`) and an awaitable result."""
-        request_id = next(self._ids)
-        waiter = _Waiter()
-        self._waiters[request_id] = waiter
-        await self.send_frame(encode(Request(id=request_id, method=method, params=_params(params))))
+        `timeout_s` bounds sending and waiting together (`TimeoutError`). Giving up does not
+        stop the work in the sidecar: use `start_request` and `cancel` for that.
+        """
+        with anyio.fail_after(timeout_s):
+            _, result = await self.start_request(method, params)
+            return await result()
 
-        async def result() -> Any:
-            try:
-                await waiter.event.wait()
-            finally:
-                self._waiters.pop(request_id, None)
-            return _unwrap(waiter.message)
-
-        return request_id, result
+    async def start_request(self, method: str, params: Any = None) -> tuple[str, PendingResult]:
+        """Send now, wait later: returns the id (for `cancel`) and the result to await."""
+        # The params stay out of the pending table: a module upload need not live until its answer.
+        pending = self._correlator.issue(_OWNER, method, None, _Waiter())
+        result = PendingResult(self, pending)
+        try:
+            await self.send_frame(encode(Request(id=pending.id, method=method, params=_params(params))))
+        except BaseException:
+            result.close()
+            raise
+        if self.closed.is_set() and self._correlator.abandon(pending.id) is not None:
+            _wake_closed(pending)  # the read loop ended, and woke what was pending, before this was sent
+        return pending.id, result
 
     async def notify(self, method: str, params: Any = None) -> None:
         await self.send_frame(encode(Notification(method=method, params=_params(params))))
 
-    async def cancel(self, request_id: int) -> None:
+    async def cancel(self, request_id: RequestId) -> None:
+        """Ask the sidecar to end a request: its result then raises `RemoteError` -32800."""
         await self.notify("$/cancelRequest", {"id": request_id})
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(len(self._correlator), dict(self._dropped))
 
     async def send_frame(self, frame: bytes) -> None:
         """Send raw bytes as they are (tests use this for malformed input)."""
@@ -175,9 +249,8 @@ class SidecarClient:
                     self._route(_decoder.decode(line))
         finally:
             self.closed.set()
-            for waiter in self._waiters.values():
-                waiter.message = {"error": {"code": -32603, "message": "sidecar closed the connection"}}
-                waiter.event.set()
+            for pending in self._correlator.abandon_owner(_OWNER):
+                _wake_closed(pending)
 
     def _route(self, message: Any) -> None:
         if not isinstance(message, dict):  # a batch answer: this client sends batches only raw
@@ -186,11 +259,14 @@ class SidecarClient:
             self._tg.start_soon(self._serve_host_call, message)
         elif "method" in message:
             self._notify_in.send_nowait(message)
-        elif (waiter := self._waiters.get(message.get("id"))) is not None and not waiter.event.is_set():
-            waiter.message = message
-            waiter.event.set()
         else:
-            self._other_in.send_nowait(message)
+            verdict = self._correlator.resolve(message.get("id"))
+            if isinstance(verdict, Delivered):
+                verdict.pending.waiter.message = message
+                verdict.pending.waiter.event.set()
+            else:
+                self._dropped[verdict.reason] += 1
+                self._other_in.send_nowait(message)
 
     async def _serve_host_call(self, message: dict[str, Any]) -> None:
         params = message.get("params") or {}
@@ -207,6 +283,11 @@ class SidecarClient:
             await self.send_frame(encode(response))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # the sidecar is gone; nobody is waiting for this answer
+
+
+def _wake_closed(pending: Pending) -> None:
+    pending.waiter.closed = True
+    pending.waiter.event.set()
 
 
 def _params(params: Any) -> Any:

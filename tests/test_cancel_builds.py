@@ -18,7 +18,7 @@ import anyio
 import pytest
 import wasmtime
 
-from protocol.client import RemoteError, SidecarClient
+from protocol.client import PendingResult, RemoteError, SidecarClient
 from sidecar.snapshot_file import PendingCall
 
 from .guests import call, refused, rpc
@@ -59,7 +59,7 @@ async def until_stats(client: SidecarClient, **expected: int) -> dict[str, Any]:
                 return stats
 
 
-async def cancelled(client: SidecarClient, request_id: int, result: Any) -> None:
+async def cancelled(client: SidecarClient, request_id: str, result: PendingResult) -> None:
     await client.cancel(request_id)
     with anyio.fail_after(WAIT), pytest.raises(RemoteError) as caught:
         await result()
