@@ -36,15 +36,19 @@ MAX_LINES = 400
 LAYERS: list[tuple[str, frozenset[str]]] = [
     # Processes' entry points and the tools behind `wasm-sidecar limits` (the audit parses sources).
     ("entry", frozenset({"__main__", "cli", "limits_cli", "audit"})),
-    # Builds the daemon: transport, intake, dispatcher and services wired together; session methods.
+    # The daemon as assembled: which services, wired to the server with what.
+    ("app", frozenset({"app"})),
+    # Runs the daemon: transport, intake, dispatcher and services put together; session methods.
     ("server", frozenset({"server"})),
     ("transport", frozenset({"transport"})),
     ("intake", frozenset({"intake"})),
     ("dispatch", frozenset({"dispatcher"})),
-    # The method families: `module.load` and `vm.*` (vms), `vm.snapshot` / `vm.restore`.
-    ("services", frozenset({"vms", "snapshot_service"})),
-    # What works on isolates: the VM orders jobs on them, `snapshots` captures and restores one.
-    ("vm", frozenset({"vm", "snapshots"})),
+    # The method families: `module.load` and `vm.*` (vms), `vm.run` (runs), `vm.snapshot` /
+    # `vm.restore`; and what they share: the checks before a VM exists, payload conventions.
+    ("services", frozenset({"vms", "runs", "snapshot_service", "admission", "payloads"})),
+    # What works on isolates: the VM orders jobs on them (ending each through a `completion`, in
+    # the WASI view of `wasi_view`), `snapshots` captures and restores one.
+    ("vm", frozenset({"vm", "completion", "wasi_view", "snapshots"})),
     # One store and instance; the guest ABI bound to it; `runtime`, the bundle an isolate is given.
     ("isolate", frozenset({"isolate", "guest_abi", "runtime"})),
     # What an isolate is built from and talks through, none of it aware of VMs. `modules` is the
