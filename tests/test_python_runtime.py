@@ -194,6 +194,14 @@ def baked(engine: wasmtime.Engine, baked_wasm: bytes) -> wasmtime.Module:
     return wasmtime.Module(engine, baked_wasm)
 
 
+def test_py_init_runs_after_the_hosts_own_initialize_too(module: wasmtime.Module, guests: Callable[..., Guest]) -> None:
+    """wasmtime's CLI and Wizer call a reactor's _initialize first; the sidecar does not."""
+    guest = guests(module)
+    guest.exports["_initialize"](guest.store)
+    guest.init()
+    assert guest.value("1 + 1") == "2"
+
+
 def test_print_goes_to_stdout_and_a_statement_has_no_value(python: Guest) -> None:
     assert python.eval("print(1+1)") == {"status": "ok", "stdout": "2\n", "stderr": ""}
 
