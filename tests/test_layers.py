@@ -35,7 +35,7 @@ MAX_LINES = 400
 # and a subpackage's name covers all of its modules: each is one layer, self-contained below the rest.
 LAYERS: list[tuple[str, frozenset[str]]] = [
     # Processes' entry points and the tools behind `wasm-sidecar limits` (the audit parses sources).
-    ("entry", frozenset({"__main__", "cli", "limits_cli", "audit"})),
+    ("entry", frozenset({"__main__", "cli", "limits_cli", "runtime_cli", "audit"})),
     # The daemon as assembled: which services, wired to the server with what.
     ("app", frozenset({"app"})),
     # Runs the daemon: transport, intake, dispatcher and services put together; session methods.
@@ -54,7 +54,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # What an isolate is built from and talks through, none of it aware of VMs. `modules` is the
     # module store, whose `CompiledModule` the VM and the isolate take: it sits here, below them,
     # while the `module.load` service that drives it is in `vms`.
-    ("resources", frozenset({"hostcalls", "modules", "compile_cache", "engines", "snapshot_file", "hostfiles"})),
+    ("resources", frozenset({"hostcalls", "modules", "compile_cache", "engines", "snapshot_file", "hostfiles",
+                             "runtimes"})),
     ("wasm", frozenset({"wasmffi", "wasmbin"})),
     ("foundation", frozenset({"limits", "logs", "__init__"})),
 ]

@@ -5,7 +5,7 @@ preopened read-only at /python, the guest ABI as host functions, `py_init` once,
 with a JSON request as the call's input and one JSON result as its output. The cases about fresh
 interpreters (random streams, environment, preopens) run on a module baked after `py_init` by the
 sidecar's own pre-initializer, because only after a bake can state from `py_init` leak into
-another instance. Skipped when the runtime is not built: `python runtimes/python/build.py`.
+another instance. Skipped when the runtime is not installed: `wasm-sidecar runtime install python`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from typing import Any
 import pytest
 import wasmtime
 
+from sidecar import runtimes
 from sidecar.wasmbin import instrument, preinitialize
 
 pytestmark = pytest.mark.slow
 
-RUNTIME = Path(os.environ.get("SIDECAR_PYTHON_RUNTIME") or Path(__file__).parents[1] / "runtimes/python/build")
+INSTALLED = runtimes.find("python")
+RUNTIME = INSTALLED.directory if INSTALLED is not None else runtimes.install_dir("python")
 GUEST_ROOT = "/python"
 STACK_BYTES = 1 << 20  # the sidecar's default vm_stack_bytes: the wasm stack the guest runs with
 I32 = wasmtime.ValType.i32()
@@ -39,8 +41,11 @@ def echo(method: str, params: Any) -> Answer:
 
 @pytest.fixture(scope="module")
 def engine() -> wasmtime.Engine:
-    if not (RUNTIME / "manifest.json").exists():
-        pytest.skip(f"the Python runtime is not built in {RUNTIME}: run python runtimes/python/build.py (CI does)")
+    if INSTALLED is None:
+        missing = f"the Python runtime is not installed in {RUNTIME}: run wasm-sidecar runtime install python"
+        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken install
+            pytest.fail(missing)
+        pytest.skip(missing)
     config = wasmtime.Config()
     config.max_wasm_stack = STACK_BYTES
     return wasmtime.Engine(config)

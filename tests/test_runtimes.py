@@ -1,0 +1,73 @@
+"""`wasm-sidecar runtime`: what counts as installed, the list, and an install that is a no-op when up to date."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar import runtimes
+
+
+def cli(*args: str, data_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **({runtimes.DATA_DIR_ENV: str(data_dir)} if data_dir else {})}
+    return subprocess.run([sys.executable, "-m", "sidecar", "runtime", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def fake_install(root: Path, *, module_bytes: bytes = b"\0asm", declared: int | None = None) -> Path:
+    """A runtime directory as the recipe leaves it: outputs, and a manifest naming their sizes."""
+    target = runtimes.install_dir("python", root)
+    (target / "lib").mkdir(parents=True)
+    (target / "python.wasm").write_bytes(module_bytes)
+    (target / "lib" / "python311.zip").write_bytes(b"zip")
+    manifest = {
+        "runtime": "python", "python_version": "3.11.8+", "preimported": ["json"], "guest": {"preopen": "/python"},
+        "outputs": {"python.wasm": {"bytes": len(module_bytes) if declared is None else declared},
+                    "lib/python311.zip": {"bytes": 3}},
+    }
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_nothing_installed_is_said_plainly(tmp_path: Path) -> None:
+    done = cli("list", data_dir=tmp_path)
+    assert done.returncode == 0 and "no runtimes installed" in done.stdout and str(tmp_path) in done.stdout
+    assert json.loads(cli("list", "--json", data_dir=tmp_path).stdout) == []
+
+
+def test_a_complete_install_is_listed_with_its_manifest(tmp_path: Path) -> None:
+    target = fake_install(tmp_path)
+    [row] = json.loads(cli("list", "--json", data_dir=tmp_path).stdout)
+    assert row == {"name": "python", "version": "3.11.8+", "preimported": ["json"], "directory": str(target)}
+    found = runtimes.find("python", tmp_path)
+    assert found is not None and found.module == target / "python.wasm" and found.guest_path == "/python"
+
+
+def test_a_half_written_install_is_not_installed(tmp_path: Path) -> None:
+    fake_install(tmp_path, declared=1 << 20)  # the manifest promises more than the file holds
+    assert runtimes.find("python", tmp_path) is None
+    assert json.loads(cli("list", "--json", data_dir=tmp_path).stdout) == []
+
+
+def test_an_unknown_runtime_is_refused_by_name() -> None:
+    done = cli("install", "cobol")
+    assert done.returncode == 2 and "invalid choice: 'cobol'" in done.stderr
+
+
+def test_installing_what_is_installed_is_a_no_op() -> None:
+    installed = runtimes.find("python")
+    if installed is None:
+        missing = "the Python runtime is not installed: run wasm-sidecar runtime install python"
+        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken install
+            pytest.fail(missing)
+        pytest.skip(missing)
+    before = {path: path.stat().st_mtime_ns for path in installed.directory.rglob("*") if path.is_file()}
+    done = cli("install", "python")
+    assert done.returncode == 0, done.stderr
+    assert f"python {installed.version} installed in {installed.directory}" in done.stdout
+    assert {path: path.stat().st_mtime_ns for path in installed.directory.rglob("*") if path.is_file()} == before
