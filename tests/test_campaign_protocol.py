@@ -266,7 +266,7 @@ class Generator:
         if where == 0:
             return nest, [Expect("null", codes={-32600, -32700}, what=f"nesting {depth} at the top")]
         if where == 1:
-            return opening * depth, [Expect("null", codes={-32700}, what=f"unclosed nesting {depth}")]
+            return opening * depth, [Expect("null", codes={-32600, -32700}, what=f"unclosed nesting {depth}")]
         if where == 2:
             return b'{"jsonrpc":"2.0","id":' + nest + b',"method":"ping"}', [
                 Expect("null", codes={-32600, -32700}, what=f"nesting {depth} as id")]
@@ -283,7 +283,8 @@ class Generator:
         return frame, [Expect("either", request_id, {-32600, -32602, -32700}, what=f"nesting {depth} in params")]
 
     def utf8(self) -> tuple[bytes, list[Expect]]:
-        """Bytes that are not UTF-8 anywhere make the whole line unreadable: -32700, id null."""
+        """Bytes that are not UTF-8 anywhere make the whole line unreadable: one -32700, under the
+        id when a scan can still recover it (`either`), never a partial execution."""
         bad = self.rng.choice(BAD_UTF8)
         vm = self.ctx["vm"]
         template = self.rng.choice([
@@ -306,12 +307,17 @@ class Generator:
         frame = json.dumps(template).encode().replace(b'"id": 1', b'"id": "%s"' % ids[0].encode())
         frame = frame.replace(b'"id": 2', b'"id": "%s"' % ids[1].encode())
         frame = frame.replace(json.dumps(MARK)[1:-1].encode(), bad)
+        recoverable = isinstance(template, dict) and template.get("id", MARK) != MARK
         if self.rng.random() < 0.1:  # or a valid frame followed by a truncated multibyte character
-            frame = json.dumps({"jsonrpc": "2.0", "id": "t", "method": "ping"}).encode() + b" " + bad[:1]
+            frame = json.dumps({"jsonrpc": "2.0", "id": ids[0], "method": "ping"}).encode() + b" " + bad[:1]
+            recoverable = True
         elif self.rng.random() < 0.1:  # or cut inside a multibyte character at the end of the line
-            frame = b'{"jsonrpc":"2.0","id":"t","method":"ping","params":{"a":"\xe2\x82'
+            frame = b'{"jsonrpc":"2.0","id":"%s","method":"ping","params":{"a":"\xe2\x82' % ids[0].encode()
+            recoverable = True
         what = f"invalid UTF-8 {bad!r}"
-        return frame, [Expect("null", codes={-32700}, what=what), *(Expect("none", i, what=what) for i in ids)]
+        if not recoverable:
+            return frame, [Expect("null", codes={-32700}, what=what), *(Expect("none", i, what=what) for i in ids)]
+        return frame, [Expect("either", ids[0], {-32700}, what=what), Expect("none", ids[1], what=what)]
 
     def surrogate(self) -> tuple[bytes, list[Expect]]:
         """Escaped lone surrogates are JSON text but no Unicode string: refused or carried, once."""
@@ -361,18 +367,22 @@ class Generator:
         return value, [Expect("null", codes={-32600}, what=f"not a message: {value!r}")]
 
     def junk(self) -> tuple[bytes, list[Expect]]:
+        """Not JSON: -32700, under the id only where a scan can recover it (`either`)."""
         roll = self.rng.randrange(4)
+        request_id = self.fresh_id(plain=True)
         if roll == 0:
             frame = b"x" + bytes(self.rng.randrange(256) for _ in range(self.rng.randrange(60))).replace(b"\n", b"")
         elif roll == 1:  # a valid frame cut short
-            whole = json.dumps({"jsonrpc": "2.0", "id": "cut", "method": "vm.list", "params": {}}).encode()
+            whole = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "vm.list", "params": {}}).encode()
             frame = whole[: self.rng.randrange(1, len(whole) - 1)]
         elif roll == 2:  # trailing garbage, two frames on one line
-            frame = self.rng.choice([b'{"jsonrpc":"2.0","id":"tg","method":"ping"}x',
-                                     b'{"jsonrpc":"2.0","id":"tg","method":"ping"}{"jsonrpc":"2.0"}', b'[1]]'])
+            frame = self.rng.choice([b'{"jsonrpc":"2.0","id":"%s","method":"ping"}x',
+                                     b'{"jsonrpc":"2.0","id":"%s","method":"ping"}{"jsonrpc":"2.0"}']) % (
+                request_id.encode())
         else:
-            frame = self.rng.choice([b"{", b"}", b"[", b'"', b"nul", b"tru", b"-", b"01", b"{'a':1}", b"NaN"])
-        return frame, [Expect("null", codes={-32700}, what=f"junk {frame[:40]!r}")]
+            frame = self.rng.choice([b"{", b"}", b"[", b'"', b"nul", b"tru", b"-", b"01", b"{'a':1}", b"NaN", b"[1]]"])
+        self.by_id[request_id] = expect = Expect("either", request_id, {-32700}, what=f"junk {frame[:40]!r}")
+        return frame, [expect]
 
     def near_bound(self) -> tuple[bytes, list[Expect]]:
         """A ping padded to the bound and around it."""
@@ -390,7 +400,8 @@ def snapshot_formats(answer: dict[str, Any]) -> str | None:
 
 def mentions_method(answer: dict[str, Any]) -> str | None:
     message = answer.get("error", {}).get("message", "")
-    return None if "method" in message and "result" not in message else f"missing method explained as {message!r}"
+    said = "method" in message and "missing" in message.lower()
+    return None if said else f"a missing method explained as {message!r}"
 
 
 def results_are(expected: list[int]) -> Callable[[dict[str, Any]], str | None]:
