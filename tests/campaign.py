@@ -35,6 +35,18 @@ from .support import WAIT
 
 SIDECAR = [sys.executable, "-m", "sidecar"]
 ERROR_LEVELS = {"error", "critical", "exception"}
+_CAPPED = (
+    "import resource, runpy, sys; cap = int(sys.argv.pop(1)); "
+    "resource.setrlimit(resource.RLIMIT_DATA, (cap, cap)); sys.argv[0] = 'sidecar'; "
+    "runpy.run_module('sidecar', run_name='__main__', alter_sys=True)"
+)
+
+
+def capped(data_bytes: int) -> list[str]:
+    """`python -m sidecar` under an RLIMIT_DATA: a test that may make the sidecar read without
+    bound (from /dev/zero, say) fails with a MemoryError there instead of eating the machine.
+    Wasm linear memory reservations are not writable data, so guests still get theirs."""
+    return [sys.executable, "-c", _CAPPED, str(data_bytes)]
 
 
 def fuzz_seed() -> int:
@@ -163,14 +175,16 @@ class RawSidecar:
 
 
 @asynccontextmanager
-async def raw_sidecar(log_dir: Path, env: Mapping[str, str] | None = None) -> AsyncIterator[RawSidecar]:
+async def raw_sidecar(
+    log_dir: Path, env: Mapping[str, str] | None = None, command: list[str] | None = None
+) -> AsyncIterator[RawSidecar]:
     """Spawn `python -m sidecar`; on the way out close its input and make sure it is gone."""
     log_path = log_dir / f"sidecar-{time.monotonic_ns()}.log"
     stdin_r, stdin_w = os.pipe()
     try:
         with log_path.open("wb") as log_file:
             process = await anyio.open_process(
-                SIDECAR, stdin=stdin_r, stdout=subprocess.PIPE, stderr=log_file,
+                command or SIDECAR, stdin=stdin_r, stdout=subprocess.PIPE, stderr=log_file,
                 env={**os.environ, **(env or {})},
             )
     finally:
@@ -193,13 +207,18 @@ async def raw_sidecar(log_dir: Path, env: Mapping[str, str] | None = None) -> As
 
 @asynccontextmanager
 async def logged_session(
-    log_dir: Path, env: Mapping[str, str] | None = None, host_handler: HostHandler | None = None
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    host_handler: HostHandler | None = None,
+    command: list[str] | None = None,
 ) -> AsyncIterator[SidecarClient]:
     """`SidecarClient.spawn` with stderr kept; when the block ends without an error the process
     must exit 0 at end of input and its logs must be clean."""
     log_path = log_dir / f"sidecar-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log_file:
-        async with SidecarClient.spawn(env=env, host_handler=host_handler, stderr=log_file.fileno()) as client:
+        async with SidecarClient.spawn(
+            command or SIDECAR, env=env, host_handler=host_handler, stderr=log_file.fileno()
+        ) as client:
             yield client
     assert client.process is not None and client.process.returncode == 0, client.process
     assert_clean_logs(log_path.read_bytes())
