@@ -3,8 +3,10 @@
 The campaigns (`test_campaign_*.py`) drive the real `python -m sidecar` and judge it by what a
 host can see: stdout, stderr and the exit status. `RawSidecar` writes raw bytes and reads raw
 lines (for input the client library would refuse to send); `logged_session` is the ordinary
-client with the process's stderr kept in a file. Both end with `assert_clean_logs`: an
-`error`-level event or a traceback in the logs is a defect even when every answer was right.
+client with the process's stderr kept in a file. Every campaign ends with `assert_clean_logs`
+(`logged_session` calls it on a clean exit): an `error`-level event or a traceback in the logs is
+a defect even when every answer was right. `well_formed` is what every answer must look like;
+`capped` runs the sidecar under a data-size limit for tests that may make it read without bound.
 
 Seeded campaigns name their seed (`SIDECAR_FUZZ_SEED` replays one) in every failure through
 `seed_noted`, so a failure in CI can be replayed on a laptop.

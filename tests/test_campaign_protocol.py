@@ -16,6 +16,7 @@ responses must be counted, the process must serve on and exit 0, and its logs mu
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 from collections.abc import Callable
@@ -641,11 +642,12 @@ async def test_protocol_campaign(tmp_path: Path, frame_bytes: int) -> None:
                     except BrokenPipeError:
                         pass  # the sidecar died: the verdict tells what went unanswered
                     await ledger.all_answered.wait()
-                assert not (problems := ledger.verdict()), report(problems)
-                with anyio.fail_after(WAIT):  # everything that was started has finished
-                    while (await ask("sidecar.stats"))["requests_in_flight"] > 1:
+                # Answers with id null may still be on their way: wait until nothing is in flight
+                # (a stuck or dead sidecar leaves the wait early, and the verdict says what is missing).
+                with contextlib.suppress(TimeoutError, BrokenPipeError):
+                    while not sidecar.eof and (await ask("sidecar.stats"))["requests_in_flight"] > 1:
                         pass
-                assert not (problems := ledger.verdict()), report(problems)  # answers after the last required one
+                assert not (problems := ledger.verdict()), report(problems)
                 stats = await ask("sidecar.stats")
                 dropped = stats["responses_dropped"]
                 assert dropped["stale"] == dropped["duplicate"] == 0, dropped
