@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, SIDECAR, Peer, percentile
+from harness import ROOT, SIDECAR, Peer, percentile, rss_bytes
 
 MIB = 1 << 20
 GUEST = (ROOT / "tests" / "guests" / "stateless_counter.wat").read_text()  # grow_touch, count
@@ -75,10 +75,7 @@ class Sidecar:
         return next(vm for vm in self.request("vm.list")["vms"] if vm["vm_id"] == vm_id)
 
     def rss(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        return rss_bytes(self.pid)
 
     def close(self) -> None:
         self.peer.close()

@@ -114,6 +114,14 @@ def best_us(op: Callable[[], object], *, n: int, runs: int) -> float:
     return best * 1e6
 
 
+def rss_bytes(pid: int) -> int:
+    """The resident set size of process `pid` (VmRSS in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]

@@ -1,13 +1,19 @@
-"""Shared fixtures: the anyio backend and the transport every contract case runs over."""
+"""Shared fixtures: the anyio backend, the transport every contract case runs over, the CPython guest."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .assets.cpython import cpython_wasm
 from .support import memory_session, process_session
 
 
@@ -37,3 +43,36 @@ def transport(request: pytest.FixtureRequest) -> str:
 def session(transport: str) -> Any:
     """A factory: `async with session(env=..., host_handler=...) as (client, server_or_None)`."""
     return memory_session if transport == "memory" else process_session
+
+
+COMPILE_WAIT = 300  # seconds: the one real compile of 20 MB, on a busy 2-core machine
+
+
+@pytest.fixture(scope="session")
+def cpython() -> Path:
+    """The module's path, its compiled code already in the session's compile cache.
+
+    A real sidecar compiles it, so the cache entry is whatever the sidecar itself would look
+    for (its engine settings and any rewrite it applies at load).
+    """
+    path = cpython_wasm()
+    request = {"jsonrpc": "2.0", "id": 1, "method": "module.load", "params": {"path": str(path)}}
+    env = dict(os.environ)  # the session's private compile cache (above) included
+    with subprocess.Popen(
+        [sys.executable, "-m", "sidecar"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    ) as sidecar:
+        assert sidecar.stdin is not None and sidecar.stdout is not None
+        watchdog = threading.Timer(COMPILE_WAIT, sidecar.kill)  # a hung sidecar fails the fixture
+        watchdog.start()
+        sidecar.stdin.write(json.dumps(request).encode() + b"\n")
+        sidecar.stdin.flush()
+        answer = json.loads(sidecar.stdout.readline())  # stdin stays open: EOF would cancel the load
+        sidecar.stdin.close()
+        sidecar.wait(COMPILE_WAIT)
+        watchdog.cancel()
+    assert "result" in answer, answer
+    return path

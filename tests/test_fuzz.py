@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from .campaign import well_formed
 from .support import WAIT, memory_session
 
 pytestmark = pytest.mark.anyio
@@ -44,17 +45,6 @@ def requests(draw: st.DrawFn, index: int) -> tuple[str, bool]:
 def sessions(draw: st.DrawFn) -> list[tuple[str, bool]]:
     size = draw(st.integers(min_value=1, max_value=12))
     return [draw(requests(index)) for index in range(size)]
-
-
-def well_formed(frame: object) -> bool:
-    if isinstance(frame, list):
-        return bool(frame) and all(well_formed(item) for item in frame)
-    if not isinstance(frame, dict) or frame.get("jsonrpc") != "2.0" or "id" not in frame:
-        return False
-    if ("result" in frame) == ("error" in frame):
-        return False
-    error = frame.get("error")
-    return error is None or (isinstance(error["code"], int) and isinstance(error["data"]["kind"], str))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,18 +1,13 @@
 """vm.run with a real program: the CPython 3.11 WASI build, over both transports.
 
 The module (20 MB) is fetched on first use (`tests.assets.cpython`) and compiled once per test
-session into the session's compile cache by a fixture, so each sidecar here loads it in
-milliseconds; the one slow compile is not charged to any test's `WAIT`.
+session into the session's compile cache by the `cpython` fixture (`tests/conftest.py`), so each
+sidecar here loads it in milliseconds; the one slow compile is not charged to any test's `WAIT`.
 """
 
 from __future__ import annotations
 
 import base64
-import json
-import os
-import subprocess
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +16,6 @@ import pytest
 
 from protocol.client import RemoteError, SidecarClient
 
-from .assets.cpython import cpython_wasm
 from .guests import (
     refused,
     rpc,
@@ -30,39 +24,6 @@ from .guests import (
 from .support import WAIT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-COMPILE_WAIT = 300  # seconds: the one real compile of 20 MB, on a busy 2-core machine
-
-
-@pytest.fixture(scope="session")
-def cpython() -> Path:
-    """The module's path, its compiled code already in the session's compile cache.
-
-    A real sidecar compiles it, so the cache entry is whatever the sidecar itself would look
-    for (its engine settings and any rewrite it applies at load).
-    """
-    path = cpython_wasm()
-    request = {"jsonrpc": "2.0", "id": 1, "method": "module.load", "params": {"path": str(path)}}
-    env = dict(os.environ)  # the session's private compile cache (tests/conftest.py) included
-    with subprocess.Popen(
-        [sys.executable, "-m", "sidecar"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    ) as sidecar:
-        assert sidecar.stdin is not None and sidecar.stdout is not None
-        watchdog = threading.Timer(COMPILE_WAIT, sidecar.kill)  # a hung sidecar fails the fixture
-        watchdog.start()
-        sidecar.stdin.write(json.dumps(request).encode() + b"\n")
-        sidecar.stdin.flush()
-        answer = json.loads(sidecar.stdout.readline())  # stdin stays open: EOF would cancel the load
-        sidecar.stdin.close()
-        sidecar.wait(COMPILE_WAIT)
-        watchdog.cancel()
-    assert "result" in answer, answer
-    return path
-
-
 async def python_vm(client: SidecarClient, cpython: Path, **params: Any) -> str:
     wasi = {"args": ["python"], **params.pop("wasi", {})}
     return (await rpc(client, "vm.create", {"path": str(cpython), "wasi": wasi, **params}))["vm_id"]
