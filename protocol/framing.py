@@ -58,8 +58,11 @@ class LineFramer:
     def _keep_partial(self, chunk: bytes, start: int, end: int, out: list[bytes | OversizedLine]) -> None:
         if self._skipping:
             return
-        if len(self._partial) + (end - start) > self._max:
-            out.append(OversizedLine(seen=len(self._partial) + end - start, bound=self._max))
+        kept = len(self._partial) + (end - start)
+        # A line's `\r` before its `\n` is not part of it: a line of exactly the bound may sit here
+        # one byte over, ending in `\r`, until its newline arrives in a later chunk.
+        if kept > self._max and not (kept == self._max + 1 and chunk[end - 1 : end] == b"\r"):
+            out.append(OversizedLine(seen=kept, bound=self._max))
             self._partial.clear()
             self._skipping = True
             return

@@ -21,7 +21,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from protocol.errors import InvalidSnapshotError, env_var_for
+from protocol.decoding import compact_json
+from protocol.errors import InvalidSnapshotError, ParseError, env_var_for
 
 from .hostfiles import TooLarge, read_bounded
 
@@ -155,6 +156,8 @@ def parse(blob: bytes) -> SnapshotState:
         state = _decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise InvalidSnapshotError(f"snapshot body is malformed: {exc}", stage="format") from None
+    except RecursionError:  # `wasi`, say, nested deeper than the decoder can follow
+        raise InvalidSnapshotError("snapshot body is nested too deeply to decode", stage="format") from None
     if "sha256:" + hashlib.sha256(state.module).hexdigest() != state.module_id:
         raise InvalidSnapshotError("embedded module does not match its module_id", stage="module")
     _check_consistent(state)
@@ -181,10 +184,11 @@ def _check_consistent(state: SnapshotState) -> None:
     if any(ticket >= state.next_ticket for ticket in tickets):
         raise InvalidSnapshotError("a pending host call has a ticket never issued", stage="format")
     for call in state.pending_host_calls:
-        try:  # these go to the host verbatim: anything but one compact JSON value would break the channel
-            if msgspec.json.format(call.params, indent=-1) != call.params:
-                raise ValueError("not compact")
-        except (msgspec.DecodeError, ValueError):
-            raise InvalidSnapshotError(
-                "a pending host call's params are not compact JSON", stage="format", id=call.id
-            ) from None
+        # These go to the host verbatim: anything but one compact JSON value (UTF-8, nested no
+        # deeper than a decoder follows) would break the channel.
+        try:
+            compact = compact_json(call.params)
+        except ParseError:
+            compact = None
+        if compact != call.params:
+            raise InvalidSnapshotError("a pending host call's params are not compact JSON", stage="format", id=call.id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -72,3 +73,12 @@ def test_any_chunking_gives_the_same_lines(lines: list[bytes], cuts: list[int]) 
     assert [g if isinstance(g, bytes) else "big" for g in got] == [
         e if isinstance(e, bytes) else "big" for e in expected if not isinstance(e, bytes) or e.strip()
     ]
+
+
+@pytest.mark.parametrize("cut", [1, 2])  # the newline alone, or the `\r` and the newline, arrive later
+def test_a_line_of_exactly_the_bound_ended_by_crlf_fits_however_it_is_split(cut: int) -> None:
+    framer = LineFramer(8)
+    data = b"12345678\r\n"
+    assert framer.feed(data[: len(data) - cut]) == []
+    assert framer.feed(data[len(data) - cut :]) == [b"12345678"]
+    assert framer.feed(b"123456789\r") == [OversizedLine(seen=10, bound=8)]  # one byte more is over
