@@ -17,10 +17,8 @@ freed memory, so compare the phases with each other rather than with zero.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-import time
 
 from harness import ROOT, SIDECAR, Peer, percentile, rss_bytes
 
@@ -34,27 +32,13 @@ class Soak:
 
     def __init__(self, cache_dir: str) -> None:
         self.peer = Peer(SIDECAR, env={"SIDECAR_LOG_LEVEL": "warning", "SIDECAR_CACHE_DIR": cache_dir})
-        self._id = 0
 
     def request(self, method: str, params: object = None) -> dict:
-        self._id += 1
-        answer = self.peer.request(method, params, request_id=self._id)
-        if "error" in answer:
-            raise RuntimeError(f"{method}: {answer['error']}")
-        return answer["result"]
+        return self.peer.result(method, params)
 
     def timed(self, method: str, params: object) -> tuple[float, dict]:
         """One request's round trip in microseconds, and its result."""
-        self._id += 1
-        frame = json.dumps({"jsonrpc": "2.0", "id": self._id, "method": method, "params": params}).encode() + b"\n"
-        started = time.perf_counter()
-        self.peer.send(frame)
-        [line] = self.peer.read_lines(1)
-        elapsed = (time.perf_counter() - started) * 1e6
-        answer = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(f"{method}: {answer['error']}")
-        return elapsed, answer["result"]
+        return self.peer.timed_result(method, params)
 
     def rss(self) -> int:
         return rss_bytes(self.peer.proc.pid)

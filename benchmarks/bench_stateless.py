@@ -19,7 +19,6 @@ Run: `python benchmarks/bench_stateless.py [--calls N]` (numbers go to stdout; n
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -40,18 +39,13 @@ class Sidecar:
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.peer = Peer(SIDECAR, env={"SIDECAR_LOG_LEVEL": "warning", "SIDECAR_CACHE_DIR": CACHE.name,
                                            **(env or {})})
-        self._id = 0
 
     @property
     def pid(self) -> int:
         return self.peer.proc.pid
 
     def request(self, method: str, params: object = None) -> dict:
-        self._id += 1
-        answer = self.peer.request(method, params, request_id=self._id)
-        if "error" in answer:
-            raise RuntimeError(f"{method}: {answer['error']}")
-        return answer["result"]
+        return self.peer.result(method, params)
 
     def vm(self, mode: str, limits: dict | None = None) -> str:
         params = {"wat": GUEST, "mode": mode, **({"limits": limits} if limits else {})}
@@ -59,17 +53,8 @@ class Sidecar:
 
     def timed_call(self, vm_id: str, export: str) -> tuple[float, int]:
         """One vm.call: its round trip in microseconds and its first result."""
-        self._id += 1
-        frame = json.dumps({"jsonrpc": "2.0", "id": self._id, "method": "vm.call",
-                            "params": {"vm_id": vm_id, "export": export}}).encode() + b"\n"
-        started = time.perf_counter()
-        self.peer.send(frame)
-        [line] = self.peer.read_lines(1)
-        elapsed = (time.perf_counter() - started) * 1e6
-        answer = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(f"vm.call {export}: {answer['error']}")
-        return elapsed, answer["result"]["results"][0]
+        elapsed, result = self.peer.timed_result("vm.call", {"vm_id": vm_id, "export": export})
+        return elapsed, result["results"][0]
 
     def vm_info(self, vm_id: str) -> dict:
         return next(vm for vm in self.request("vm.list")["vms"] if vm["vm_id"] == vm_id)

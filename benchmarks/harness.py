@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDECAR = [sys.executable, "-m", "sidecar"]
@@ -33,6 +34,7 @@ class Peer:
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
         self._buffer = bytearray()
+        self._last_id = 1 << 30  # `result` ids: far from the small ids scripts pick for `request`
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -69,6 +71,26 @@ class Peer:
             message["params"] = params
         self.send(json.dumps(message).encode() + b"\n")
         return json.loads(self.read_lines(1)[0])
+
+    def result(self, method: str, params: object = None) -> Any:
+        """A request under the next id; its result (an error answer raises)."""
+        return self.timed_result(method, params)[1]
+
+    def timed_result(self, method: str, params: object = None) -> tuple[float, Any]:
+        """A request under the next id: its round trip in microseconds, and its result."""
+        self._last_id += 1
+        message = {"jsonrpc": "2.0", "id": self._last_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        frame = json.dumps(message).encode() + b"\n"
+        started = time.perf_counter()
+        self.send(frame)
+        [line] = self.read_lines(1)
+        elapsed = (time.perf_counter() - started) * 1e6
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"{method}: {answer['error']}")
+        return elapsed, answer["result"]
 
     def close(self) -> None:
         self.proc.stdin.close()

@@ -260,3 +260,21 @@ def write_state(path: Path, state: SnapshotState) -> Path:
 def replace(struct: Any, **changes: Any) -> Any:
     """A copy of a snapshot struct (the state, a memory, a global, a pending call) with changes."""
     return msgspec.structs.replace(struct, **changes)
+
+
+def hostile_file_guest(*, pages: int, max_pages: int, store_at: int) -> str:
+    """The guest hostile snapshot files are made from: a pending async host call, mutable globals of
+    three types, and `bump`, which counts in a global and stores the count at `store_at`."""
+    return rf"""(module
+  (import "sidecar" "host_call_async" (func $hca (param i32 i32 i32 i32) (result i64)))
+  (memory (export "memory") {pages} {max_pages})
+  (global $n (mut i32) (i32.const 0))
+  (global $big (mut i64) (i64.const -5))
+  (global $x (mut f64) (f64.const 0.5))
+  (data (i32.const 0) "kv.get{{\"k\":1}}")
+  (func (export "ask") (result i64) (call $hca (i32.const 0) (i32.const 6) (i32.const 6) (i32.const 7)))
+  (func (export "sidecar_on_response") (param i64 i32 i32))
+  (func (export "bump") (result i32)
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (i32.store (i32.const {store_at}) (global.get $n))
+    (global.get $n)))"""

@@ -34,7 +34,7 @@ from sidecar.snapshot_file import MAGIC, GlobalValue, MemoryImage, SnapshotState
 
 from .campaign import capped, fuzz_seed, logged_session, seed_noted
 from .guests import call, module_id, rpc, wat
-from .snapshot_support import read_state, replace, snapshot, write_state
+from .snapshot_support import hostile_file_guest, read_state, replace, snapshot, write_state
 from .support import WAIT
 
 pytestmark = pytest.mark.anyio
@@ -46,19 +46,7 @@ CAP = capped(1 << 30)
 ENV = {"SIDECAR_RUNNER_SNAPSHOT_BYTES": str(64 << 20)}  # a bounded reader stays far under the cap
 RESTORE_WAIT = 5  # seconds: any one restore, however hostile its file
 
-GUEST = r"""(module
-  (import "sidecar" "host_call_async" (func $hca (param i32 i32 i32 i32) (result i64)))
-  (memory (export "memory") 2 8)
-  (global $n (mut i32) (i32.const 0))
-  (global $big (mut i64) (i64.const -5))
-  (global $x (mut f64) (f64.const 0.5))
-  (data (i32.const 0) "kv.get{\"k\":1}")
-  (func (export "ask") (result i64) (call $hca (i32.const 0) (i32.const 6) (i32.const 6) (i32.const 7)))
-  (func (export "sidecar_on_response") (param i64 i32 i32))
-  (func (export "bump") (result i32)
-    (global.set $n (i32.add (global.get $n) (i32.const 1)))
-    (i32.store (i32.const 70000) (global.get $n))
-    (global.get $n)))"""
+GUEST = hostile_file_guest(pages=2, max_pages=8, store_at=70000)
 
 
 @pytest.fixture(scope="module")

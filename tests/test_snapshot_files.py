@@ -28,29 +28,14 @@ from sidecar import snapshot_file
 from sidecar.snapshot_file import MAGIC, GlobalValue, MemoryImage, SnapshotState
 
 from .guests import call, module_id, refused, rpc
-from .snapshot_support import read_state, replace, restore, snapshot, write_state
+from .snapshot_support import hostile_file_guest, read_state, replace, restore, snapshot, write_state
 from .support import WAIT, memory_session
 
 pytestmark = pytest.mark.anyio
 PAGE = 65536
 HEADER = 20  # magic (8), version (4), body length (8)
 
-BASE = r"""
-(module
-  (import "sidecar" "host_call_async" (func $hca (param i32 i32 i32 i32) (result i64)))
-  (memory (export "memory") 1 4)
-  (global $n (mut i32) (i32.const 0))
-  (global $big (mut i64) (i64.const -5))
-  (global $x (mut f64) (f64.const 0.5))
-  (data (i32.const 0) "kv.get{\"k\":1}")
-  (func (export "ask") (result i64) (call $hca (i32.const 0) (i32.const 6) (i32.const 6) (i32.const 7)))
-  (func (export "sidecar_on_response") (param i64 i32 i32))
-  (func (export "bump") (result i32)
-    (global.set $n (i32.add (global.get $n) (i32.const 1)))
-    (i32.store (i32.const 30000) (global.get $n))
-    (global.get $n))
-)
-"""
+BASE = hostile_file_guest(pages=1, max_pages=4, store_at=30000)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import wasmtime
 from sidecar import snapshot_file
 from sidecar.snapshot_file import MAGIC, SnapshotState
 from sidecar.wasmbin import Module as Layout
+from sidecar.wasmbin.reader import encode_unsigned
 
 from .guests import call, module_id, refused, rpc
 from .snapshot_support import HONEST_STATE, honest_state, replace, restore, write_state
@@ -42,16 +43,9 @@ def _wasm(text: str) -> bytes:
 def _padded(wasm: bytes, size: int) -> bytes:
     """`wasm` with a custom section that makes it `size` bytes or more: same meaning, more bytes."""
     payload = b"\x03pad" + bytes(size)
-    return wasm + b"\x00" + _leb(len(payload)) + payload
+    return wasm + b"\x00" + encode_unsigned(len(payload)) + payload
 
 
-def _leb(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 # Modules that compile and carry state the file describes honestly, but that this sidecar cannot
@@ -123,7 +117,7 @@ def _section_cases() -> dict[str, bytes]:
         header = section.start - section.size_width - 1
         cases[f"section{number}-cut"] = _with_module(wasm[: section.start + (section.end - section.start) // 2])
         cases[f"section{number}-unknown-id"] = _with_module(wasm[:header] + b"\x7f" + wasm[header + 1 :])
-        longer = _leb(section.end - section.start + 1)
+        longer = encode_unsigned(section.end - section.start + 1)
         if len(longer) == section.size_width:
             cases[f"section{number}-size-lies"] = _with_module(
                 wasm[: header + 1] + longer + wasm[section.start :])

@@ -10,6 +10,8 @@ import base64
 
 import pytest
 
+from sidecar.wasmbin.reader import encode_unsigned
+
 from .guests import (
     call,
     module_id,
@@ -92,19 +94,12 @@ def _custom_section(size: int) -> bytes:
     name = b"pad"
     for guess in range(size, 0, -1):
         body = bytes([len(name)]) + name + b"\0" * guess
-        section = b"\0" + _leb128(len(body)) + body
+        section = b"\0" + encode_unsigned(len(body)) + body
         if len(header) + len(section) == size:
             return header + section
     raise AssertionError(size)
 
 
-def _leb128(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 @pytest.mark.parametrize(
