@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import msgspec
+import structlog
 import wasmtime
 
 from protocol.decoding import compact_json
@@ -24,6 +25,8 @@ from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, bounded, refusal
 from .limits import Limits
 from .wasmffi import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
 from .wasmffi.native import CALLBACKS, RELEASE, GuestIo
+
+log = structlog.get_logger()
 
 VERSION = 1  # guest ABI v1 (DESIGN.md); extensions add imports without breaking v1 guests
 MODULE = "sidecar"
@@ -68,12 +71,15 @@ class GuestAbi:
         hostcalls: HostCalls,
         wait_serving: Callable[[Callable[[], bool], float], None],
         issue_async: Callable[[str, bytes], int],
+        refuse_host_calls: str | None = None,
     ) -> None:
+        """`refuse_host_calls`, when given, is why every host call gets -3 without reaching the host."""
         self.vm_id = vm_id
         self.limits = limits
         self.hostcalls = hostcalls
         self.wait_serving = wait_serving  # keeps reading input while the answer is out
         self.issue_async = issue_async  # the VM keeps async calls: they outlive this instance's call
+        self.refusal = None if refuse_host_calls is None else refusal(refuse_host_calls)
         self.state = CallState()
         self.memory = MemorySlot()  # the instance fills it in once it exists (`bind_memory`)
         self.io = GuestIo()  # the data calls' view of the call; each definition holds it too
@@ -133,6 +139,9 @@ class GuestAbi:
 
     def _host_call(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
+        if self.refusal is not None and not isinstance(request, HostAnswer):
+            log.info("host_call_refused", vm_id=self.vm_id, method=request[0])
+            request = self.refusal
         if isinstance(request, HostAnswer):
             return self._answer(request)
         method, params = request
@@ -146,6 +155,9 @@ class GuestAbi:
 
     def _host_call_async(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
+        if self.refusal is not None and not isinstance(request, HostAnswer):
+            log.info("host_call_refused", vm_id=self.vm_id, method=request[0])
+            request = self.refusal
         if isinstance(request, HostAnswer):
             self.io.response = request.payload
             return [request.status]
