@@ -53,6 +53,7 @@ _KINDS = ((wasmtime.FuncType, "func"), (wasmtime.MemoryType, "memory"), (wasmtim
           (wasmtime.GlobalType, "global"), (wasmtime.TagType, "tag"))
 
 Transform = Callable[[bytes], bytes]
+_DIGEST = 32  # bytes of a sha256
 # Module id, transform id, and the engine itself, not its settings: code compiled for a dropped
 # engine must never serve its successor (see `sidecar.engines`).
 _Key = tuple[str, str, wasmtime.Engine]
@@ -211,16 +212,16 @@ class ModuleStore:
             key_hex = cache_key(base_id, derivation_id, lease.settings)
             started = time.perf_counter()
             found = self._cache.read(key_hex, lease.engine) if self._cache else None
-            if found is not None and found[1]:
-                module, wasm = found
+            if found is not None and len(found[1]) > _DIGEST:  # the bytes' id, then the bytes: no second hash
+                module, stored = found
+                module_id, wasm = "sha256:" + stored[:_DIGEST].hex(), stored[_DIGEST:]
             else:
                 wasm = make()
                 started = time.perf_counter()
-                module = _compile(lease.engine, wasm, _layout(wasm), None)[2]
-            compiled = self._compiled(content_id(wasm), wasm, wasm, module, lease, _layout(wasm), found is not None,
-                                      started)
+                module_id, module = content_id(wasm), _compile(lease.engine, wasm, _layout(wasm), None)[2]
+            compiled = self._compiled(module_id, wasm, wasm, module, lease, _layout(wasm), found is not None, started)
             if not compiled.cached and self._cache:
-                self._cache.write(key_hex, module, wasm)
+                self._cache.write(key_hex, module, bytes.fromhex(module_id.removeprefix("sha256:")) + wasm)
             _log().info("module_derived", base_id=base_id, derivation=derivation_id, module_id=compiled.module_id,
                         cached=compiled.cached, compile_ms=round(compiled.compile_ms, 3))
             return compiled
