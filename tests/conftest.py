@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,14 @@ def private_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         os.environ.pop("SIDECAR_CACHE_DIR", None)
     else:
         os.environ["SIDECAR_CACHE_DIR"] = saved
+
+
+@pytest.fixture
+def own_compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty compile cache for one test (each transport too), for tests that see what is cached."""
+    directory = tmp_path / "compile-cache"
+    monkeypatch.setenv("SIDECAR_CACHE_DIR", str(directory))
+    return directory
 
 
 @pytest.fixture(params=["memory", "subprocess"])
