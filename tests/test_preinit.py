@@ -173,3 +173,12 @@ async def test_host_calls_in_the_export_are_refused_and_never_reach_the_host(ses
         vm_id = (await rpc(client, "vm.create", {"wat": GUEST, "preinit": preinit("init_asks")}))["vm_id"]
         statuses = [(await call(client, vm_id, "load", address))["results"][0] for address in (2048, 2052)]
     assert statuses == [-3, -3] and asked == []
+
+
+async def test_the_run_is_not_metered_by_the_vms_fuel(session) -> None:
+    """Fuel is a guest call's budget: the runner's run is bounded by its time limit instead."""
+    async with session() as (client, _):
+        created = await rpc(client, "vm.create", {"wat": GUEST, "preinit": preinit("init_burns"),
+                                                  "limits": {"vm_fuel": 10_000}})
+        called = await call(client, created["vm_id"], "bump")
+    assert called["results"] == [42] and 0 < called["fuel_used"] <= 10_000
