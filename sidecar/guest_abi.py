@@ -5,8 +5,10 @@ Owns `input_len`, `input_read`, `output_write`, `host_call`, `response_read` and
 guest's pointers, lengths and budgets. The data calls (input, output, response) are C functions
 (`wasmffi.native`) that run without the GIL; the host calls are Python.
 A broken ABI contract (a bad pointer, a length past memory) traps that guest and nothing else; a
-budget that bites records which limit it was so the call's error can name it. Knows nothing
-about stores or threads: the isolate binds these functions to one instance and its call state.
+budget that bites records which limit it was so the call's error can name it. An instance made
+for a pre-initialization refuses host calls itself (-3 and the reason), and the host never hears
+of them. Knows nothing about stores or threads: the isolate binds these functions to one
+instance and its call state.
 """
 
 from __future__ import annotations
