@@ -53,25 +53,6 @@ class ImportInfo(Wire, kw_only=True):
     results: list[str] | UnsetType = UNSET
 
 
-class ModuleLoadParams(Wire):
-    """Exactly one source: a file the sidecar can read, the binary inline, or WebAssembly text."""
-
-    path: HostPath | UnsetType = UNSET
-    wasm_base64: bytes | UnsetType = UNSET
-    wat: str | UnsetType = UNSET
-
-
-class ModuleLoadResult(Wire):
-    """`cached` is true when the compiled module came from the compile cache instead of a compile."""
-
-    module_id: ModuleId
-    size_bytes: Count
-    exports: list[ExportInfo]
-    imports: list[ImportInfo]
-    cached: bool
-    compile_ms: Millis
-
-
 class Preopen(Wire, kw_only=True):
     """A host directory the guest sees at `guest_path`; read-only unless `writable`."""
 
@@ -88,6 +69,38 @@ class WasiSettings(Wire):
     preopens: list[Preopen] = []
 
 
+class PreinitSpec(Wire, kw_only=True):
+    """Pre-initialization: `export` (`() -> ()`, or `() -> i32` where nonzero is failure) runs once
+    with the WASI view `wasi`, and the state it leaves is baked into a new module."""
+
+    export: Annotated[str, Meta(min_length=1)]
+    wasi: WasiSettings | UnsetType = UNSET
+
+
+class ModuleLoadParams(Wire):
+    """Exactly one source: a file the sidecar can read, the binary inline, or WebAssembly text.
+    With `preinit`, the module loaded is the source pre-initialized by that export (contract v1.1)."""
+
+    path: HostPath | UnsetType = UNSET
+    wasm_base64: bytes | UnsetType = UNSET
+    wat: str | UnsetType = UNSET
+    preinit: PreinitSpec | UnsetType = UNSET
+
+
+class ModuleLoadResult(Wire, kw_only=True):
+    """`cached` is true when the compiled module came from the compile cache instead of a compile.
+    After a `preinit`, everything describes the baked module, and `preinit_ms`/`preinit_cached` are set."""
+
+    module_id: ModuleId
+    size_bytes: Count
+    exports: list[ExportInfo]
+    imports: list[ImportInfo]
+    cached: bool
+    compile_ms: Millis
+    preinit_ms: Millis | UnsetType = UNSET
+    preinit_cached: bool | UnsetType = UNSET
+
+
 class VmCreateParams(Wire):
     """Exactly one of `module_id`, `path`, `wasm_base64`, `wat` names the VM's module."""
 
@@ -98,10 +111,16 @@ class VmCreateParams(Wire):
     mode: Literal["stateful", "stateless"] = "stateful"
     limits: LimitOverrides | UnsetType = UNSET
     wasi: WasiSettings | UnsetType = UNSET
+    preinit: PreinitSpec | UnsetType = UNSET
 
 
-class VmCreateResult(Wire):
+class VmCreateResult(Wire, kw_only=True):
+    """`module_id`, `preinit_ms` and `preinit_cached` are set after a `preinit`: the VM runs the baked module."""
+
     vm_id: VmId
+    module_id: ModuleId | UnsetType = UNSET
+    preinit_ms: Millis | UnsetType = UNSET
+    preinit_cached: bool | UnsetType = UNSET
 
 
 class VmCallParams(Wire, kw_only=True):

@@ -62,9 +62,10 @@ def check_declared(compiled: CompiledModule, limits: Limits) -> None:
             raise limits.exceeded(name, observed, module_id=compiled.module_id)
 
 
-def check_preopens(wasi: WasiSettings) -> None:
+def check_preopens(wasi: WasiSettings, path: str = "$.wasi") -> None:
+    """`path` is where the view is in the request (a preinit's has its own)."""
     for index, preopen in enumerate(wasi.preopens):
         if not os.path.isdir(preopen.host_path):
             raise InvalidParamsError(
-                f"preopen {preopen.host_path!r} is not a directory", path=f"$.wasi.preopens[{index}].host_path"
+                f"preopen {preopen.host_path!r} is not a directory", path=f"{path}.preopens[{index}].host_path"
             )

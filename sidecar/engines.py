@@ -189,4 +189,8 @@ def _new_engine(settings: EngineSettings) -> wasmtime.Engine:
     config.epoch_interruption = True
     config.consume_fuel = settings.fuel
     config.max_wasm_stack = settings.stack_bytes
+    # wasmtime's default, relied on: an instance maps a module's data segments as a copy-on-write
+    # image instead of copying them, which is what makes a pre-initialized module cheap to
+    # instantiate (16 MiB of baked state: 10 µs, against 8.6 ms with this off; bench_preinit).
+    config.memory_init_cow = True
     return wasmtime.Engine(config)  # consumes the config

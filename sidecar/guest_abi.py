@@ -5,8 +5,10 @@ Owns `input_len`, `input_read`, `output_write`, `host_call`, `response_read` and
 guest's pointers, lengths and budgets. The data calls (input, output, response) are C functions
 (`wasmffi.native`) that run without the GIL; the host calls are Python.
 A broken ABI contract (a bad pointer, a length past memory) traps that guest and nothing else; a
-budget that bites records which limit it was so the call's error can name it. Knows nothing
-about stores or threads: the isolate binds these functions to one instance and its call state.
+budget that bites records which limit it was so the call's error can name it. An instance made
+for a pre-initialization refuses host calls itself (-3 and the reason), and the host never hears
+of them. Knows nothing about stores or threads: the isolate binds these functions to one
+instance and its call state.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import msgspec
+import structlog
 import wasmtime
 
 from protocol.decoding import compact_json
@@ -24,6 +27,8 @@ from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, bounded, refusal
 from .limits import Limits
 from .wasmffi import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
 from .wasmffi.native import CALLBACKS, RELEASE, GuestIo
+
+log = structlog.get_logger()
 
 VERSION = 1  # guest ABI v1 (DESIGN.md); extensions add imports without breaking v1 guests
 MODULE = "sidecar"
@@ -68,12 +73,15 @@ class GuestAbi:
         hostcalls: HostCalls,
         wait_serving: Callable[[Callable[[], bool], float], None],
         issue_async: Callable[[str, bytes], int],
+        refuse_host_calls: str | None = None,
     ) -> None:
+        """`refuse_host_calls`, when given, is why every host call gets -3 without reaching the host."""
         self.vm_id = vm_id
         self.limits = limits
         self.hostcalls = hostcalls
         self.wait_serving = wait_serving  # keeps reading input while the answer is out
         self.issue_async = issue_async  # the VM keeps async calls: they outlive this instance's call
+        self.refusal = None if refuse_host_calls is None else refusal(refuse_host_calls)
         self.state = CallState()
         self.memory = MemorySlot()  # the instance fills it in once it exists (`bind_memory`)
         self.io = GuestIo()  # the data calls' view of the call; each definition holds it too
@@ -133,6 +141,9 @@ class GuestAbi:
 
     def _host_call(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
+        if self.refusal is not None and not isinstance(request, HostAnswer):
+            log.info("host_call_refused", vm_id=self.vm_id, method=request[0])
+            request = self.refusal
         if isinstance(request, HostAnswer):
             return self._answer(request)
         method, params = request
@@ -146,6 +157,9 @@ class GuestAbi:
 
     def _host_call_async(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
+        if self.refusal is not None and not isinstance(request, HostAnswer):
+            log.info("host_call_refused", vm_id=self.vm_id, method=request[0])
+            request = self.refusal
         if isinstance(request, HostAnswer):
             self.io.response = request.payload
             return [request.status]

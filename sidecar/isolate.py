@@ -63,8 +63,17 @@ class Isolate:
         wasi: wasmtime.WasiConfig | None = None,
         *,
         start: bool = True,
+        timeout_limit: str = "vm_call_timeout_ms",
+        fuel: int | None = None,
+        refuse_host_calls: str | None = None,
     ) -> None:
-        """`start=False` leaves the module's start function unrun: a restore writes the state."""
+        """`start=False` leaves the module's start function unrun: a restore writes the state.
+
+        Work the runner does on a guest's module (pre-initialization) runs under other budgets than
+        a guest call: `timeout_limit` names the limit that bounds instantiation and the start
+        function and that a timeout names, `fuel` replaces `vm_fuel`, and `refuse_host_calls` is
+        why the guest's host calls get -3 instead of reaching the host.
+        """
         self.vm_id = vm_id
         self.compiled = compiled
         self.limits = limits
@@ -73,7 +82,9 @@ class Isolate:
         self.memory_bytes = 0  # retained linear memory after the last call; read without the store
         self.calls = 0
         self.in_guest = False  # guest frames on this store's stack right now (no snapshot then)
-        self._fuel = limits.vm_fuel  # read on every call: kept out of the limits lookup
+        self._fuel = limits.vm_fuel if fuel is None else fuel  # read on every call: kept out of the limits lookup
+        self._timeout_limit = timeout_limit
+        timeout_ms = getattr(limits, timeout_limit)
         engine = compiled.engine
         self.store = wasmtime.Store(engine)
         # An isolate dropped without close() still frees its store, callbacks and guest memory
@@ -94,15 +105,15 @@ class Isolate:
             linker.define_wasi()
             self.store.set_wasi(wasi if wasi is not None else wasmtime.WasiConfig())
         self._wait_serving = runtime.reader.wait_serving
-        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, self._wait_for_host, issue_async)
+        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, self._wait_for_host, issue_async, refuse_host_calls)
         self.abi.define(linker)
         set_deadline_callback(self.store, self._decide)
         try:
             self.instance = self._guarded(
                 lambda _: _link(linker, self.store, compiled.module),
                 (),
-                CallState(deadline=time.monotonic() + limits.vm_call_timeout_ms / 1000),
-                limits.vm_call_timeout_ms,
+                CallState(deadline=time.monotonic() + timeout_ms / 1000),
+                timeout_ms,
             )
             exported = {export.name: instance_export(self.store, self.instance, export.name)
                         for export in compiled.exports if export.kind == "memory"}
@@ -113,8 +124,7 @@ class Isolate:
             self._memory_slots = [MemorySlot().bind(self.store, memory) for memory in self._memories]
             if start and any(export.name == START_EXPORT for export in compiled.exports):
                 # Instrumentation moved the start function here so that it runs under the budgets.
-                deadline = time.monotonic() + limits.vm_call_timeout_ms / 1000
-                self.call(START_EXPORT, [], CallState(deadline=deadline), limits.vm_call_timeout_ms)
+                self.call(START_EXPORT, [], CallState(deadline=time.monotonic() + timeout_ms / 1000), timeout_ms)
         except BaseException:
             self._free_store()
             raise
@@ -141,7 +151,7 @@ class Isolate:
         start = self._fast.get("_start") or self._bind("_start")
         try:
             self._guarded(start, [], state, timeout_ms)
-        except _Exited as exited:
+        except Exited as exited:
             return exited.code
         finally:
             self._refresh_memory()
@@ -182,7 +192,7 @@ class Isolate:
             self.abi.end(state)
             return results
         except wasmtime.ExitTrap as exc:
-            raise _Exited(exc.code) from None
+            raise Exited(exc.code) from None
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             raise self._translate(exc, state, timeout_ms) from None
         finally:
@@ -210,8 +220,9 @@ class Isolate:
         if state.exceeded is not None:
             return state.exceeded
         if state.stop == _TIMEOUT:
-            self.limits.exhausted("vm_call_timeout_ms", timeout_ms, capacity=timeout_ms, vm_id=self.vm_id)
-            return CallTimeoutError(limit="vm_call_timeout_ms", capacity=timeout_ms, vm_id=self.vm_id)
+            limit = self._timeout_limit
+            self.limits.exhausted(limit, timeout_ms, capacity=timeout_ms, vm_id=self.vm_id)
+            return CallTimeoutError(limit=limit, capacity=timeout_ms, vm_id=self.vm_id)
         if state.stop in (_CANCELLED, _DISPOSED):
             return RequestCancelledError(f"the call was stopped: VM {state.stop}", vm_id=self.vm_id, reason=state.stop)
         if state.fault is not None:
@@ -258,8 +269,8 @@ def _link(linker: wasmtime.Linker, store: wasmtime.Store, module: wasmtime.Modul
         raise
 
 
-class _Exited(Exception):
-    """A WASI `proc_exit`: not a failure, the command's exit code."""
+class Exited(Exception):
+    """A WASI `proc_exit`: for a run not a failure, the command's exit code; `call` raises it."""
 
     def __init__(self, code: int) -> None:
         super().__init__(code)

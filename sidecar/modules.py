@@ -12,7 +12,9 @@ guest budget applies to it. Every module a VM runs is loaded through the load-ti
 (`instrument_or_keep`: the instrumentation that makes internal memories and globals reachable for
 snapshots and puts the start function under our control); a load names its rewrite as
 `transform`/`transform_id` in cache keys, and the rewritten bytes are cached with the code so a
-hit skips the rewrite. Knows nothing about stores, instances or VMs.
+hit skips the rewrite. A module can be derived from another (`derive`: pre-initialization makes
+one by running it), cached under the base's id and the derivation's, so a hit skips making it.
+Knows nothing about stores, instances or VMs.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import structlog
 import wasmtime
 from msgspec import UNSET
 
-from protocol.errors import InvalidModuleError, InvalidParamsError
+from protocol.errors import InvalidModuleError, InvalidParamsError, RequestCancelledError
 from protocol.methods_vm import ExportInfo, ImportInfo
 
 from .compile_cache import CompileCache, cache_key
@@ -51,6 +53,7 @@ _KINDS = ((wasmtime.FuncType, "func"), (wasmtime.MemoryType, "memory"), (wasmtim
           (wasmtime.GlobalType, "global"), (wasmtime.TagType, "tag"))
 
 Transform = Callable[[bytes], bytes]
+_DIGEST = 32  # bytes of a sha256
 # Module id, transform id, and the engine itself, not its settings: code compiled for a dropped
 # engine must never serve its successor (see `sidecar.engines`).
 _Key = tuple[str, str, wasmtime.Engine]
@@ -182,8 +185,9 @@ class ModuleStore:
         compiling, named by `transform_id` so cached code of one rewrite never serves another."""
         if transform is not None and not transform_id:
             raise ValueError("a transform needs a transform_id: it is part of the cache key")
-        module_id = "sha256:" + hashlib.sha256(wasm).hexdigest()
-        return self._obtain(_Known(module_id, transform_id, wasm, wasm), settings, transform)
+        known = _Known(content_id(wasm), transform_id, wasm, wasm)
+        return self._obtain(known.module_id, transform_id, settings, transform_id,
+                            lambda lease: self._build(known, lease, transform))
 
     def get(self, module_id: str, settings: EngineSettings) -> CompiledModule:
         """The module loaded earlier as `module_id` (with its transform), compiled for `settings`."""
@@ -195,26 +199,60 @@ class ModuleStore:
                 stage="unknown", module_id=module_id,
             )
         # Its wasm is already transformed; the transform id keeps the cache key that of a load.
-        return self._obtain(known, settings, None)
+        return self._obtain(module_id, known.transform_id, settings, known.transform_id,
+                            lambda lease: self._build(known, lease, None))
 
-    def _obtain(self, known: _Known, settings: EngineSettings, transform: Transform | None) -> CompiledModule:
-        """`known.wasm` is what to compile (`transform` still to apply, or already applied)."""
+    def derive(self, base_id: str, settings: EngineSettings, derivation_id: str, make: Callable[[], bytes], *,
+               form_id: str) -> CompiledModule:
+        """The module `make()` makes from module `base_id` (it may run it: a pre-initialization), kept
+        with its bytes under (`base_id`, `derivation_id`, engine) here and in the compile cache: a hit
+        (`cached`) skips `make`. It is known by its own id too, its bytes already in `form_id`'s form."""
+
+        def build(lease: EngineLease) -> CompiledModule:
+            key_hex = cache_key(base_id, derivation_id, lease.settings)
+            started = time.perf_counter()
+            found = self._cache.read(key_hex, lease.engine) if self._cache else None
+            if found is not None and len(found[1]) > _DIGEST:  # the bytes' id, then the bytes: no second hash
+                module, stored = found
+                module_id, wasm = "sha256:" + stored[:_DIGEST].hex(), stored[_DIGEST:]
+            else:
+                wasm = make()
+                started = time.perf_counter()
+                module_id, module = content_id(wasm), _compile(lease.engine, wasm, _layout(wasm), None)[2]
+            compiled = self._compiled(module_id, wasm, wasm, module, lease, _layout(wasm), found is not None, started)
+            if not compiled.cached and self._cache:
+                self._cache.write(key_hex, module, bytes.fromhex(module_id.removeprefix("sha256:")) + wasm)
+            _log().info("module_derived", base_id=base_id, derivation=derivation_id, module_id=compiled.module_id,
+                        cached=compiled.cached, compile_ms=round(compiled.compile_ms, 3))
+            return compiled
+
+        return self._obtain(base_id, derivation_id, settings, form_id, build)
+
+    def _obtain(self, name: str, transform_id: str, settings: EngineSettings, form_id: str,
+                build: Callable[[EngineLease], CompiledModule]) -> CompiledModule:
+        """The module under (`name`, `transform_id`, engine), built once however many ask at once; then
+        known by its own id (`name`, for a load) in the form `form_id` too."""
         with self._engines.lease(settings) as lease:  # its engine stays while we compile for it
-            key = (known.module_id, known.transform_id, lease.engine)
+            key = (name, transform_id, lease.engine)
             with self._lock:
                 hit = self._table.get(key)
                 if hit is not None:
                     self._table.move_to_end(key)
-                    self._known.move_to_end(known.module_id)
+                    if hit.module_id in self._known:
+                        self._known.move_to_end(hit.module_id)
                     return hit
                 pending = self._pending.get(key)
                 owner = pending is None
                 if owner:
                     pending = self._pending[key] = Future()
-            if not owner:  # someone else compiles it: wait for theirs
-                return replace(pending.result(), cached=True, compile_ms=0.0)
+            if not owner:  # someone else builds it: wait for theirs
+                try:
+                    return replace(pending.result(), cached=True, compile_ms=0.0)
+                except RequestCancelledError:
+                    # The owner's request was cancelled mid-`make`: not this request's failure; try again.
+                    return self._obtain(name, transform_id, settings, form_id, build)
             try:
-                compiled = self._build(known, lease, transform)
+                compiled = build(lease)
             except BaseException as exc:
                 with self._lock:
                     del self._pending[key]
@@ -223,10 +261,11 @@ class ModuleStore:
             with self._lock:
                 del self._pending[key]
                 # As every later load reports it, made once: `replace` costs ~5 µs, and `vm.create` gets it.
-                self._table[key] = replace(compiled, cached=True, compile_ms=0.0)
-                self._known[known.module_id] = _Known(known.module_id, known.transform_id, compiled.wasm,
-                                                      compiled.source)
-                self._known.move_to_end(known.module_id)
+                entry = replace(compiled, cached=True, compile_ms=0.0)
+                self._table[key] = entry
+                self._table[(compiled.module_id, form_id, lease.engine)] = entry
+                self._known[compiled.module_id] = _Known(compiled.module_id, form_id, compiled.wasm, compiled.source)
+                self._known.move_to_end(compiled.module_id)
                 while len(self._table) > self._limits.runner_modules:
                     _, evicted = self._table.popitem(last=False)  # VMs keep their own reference
                     _log().info("module_evicted", module_id=evicted.module_id,
@@ -255,17 +294,27 @@ class ModuleStore:
             module, stored = found
             wasm = stored if transform_id else source
             layout = _layout(wasm) if transform_id else layout
-        compile_ms = (time.perf_counter() - started) * 1000
+        compiled = self._compiled(module_id, original, wasm, module, lease, layout, found is not None, started)
         if found is None and self._cache:
             self._cache.write(key_hex, module, wasm if transform_id else b"")
-        compiled = CompiledModule(
-            module_id=module_id, source=original, wasm=wasm, size_bytes=len(original), module=module,
-            engine=engine, settings=settings,
-            cached=found is not None, compile_ms=compile_ms, **_describe(engine, module, layout, self._limits),
-        )
-        _log().info("module_compiled", module_id=module_id, size=len(original), compile_ms=round(compile_ms, 3),
+        compile_ms = round(compiled.compile_ms, 3)
+        _log().info("module_compiled", module_id=module_id, size=len(original), compile_ms=compile_ms,
                     cached=compiled.cached, fingerprint=settings.fingerprint())
         return compiled
+
+    def _compiled(self, module_id: str, source: bytes, wasm: bytes, module: wasmtime.Module, lease: EngineLease,
+                  layout: Layout, cached: bool, started: float) -> CompiledModule:
+        """The compiled module as callers see it; its compile took from `started` until now."""
+        return CompiledModule(
+            module_id=module_id, source=source, wasm=wasm, size_bytes=len(source), module=module,
+            engine=lease.engine, settings=lease.settings, cached=cached,
+            compile_ms=(time.perf_counter() - started) * 1000, **_describe(lease.engine, module, layout, self._limits),
+        )
+
+
+def content_id(wasm: bytes) -> str:
+    """The `module_id` of a module's bytes."""
+    return "sha256:" + hashlib.sha256(wasm).hexdigest()
 
 
 def _layout(data: bytes) -> Layout:

@@ -3,8 +3,10 @@
 Owns the registry of live VMs (and of those being built, which count against `runner_vms` from
 their first step), creating a VM once `sidecar.admission` passed its module, and turning each call
 into a job on its VM. Guest work runs on the thread that read the request; compiles run in a
-worker thread, never on the event loop and never on a guest's budget. Other services reach VMs
-through `find`, `starting` and `add_vm` (runs, snapshots); this module knows nothing of them.
+worker thread, never on the event loop and never on a guest's budget. Either method may first
+pre-initialize its module (`preinit`, run by `sidecar.preinit`); a cancel stops that run. Other
+services reach VMs through `find`, `starting` and `add_vm` (runs, snapshots); this module knows
+nothing of them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -28,6 +31,7 @@ from protocol.methods import (
     ExportInfo,
     ModuleLoadParams,
     ModuleLoadResult,
+    PreinitSpec,
     Recycles,
     VmCallParams,
     VmCallResult,
@@ -46,13 +50,15 @@ from .engines import EngineLease, Engines, EngineSettings
 from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
-from .modules import INSTRUMENT_ID, CompiledModule, ModuleStore, instrument_or_keep, read_source
+from .modules import INSTRUMENT_ID, CompiledModule, ModuleStore, content_id, instrument_or_keep, read_source
 from .payloads import call_timeout, payload, text_or_base64
+from .preinit import Preinit, PreinitRuns
 from .runtime import Runtime
 from .vm import Job, Mode, Vm
 from .wasmbin import PREFIX
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,6 +77,7 @@ class VmService:
         self._vms: dict[str, Vm] = {}
         self._starting = 0  # VMs being built, compile included: they count against runner_vms already
         self._lock = threading.Lock()
+        self._preinits = PreinitRuns()  # `close` stops them while the ticker still runs
         self._ids = itertools.count(1)
         self._compiles = anyio.CapacityLimiter(limits.runner_worker_threads)
 
@@ -102,42 +109,75 @@ class VmService:
         }
 
     async def close(self) -> None:
-        """Dispose every VM, let running guests stop (the ticker must still run for that), then
-        stop the ticker."""
+        """Dispose every VM and stop every pre-initialization, let running guests stop (the ticker
+        must still run for that), then stop the ticker."""
         with self._lock:
             vms = list(self._vms.values())
             self._vms.clear()
         for vm in vms:
             vm.dispose()
-        await anyio.to_thread.run_sync(_wait_all_idle, vms, self.limits.protocol_shutdown_ms / 2000)
+        self._preinits.stop_all()
+        await anyio.to_thread.run_sync(self._wait_all_idle, vms, self.limits.protocol_shutdown_ms / 2000)
         self.engines.close()
 
     # -- methods ---------------------------------------------------------------------------
 
     async def module_load(self, params: ModuleLoadParams) -> ModuleLoadResult:
-        compiled = await anyio.to_thread.run_sync(self._load, params, limiter=self._compiles)
+        run = Preinit(params.preinit, self.limits, self.runtime) if isinstance(params.preinit, PreinitSpec) else None
+        if run is None:
+            compiled = await anyio.to_thread.run_sync(self._load, params, limiter=self._compiles)
+        else:
+            with self._preinits.tracked(run):
+                compiled = await _stoppable(partial(self._preinitialize, params, run), run.stop, self._compiles)
         return ModuleLoadResult(
             module_id=compiled.module_id,
             size_bytes=compiled.size_bytes,
             exports=public_exports(compiled),
             imports=compiled.imports,
             cached=compiled.cached,
-            compile_ms=round(compiled.compile_ms, 3),
+            compile_ms=round(compiled.compile_ms if run is None else run.compile_ms, 3),
+            **_preinit_fields(compiled, run),
         )
 
     def vm_create(self, params: VmCreateParams, reply: Completion) -> None:
         limits = self.limits.tightened(params.limits) if params.limits else self.limits
         settings = EngineSettings.from_limits(limits)
+        run = None
         # The engine the module is compiled for stays until the VM holds it.
         with self.starting() as slot, self.engines.lease(settings) as lease:
-            if params.module_id:
+            if isinstance(params.preinit, PreinitSpec):
+                self.runtime.reader.yield_reading()  # a compile and a run: let another thread read
+                run = Preinit(params.preinit, limits, self.runtime)
+                reply.on_cancel = run.stop
+                if reply.done:  # cancelled before the hook was in place
+                    run.stop()
+                with self._preinits.tracked(run):
+                    compiled = self._preinitialize(params, run)
+            elif params.module_id:
                 compiled = self.modules.get(params.module_id, settings)
                 check_module(compiled, limits)
             else:
                 self.runtime.reader.yield_reading()  # a compile can take seconds: let another thread read
                 compiled = self.compile(read_source(params, self.limits), limits)
             self.add_vm(slot, lease, compiled, limits, params.mode, params.wasi or WasiSettings(), reply,
-                        lambda vm: VmCreateResult(vm_id=vm.vm_id))
+                        lambda vm: VmCreateResult(vm_id=vm.vm_id, **_preinit_fields(compiled, run, module_id=True)))
+
+    def _preinitialize(self, params: ModuleLoadParams | VmCreateParams, run: Preinit) -> CompiledModule:
+        """The module `params` names (a source, or a `module_id` loaded before), pre-initialized by
+        `run` for VMs with `run.limits` and checked against them: from a cache when it has the bake,
+        in which case a source is not even compiled."""
+        limits = run.limits
+        check_preopens(run.wasi, path="$.preinit.wasi")
+        module_id = getattr(params, "module_id", None)
+        if isinstance(module_id, str):
+            base = self.modules.get(module_id, EngineSettings.from_limits(limits))  # refuses an unknown id now
+            check_module(base, limits)
+            baked = run.obtain(self.modules, module_id, lambda: base)
+        else:
+            source = read_source(params, self.limits)
+            baked = run.obtain(self.modules, content_id(source), lambda: self.compile(source, limits))
+        check_module(baked, limits)
+        return baked
 
     def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
         """Load a module for VMs with these budgets: instrumented, checked against them."""
@@ -277,6 +317,14 @@ class VmService:
             ]
         )
 
+    def _wait_all_idle(self, vms: list[Vm], within_s: float) -> None:
+        deadline = time.monotonic() + within_s
+        for vm in vms:
+            if not vm.wait_idle(max(0.0, deadline - time.monotonic())):
+                log.warning("vm_still_running_at_shutdown", vm_id=vm.vm_id)
+        if not self._preinits.wait_ended(max(0.0, deadline - time.monotonic())):
+            log.warning("preinit_still_running_at_shutdown")
+
     # -- for other services -----------------------------------------------------------------
 
     def find(self, vm_id: str) -> Vm:
@@ -288,11 +336,44 @@ class VmService:
     def _load(self, params: ModuleLoadParams) -> CompiledModule:
         return self.compile(read_source(params, self.limits), self.limits)
 
-def _wait_all_idle(vms: list[Vm], within_s: float) -> None:
-    deadline = time.monotonic() + within_s
-    for vm in vms:
-        if not vm.wait_idle(max(0.0, deadline - time.monotonic())):
-            log.warning("vm_still_running_at_shutdown", vm_id=vm.vm_id)
+
+async def _stoppable(work: Callable[[], T], stop: Callable[[], None], limiter: anyio.CapacityLimiter) -> T:
+    """`work()` in a worker thread; a cancel of the awaiting task calls `stop()` at once, and the
+    task still waits for the thread to end (a stopped guest ends at its next epoch tick), so the
+    worker slot stays taken until then."""
+    finished = False
+
+    async def stop_on_cancel() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if not finished:
+                stop()
+
+    def attempt() -> tuple[Any, Exception | None]:
+        try:
+            return work(), None
+        except Exception as exc:  # carried out of the task group, which would wrap it in an ExceptionGroup
+            return None, exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_cancel)
+        try:
+            value, error = await anyio.to_thread.run_sync(attempt, limiter=limiter)
+        finally:
+            finished = True
+            tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return value  # type: ignore[no-any-return]
+
+
+def _preinit_fields(compiled: CompiledModule, run: Preinit | None, *, module_id: bool = False) -> dict[str, Any]:
+    """The result fields contract v1.1 adds after a `preinit` (`module_id`: for `vm.create`)."""
+    if run is None:
+        return {}
+    fields = {"preinit_ms": round(run.preinit_ms, 3), "preinit_cached": compiled.cached}
+    return {"module_id": compiled.module_id, **fields} if module_id else fields
 
 
 def public_exports(compiled: CompiledModule) -> list[ExportInfo]:

@@ -34,6 +34,14 @@ def private_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         os.environ["SIDECAR_CACHE_DIR"] = saved
 
 
+@pytest.fixture
+def own_compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty compile cache for one test (each transport too), for tests that see what is cached."""
+    directory = tmp_path / "compile-cache"
+    monkeypatch.setenv("SIDECAR_CACHE_DIR", str(directory))
+    return directory
+
+
 @pytest.fixture(params=["memory", "subprocess"])
 def transport(request: pytest.FixtureRequest) -> str:
     return request.param

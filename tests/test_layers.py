@@ -47,8 +47,9 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # `vm.restore`; and what they share: the checks before a VM exists, payload conventions.
     ("services", frozenset({"vms", "runs", "snapshot_service", "admission", "payloads"})),
     # What works on isolates: the VM orders jobs on them (ending each through a `completion`, in
-    # the WASI view of `wasi_view`), `snapshots` captures and restores one.
-    ("vm", frozenset({"vm", "completion", "wasi_view", "snapshots"})),
+    # the WASI view of `wasi_view`), `snapshots` captures and restores one, `preinit` runs one
+    # export in one and bakes the state into a module.
+    ("vm", frozenset({"vm", "completion", "wasi_view", "snapshots", "preinit"})),
     # One store and instance; the guest ABI bound to it; `runtime`, the bundle an isolate is given.
     ("isolate", frozenset({"isolate", "guest_abi", "runtime"})),
     # What an isolate is built from and talks through, none of it aware of VMs. `modules` is the

@@ -52,6 +52,7 @@ EXPECTED = {
     "runner_engines": ("runner", 8),
     "runner_worker_threads": ("runner", 16),
     "runner_cache_bytes": ("runner", 2 << 30),
+    "runner_preinit_timeout_ms": ("runner", 60000),
     "runner_snapshot_bytes": ("runner", 1 << 30),
     "runner_input_spin_us": ("runner", 50),
     "runner_epoch_tick_ms": ("runner", 1),
