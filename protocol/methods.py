@@ -4,7 +4,8 @@ Owns `METHODS`, the one table that the dispatcher, the host client, the JSON Sch
 read; the cross-field rules msgspec cannot express (`require_one_of`, run by `MethodSpec.check`
 after decoding, since a `__post_init__` error would reach the host as a generic validation
 message); and one cached params decoder per type. The shapes themselves live in
-`protocol.methods_session` and `protocol.methods_vm` and are re-exported here. Knows nothing
+`protocol.methods_session`, `protocol.methods_vm` and `protocol.methods_runtime` and are
+re-exported here. Knows nothing
 about how a method is carried out.
 """
 
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import msgspec
 
 from .errors import InvalidParamsError, MethodNotFoundError
+from .methods_runtime import EvalError, EvalParams, EvalResult
 from .methods_session import (
     CancelParams,
     Capabilities,
@@ -28,6 +30,7 @@ from .methods_session import (
     LimitsResult,
     PeerInfo,
     Recycles,
+    RuntimeInfo,
     StatsResult,
 )
 from .methods_vm import (
@@ -116,8 +119,8 @@ _SPECS = [
           "Compile a module (or take it from the compile cache) and return its content address.",
           one_of=MODULE_SOURCES, one_of_required=True),
     _host("vm.create", VmCreateParams, VmCreateResult,
-          "Create a VM from a module, with its mode, budgets and WASI view.",
-          one_of=("module_id", *MODULE_SOURCES), one_of_required=True),
+          "Create a VM from a module or a runtime, with its mode, budgets and WASI view.",
+          one_of=("module_id", *MODULE_SOURCES, "runtime"), one_of_required=True),
     _host("vm.call", VmCallParams, VmCallResult,
           "Call an export with numeric args and optional input; return its results and output.",
           one_of=("input", "input_base64")),
@@ -128,6 +131,8 @@ _SPECS = [
           "Write an idle VM to a file, as a resumable state or a pre-initialized module."),
     _host("vm.restore", VmRestoreParams, VmRestoreResult,
           "Resume a VM from a state snapshot, with the host calls it was waiting on."),
+    _host("vm.eval", EvalParams, EvalResult,
+          "Run code in a runtime VM's interpreter; return its status, value, output and exception."),
     _host("vm.dispose", VmDisposeParams, Empty, "End a VM and free its instances; its host calls become stale."),
     _host("vm.list", Empty, VmListResult, "Describe every live VM."),
     _host("sidecar.stats", Empty, StatsResult,
@@ -158,6 +163,9 @@ __all__ = [
     "Capabilities",
     "DroppedResponses",
     "Empty",
+    "EvalError",
+    "EvalParams",
+    "EvalResult",
     "ExportInfo",
     "HostCallParams",
     "ImportInfo",
@@ -170,6 +178,7 @@ __all__ = [
     "ModuleLoadResult",
     "PeerInfo",
     "Recycles",
+    "RuntimeInfo",
     "PendingHostCall",
     "PreinitSpec",
     "Preopen",

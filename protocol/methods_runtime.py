@@ -1,7 +1,7 @@
-"""Params and results of runtimes (sidecar-provided guests) and of `vm.eval`, contract v1.1.
+"""Params and results of `vm.eval`, contract v1.1: code run in a runtime VM's interpreter.
 
-Owns the wire shapes of a runtime as `initialize` lists it and of `vm.eval`: code in, and the
-status, value, captured streams and exception of running it out. A Python exception is a result
+Owns the wire shapes of `vm.eval`: code in, and the status, value, captured streams and exception
+of running it out (a runtime as `initialize` lists it is `methods_session.RuntimeInfo`). A Python exception is a result
 (`status: "error"`), not a protocol error. Knows nothing about how a runtime is built or run.
 """
 
@@ -13,14 +13,6 @@ from msgspec import UNSET, UnsetType
 
 from .base import Wire
 from .methods_vm import Millis, TimeoutMs, VmId
-
-
-class RuntimeInfo(Wire):
-    """A runtime this installation has: `vm.create {runtime: name}` makes VMs of it."""
-
-    name: str
-    version: str
-    preimported: list[str]
 
 
 class EvalParams(Wire, kw_only=True):

@@ -36,12 +36,21 @@ class InitializeParams(Wire):
     client: PeerInfo | UnsetType = UNSET
 
 
+class RuntimeInfo(Wire):
+    """A runtime this installation has: `vm.create {runtime: name}` makes VMs of it."""
+
+    name: str
+    version: str
+    preimported: list[str]
+
+
 class Capabilities(Wire):
     """What this sidecar offers, so a host can adapt without probing."""
 
     methods: list[str]
     guest_abi: Annotated[int, Meta(ge=1)]
     snapshot_formats: list[Literal["state", "wasm"]]
+    runtimes: list[RuntimeInfo]
 
 
 class LimitRow(Wire):

@@ -102,8 +102,10 @@ class ModuleLoadResult(Wire, kw_only=True):
 
 
 class VmCreateParams(Wire):
-    """Exactly one of `module_id`, `path`, `wasm_base64`, `wat` names the VM's module."""
+    """Exactly one of `module_id`, `path`, `wasm_base64`, `wat` names the VM's module, or `runtime` a
+    sidecar-provided guest (listed in `initialize`'s capabilities), which the sidecar pre-initializes."""
 
+    runtime: Literal["python"] | UnsetType = UNSET
     module_id: ModuleId | UnsetType = UNSET
     path: HostPath | UnsetType = UNSET
     wasm_base64: bytes | UnsetType = UNSET

@@ -1,14 +1,15 @@
 """The daemon as assembled: a server with the VM services wired to it, with real types.
 
 Owns which services the sidecar serves and what each is given: one set of engines (and its epoch
-ticker), one module store, the VM registry, WASI runs and snapshots, all sharing one `Runtime`
-whose input reader is the server's intake. The CLI and the tests build the daemon here, so they
-run the same thing.
+ticker), one module store, the VM registry, WASI runs, Python evals and snapshots, all sharing one
+`Runtime` whose input reader is the server's intake. The CLI and the tests build the daemon here,
+so they run the same thing.
 """
 
 from __future__ import annotations
 
 from .engines import Engines
+from .evals import PythonEvals
 from .limits import Limits
 from .modules import ModuleStore
 from .runs import WasiRuns
@@ -31,4 +32,5 @@ def vm_services(server: Server) -> list[Service]:
     engines.start()
     runtime = Runtime(server.hostcalls, server.intake, server.outbox.send)
     vms = VmService(server.limits, runtime, ModuleStore(server.limits, engines), engines)
-    return [vms, WasiRuns(vms.find, runtime), SnapshotService(vms, runtime, engines, server.limits)]
+    return [vms, WasiRuns(vms.find, runtime), PythonEvals(vms.find),
+            SnapshotService(vms, runtime, engines, server.limits)]

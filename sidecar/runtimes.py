@@ -50,6 +50,8 @@ def data_dir() -> Path:
 
 
 def install_dir(name: str, root: Path | None = None) -> Path:
+    if name not in KNOWN:  # a name becomes a path: only the known ones may
+        raise RuntimeUnavailable(f"unknown runtime {name!r}; known: {', '.join(KNOWN)}")
     return (root or data_dir()) / "runtimes" / name
 
 
@@ -62,7 +64,9 @@ def recipe(name: str) -> Path:
 
 
 def find(name: str, root: Path | None = None) -> InstalledRuntime | None:
-    """The installed runtime `name`, or None if it is not (completely) installed."""
+    """The installed runtime `name`, or None if it is not (completely) installed or not known."""
+    if name not in KNOWN:
+        return None
     directory = install_dir(name, root)
     try:
         manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
@@ -86,8 +90,6 @@ def install(
 ) -> InstalledRuntime:
     """Build (or rebuild, with `force`) runtime `name` into the data directory. The recipe's work
     files go to `work_dir`, else to a temporary directory removed afterwards."""
-    if name not in KNOWN:
-        raise RuntimeUnavailable(f"unknown runtime {name!r}; known: {', '.join(KNOWN)}")
     target = install_dir(name, root)
     target.parent.mkdir(parents=True, exist_ok=True)
     build = recipe(name) / "build.py"

@@ -73,6 +73,9 @@ class SnapshotState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pending_host_calls: list[PendingCall]
     next_ticket: Ticket
     sidecar_version: str
+    # A runtime VM's: its files come from this sidecar's installation, never from the file; only a
+    # name this sidecar knows decodes (a path-like name must not pick a directory to preopen).
+    runtime: Literal["python"] | None = None
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -39,9 +39,10 @@ from protocol.methods import (
     WasiSettings,
 )
 
-from . import __version__, snapshot_file, snapshots
+from . import __version__, runtimes, snapshot_file, snapshots
 from .completion import Completion
 from .engines import EngineLease, Engines, EngineSettings
+from .evals import runtime_view
 from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
@@ -138,6 +139,8 @@ class SnapshotService:
             raise InvalidSnapshotError(f"snapshot settings do not fit this sidecar: {exc}", stage="bounds") from None
         if params.limits:
             limits = limits.tightened(params.limits)
+        if state.runtime is not None:
+            wasi = self._runtime_view(state.runtime, wasi)
         if len(state.pending_host_calls) > limits.vm_host_calls_in_flight:
             raise InvalidSnapshotError("more pending host calls than vm_host_calls_in_flight", stage="bounds",
                                        limit="vm_host_calls_in_flight", capacity=limits.vm_host_calls_in_flight,
@@ -202,7 +205,19 @@ class SnapshotService:
                 ],
             )
 
-        return self._vms.add_vm(slot, lease, compiled, limits, state.mode, wasi, reply, answer, restore=build)
+        return self._vms.add_vm(slot, lease, compiled, limits, state.mode, wasi, reply, answer, restore=build,
+                                runtime_name=state.runtime)
+
+    @staticmethod
+    def _runtime_view(name: str, wasi: WasiSettings) -> WasiSettings:
+        """A runtime session's view: the runtime's files come from this installation, never the file."""
+        runtime = runtimes.find(name)
+        if runtime is None:
+            raise InvalidSnapshotError(
+                f"the snapshot is of a {name} VM and this sidecar has no {name} runtime "
+                f"(install it with: wasm-sidecar runtime install {name})", stage="module", runtime=name,
+            )
+        return runtime_view(runtime, wasi)
 
     def instrumented(self, compiled: CompiledModule) -> Instrumented:
         """The instrumentation facts of a loaded module (instrumenting is idempotent); a module our
@@ -233,6 +248,7 @@ class SnapshotService:
             ],
             next_ticket=vm.next_ticket,
             sidecar_version=__version__,
+            runtime=vm.runtime_name,
         )
 
 

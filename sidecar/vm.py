@@ -100,9 +100,12 @@ class Vm:
         runtime: Runtime,
         *,
         start: bool = True,
+        runtime_name: str | None = None,
     ) -> None:
         """`start=False`: the first instance skips its start function (a restore fills it in).
-        `lease` holds the module's engine; the VM releases it once disposed and quiet."""
+        `lease` holds the module's engine; the VM releases it once disposed and quiet.
+        `runtime_name`: the sidecar-provided guest (`python`) it runs, whose instance holds an
+        interpreter: one that a fault stopped mid-way is not trusted again, even in a stateful VM."""
         self.vm_id = vm_id
         self.compiled = compiled
         self._lease = lease
@@ -111,6 +114,7 @@ class Vm:
         self.mode = mode
         self.wasi = wasi
         self.runtime = runtime
+        self.runtime_name = runtime_name
         self.calls = 0
         self.recycles: Counter[str] = Counter()
         self.async_calls: dict[int, AsyncCall] = {}  # by ticket
@@ -294,7 +298,7 @@ class Vm:
         except RpcError as exc:
             outcome: tuple[object, RpcError | None] = (None, exc)
             # The guest stopped mid-way (trap, timeout, cancel, budget): its state is suspect.
-            job.state.trapped = isinstance(exc, _GUEST_STOPPED)
+            job.state.trapped = isinstance(exc, _GUEST_STOPPED) and not _runner_refusal(exc)
         except Exception as exc:  # a sidecar bug costs this request, never the VM or the process
             log.error("vm_job_failed", vm_id=self.vm_id, method=job.reply.method, exc_info=exc)
             outcome = (None, InternalError(f"internal error in {job.reply.method}"))
@@ -316,19 +320,13 @@ class Vm:
             job.reply.error(error)
 
     def _recycle_if_due(self, isolate: Isolate | None, job: Job) -> Isolate | None:
-        """Stateless only: retire a used-up instance once the answer has gone out, and start its
-        replacement now, off the next call's path (None if that failed: the next job retries)."""
-        if isolate is None or self.mode != "stateless" or self.disposed:
+        """Retire a used-up instance once the answer has gone out, and start its replacement now,
+        off the next call's path (None if that failed: the next job retries). Stateless instances
+        are used up by calls, memory or a trap; a runtime's stateful one only by a fault."""
+        if isolate is None or self.disposed:
             return isolate
-        isolate.calls += 1
-        limits = self.limits
-        if job.state.trapped:
-            reason = "trap"
-        elif limits.vm_recycle_after_calls and isolate.calls >= limits.vm_recycle_after_calls:
-            reason = "calls"
-        elif limits.vm_recycle_memory_bytes and isolate.memory_bytes > limits.vm_recycle_memory_bytes:
-            reason = "memory"
-        else:
+        reason = self._used_up(isolate, job)
+        if reason is None:
             return isolate
         self.recycles[reason] += 1
         log.debug("instance_recycled", vm_id=self.vm_id, reason=reason, calls=isolate.calls,
@@ -340,6 +338,19 @@ class Vm:
         except RpcError as exc:
             log.warning("instance_start_failed", vm_id=self.vm_id, error=exc.message)
             return None
+
+    def _used_up(self, isolate: Isolate, job: Job) -> str | None:
+        if self.mode != "stateless":
+            return "trap" if job.state.trapped and self.runtime_name is not None else None
+        isolate.calls += 1
+        limits = self.limits
+        if job.state.trapped:
+            return "trap"
+        if limits.vm_recycle_after_calls and isolate.calls >= limits.vm_recycle_after_calls:
+            return "calls"
+        if limits.vm_recycle_memory_bytes and isolate.memory_bytes > limits.vm_recycle_memory_bytes:
+            return "memory"
+        return None
 
     def _release_engine_if_quiet(self) -> None:
         """Once disposed with no job running and no store open, nothing of this VM needs its engine
@@ -355,3 +366,8 @@ class Vm:
             if isolate in self._live:
                 self._live.remove(isolate)
         isolate.close()
+
+
+def _runner_refusal(error: RpcError) -> bool:
+    """A runner budget that refused the sidecar's own work (a snapshot too big): nothing of the guest."""
+    return str(error.details.get("limit", "")).startswith("runner_")

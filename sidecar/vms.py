@@ -47,6 +47,7 @@ from . import guest_abi
 from .admission import check_module, check_preopens
 from .completion import Completion
 from .engines import EngineLease, Engines, EngineSettings
+from .evals import runtime_create_params
 from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
@@ -140,7 +141,12 @@ class VmService:
         )
 
     def vm_create(self, params: VmCreateParams, reply: Completion) -> None:
+        runtime_name = params.runtime if isinstance(params.runtime, str) else None
+        if runtime_name is not None:
+            params = runtime_create_params(params)
         limits = self.limits.tightened(params.limits) if params.limits else self.limits
+        if runtime_name is not None and params.mode == "stateless":
+            limits = limits.tightened({"vm_recycle_after_calls": 1})  # every eval a pristine interpreter
         settings = EngineSettings.from_limits(limits)
         run = None
         # The engine the module is compiled for stays until the VM holds it.
@@ -160,7 +166,8 @@ class VmService:
                 self.runtime.reader.yield_reading()  # a compile can take seconds: let another thread read
                 compiled = self.compile(read_source(params, self.limits), limits)
             self.add_vm(slot, lease, compiled, limits, params.mode, params.wasi or WasiSettings(), reply,
-                        lambda vm: VmCreateResult(vm_id=vm.vm_id, **_preinit_fields(compiled, run, module_id=True)))
+                        lambda vm: VmCreateResult(vm_id=vm.vm_id, **_preinit_fields(compiled, run, module_id=True)),
+                        runtime_name=runtime_name)
 
     def _preinitialize(self, params: ModuleLoadParams | VmCreateParams, run: Preinit) -> CompiledModule:
         """The module `params` names (a source, or a `module_id` loaded before), pre-initialized by
@@ -215,6 +222,7 @@ class VmService:
         reply: Completion,
         answer: Callable[[Vm], object],
         restore: Callable[[Vm], None] | None = None,
+        runtime_name: str | None = None,
     ) -> Vm | None:
         """A new VM in the `runner_vms` slot held for it; `restore` fills in a snapshot's state.
         `request_lease` is the request's hold on `compiled`'s engine (see `sidecar.engines`): once
@@ -230,7 +238,8 @@ class VmService:
         lease = self.engines.hold(compiled.settings, compiled.engine)
         request_lease.release()
         try:
-            vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None)
+            vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None,
+                    runtime_name=runtime_name)
         except BaseException as exc:
             lease.release()  # no VM exists to release it
             if isinstance(exc, RpcError):  # e.g. its start function trapped: no VM exists to name

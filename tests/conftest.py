@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from sidecar import runtimes
+
 from .assets.cpython import cpython_wasm
 from .support import memory_session, process_session
 
@@ -64,23 +66,41 @@ def cpython() -> Path:
     for (its engine settings and any rewrite it applies at load).
     """
     path = cpython_wasm()
-    request = {"jsonrpc": "2.0", "id": 1, "method": "module.load", "params": {"path": str(path)}}
-    env = dict(os.environ)  # the session's private compile cache (above) included
+    _warm_the_cache("module.load", {"path": str(path)})
+    return path
+
+
+@pytest.fixture(scope="session")
+def python_runtime() -> runtimes.InstalledRuntime:
+    """The installed Python runtime, its pre-initialized module already baked and compiled in the
+    session's compile cache (the first bake and compile take seconds)."""
+    installed = runtimes.find("python")
+    if installed is None:
+        missing = "the Python runtime is not installed: run wasm-sidecar runtime install python"
+        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken install
+            pytest.fail(missing)
+        pytest.skip(missing)
+    _warm_the_cache("vm.create", {"runtime": "python"})
+    return installed
+
+
+def _warm_the_cache(method: str, params: dict[str, Any]) -> None:
+    """Make a real sidecar do `method` once, with the session's private compile cache."""
+    request = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
     with subprocess.Popen(
         [sys.executable, "-m", "sidecar"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env=env,
+        env=dict(os.environ),  # the session's private compile cache (above) included
     ) as sidecar:
         assert sidecar.stdin is not None and sidecar.stdout is not None
         watchdog = threading.Timer(COMPILE_WAIT, sidecar.kill)  # a hung sidecar fails the fixture
         watchdog.start()
         sidecar.stdin.write(json.dumps(request).encode() + b"\n")
         sidecar.stdin.flush()
-        answer = json.loads(sidecar.stdout.readline())  # stdin stays open: EOF would cancel the load
+        answer = json.loads(sidecar.stdout.readline())  # stdin stays open: EOF would cancel the work
         sidecar.stdin.close()
         sidecar.wait(COMPILE_WAIT)
         watchdog.cancel()
     assert "result" in answer, answer
-    return path

@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("dispatch", frozenset({"dispatcher"})),
     # The method families: `module.load` and `vm.*` (vms), `vm.run` (runs), `vm.snapshot` /
     # `vm.restore`; and what they share: the checks before a VM exists, payload conventions.
-    ("services", frozenset({"vms", "runs", "snapshot_service", "admission", "payloads"})),
+    ("services", frozenset({"vms", "runs", "evals", "snapshot_service", "admission", "payloads"})),
     # What works on isolates: the VM orders jobs on them (ending each through a `completion`, in
     # the WASI view of `wasi_view`), `snapshots` captures and restores one, `preinit` runs one
     # export in one and bakes the state into a module.
