@@ -117,11 +117,6 @@ class Intake:
         if not self._backlog:
             self._flush()
 
-    def flush_answers(self) -> None:
-        """Write the leader's gathered answers now (a no-op on other threads)."""
-        if self._leader == threading.get_ident():
-            self._flush()
-
     def yield_reading(self) -> None:
         """Called by a thread that may keep the host waiting: if it leads, another thread takes
         over (rule 4). Answers gathered so far leave first; unhandled frames stay for the next leader.

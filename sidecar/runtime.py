@@ -22,10 +22,6 @@ class InputReader(Protocol):
         """Hand input reading to another thread before work that may keep the host waiting."""
         ...
 
-    def flush_answers(self) -> None:
-        """Write the answers gathered so far now, before more bookkeeping."""
-        ...
-
     def wait_serving(self, ready: Callable[[], bool], timeout_s: float) -> None:
         """Wait up to `timeout_s` for `ready`, an answer that arrives as input, reading meanwhile."""
         ...
@@ -43,9 +39,6 @@ class NotReading:
     that does not read has nothing to hand over or flush, and its waits are plain waits."""
 
     def yield_reading(self) -> None:
-        pass
-
-    def flush_answers(self) -> None:
         pass
 
     def wait_serving(self, ready: Callable[[], bool], timeout_s: float) -> None:

@@ -101,11 +101,13 @@ class Vm:
         *,
         start: bool = True,
         runtime_name: str | None = None,
+        prepare: Callable[[Isolate], None] | None = None,
     ) -> None:
         """`start=False`: the first instance skips its start function (a restore fills it in).
         `lease` holds the module's engine; the VM releases it once disposed and quiet.
         `runtime_name`: the sidecar-provided guest (`python`) it runs, whose instance holds an
-        interpreter: one that a fault stopped mid-way is not trusted again, even in a stateful VM."""
+        interpreter: one that a fault stopped mid-way is not trusted again, even in a stateful VM.
+        `prepare(isolate)` runs on each new instance that starts afresh, before it serves."""
         self.vm_id = vm_id
         self.compiled = compiled
         self._lease = lease
@@ -115,6 +117,7 @@ class Vm:
         self.wasi = wasi
         self.runtime = runtime
         self.runtime_name = runtime_name
+        self._prepare = prepare
         self.calls = 0
         self.recycles: Counter[str] = Counter()
         self.async_calls: dict[int, AsyncCall] = {}  # by ticket
@@ -200,6 +203,8 @@ class Vm:
         isolate = self.isolate_for(start=start)
         with self._lock:
             self._live.append(isolate)
+        if start and self._prepare is not None:
+            self._prepare(isolate)  # before it serves: its first request then costs what later ones do
         return isolate
 
     def isolate_for(self, wasi: wasmtime.WasiConfig | None = None, *, start: bool = True) -> Isolate:
@@ -331,7 +336,9 @@ class Vm:
         self.recycles[reason] += 1
         log.debug("instance_recycled", vm_id=self.vm_id, reason=reason, calls=isolate.calls,
                   memory_bytes=isolate.memory_bytes)
-        self.runtime.reader.flush_answers()  # the answer leaves before the replacement is built
+        # The answer has left; building the replacement takes a while (a big module's instance): the
+        # next request should not wait behind it, so another thread reads meanwhile.
+        self.runtime.reader.yield_reading()
         self._close(isolate)
         try:
             return self._spawn()

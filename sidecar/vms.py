@@ -47,7 +47,7 @@ from . import guest_abi
 from .admission import check_module, check_preopens
 from .completion import Completion
 from .engines import EngineLease, Engines, EngineSettings
-from .evals import runtime_create_params
+from .evals import runtime_create_params, runtime_warm_up
 from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
@@ -239,7 +239,7 @@ class VmService:
         request_lease.release()
         try:
             vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None,
-                    runtime_name=runtime_name)
+                    runtime_name=runtime_name, prepare=runtime_warm_up(runtime_name))
         except BaseException as exc:
             lease.release()  # no VM exists to release it
             if isinstance(exc, RpcError):  # e.g. its start function trapped: no VM exists to name
