@@ -76,8 +76,12 @@ def runtime_create_params(params: VmCreateParams) -> VmCreateParams:
         params,
         runtime=msgspec.UNSET,
         path=str(runtime.module),
-        # The interpreter initializes seeing only its own files; the host's view is the VM's.
-        preinit=PreinitSpec(export=INIT_EXPORT, wasi=WasiSettings(preopens=[_own_files(runtime)])),
+        # The interpreter initializes seeing only its own files; the host's view is the VM's. A bake
+        # is cached by its spec, which names directories by path: the variable names the files by
+        # content, so a runtime reinstalled in place with other files is baked anew (the driver
+        # clears the environment before the state is baked).
+        preinit=PreinitSpec(export=INIT_EXPORT, wasi=WasiSettings(
+            env={"SIDECAR_RUNTIME_FILES": runtime.files_id}, preopens=[_own_files(runtime)])),
         wasi=runtime_view(runtime, given),
     )
 

@@ -11,6 +11,7 @@ VMs: what a runtime's guest needs (its preopen, its exports) is in its manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -40,6 +41,11 @@ class InstalledRuntime:
     guest_path: str
     module: Path
     manifest: dict[str, Any]
+
+    @property
+    def files_id(self) -> str:
+        """Names the installed files by content (their hashes, as the manifest records them)."""
+        return hashlib.sha256(json.dumps(self.manifest["outputs"], sort_keys=True).encode()).hexdigest()
 
 
 def data_dir() -> Path:

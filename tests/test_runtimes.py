@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,21 @@ def test_installing_what_is_installed_is_a_no_op() -> None:
     assert done.returncode == 0, done.stderr
     assert f"python {installed.version} installed in {installed.directory}" in done.stdout
     assert {path: path.stat().st_mtime_ns for path in installed.directory.rglob("*") if path.is_file()} == before
+
+
+def test_a_runtime_reinstalled_with_other_files_is_baked_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bake is cached by its preinit spec, which names directories by path: the spec must also
+    name the runtime's files by content, or a reinstall in place would reuse a stale bake."""
+    from protocol.methods import VmCreateParams
+    from sidecar.evals import runtime_create_params
+
+    monkeypatch.setenv(runtimes.DATA_DIR_ENV, str(tmp_path))
+    specs = []
+    for content in (b"\0asm-one", b"\0asm-two"):
+        target = fake_install(tmp_path, module_bytes=content)
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest["outputs"]["python.wasm"]["sha256"] = content.hex()
+        (target / "manifest.json").write_text(json.dumps(manifest))
+        specs.append(runtime_create_params(VmCreateParams(runtime="python")).preinit)
+        shutil.rmtree(target)
+    assert specs[0].wasi.preopens == specs[1].wasi.preopens and specs[0] != specs[1]
