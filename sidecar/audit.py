@@ -49,7 +49,9 @@ def audit(roots: Sequence[Path] | None = None, *, inventory: Sequence[LimitSpec]
     read: set[str] = set()
     for root in roots:
         for path in sorted(Path(root).rglob("*.py")):
-            if "__pycache__" in path.parts:
+            # Runtime recipes ship inside an installed package but are build programs of their own,
+            # run apart from the daemon: their constants bound no daemon work.
+            if "__pycache__" in path.parts or "runtime_recipes" in path.parts:
                 continue
             where = path.relative_to(Path(root).parent)
             try:

@@ -39,6 +39,15 @@ def test_a_new_limit_like_constant_is_named_with_file_and_line(tree):
     ), offenders
 
 
+def test_a_runtime_recipe_shipped_in_the_package_is_not_daemon_code(tree):
+    """An installed wheel holds the runtimes' build recipes under `sidecar/runtime_recipes`: programs
+    of their own, whose constants bound no daemon work (CI audits the installed wheel)."""
+    recipe = tree[0] / "runtime_recipes" / "python"
+    recipe.mkdir(parents=True)
+    (recipe / "build.py").write_text('"""A recipe."""\n\nSTACK_BYTES = 1 << 20\n')
+    assert audit(tree) == []
+
+
 def test_a_constant_without_a_reader_of_a_fake_entry_is_named(tree, tmp_path):
     inventory = (*load_inventory(), spec("vm_widgets"))
     offenders = audit(tree, inventory=inventory)
