@@ -111,7 +111,7 @@ def _warm_up_python(isolate: Isolate) -> None:
                       deadline=time.monotonic() + limits.vm_call_timeout_ms / 1000)
     [status] = isolate.call(EVAL_EXPORT, [], state, limits.vm_call_timeout_ms)
     if status != 0:
-        raise GuestTrapError("interpreter_failed", "a new interpreter could not run an empty eval")
+        raise GuestTrapError("interpreter_failed", "a new interpreter could not run a no-op eval")
 
 
 class PythonEvals:
