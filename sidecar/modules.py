@@ -222,6 +222,8 @@ class ModuleStore:
             compiled = self._compiled(module_id, wasm, wasm, module, lease, _layout(wasm), found is not None, started)
             if not compiled.cached and self._cache:
                 self._cache.write(key_hex, module, bytes.fromhex(module_id.removeprefix("sha256:")) + wasm)
+                # Also where a load of these bytes (in `form_id`'s form already) looks: a restore elsewhere.
+                self._cache.write(cache_key(module_id, form_id, lease.settings), module, wasm)
             _log().info("module_derived", base_id=base_id, derivation=derivation_id, module_id=compiled.module_id,
                         cached=compiled.cached, compile_ms=round(compiled.compile_ms, 3))
             return compiled

@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from .guests import call, module_id, output_bytes, rpc, vm_info, wasm, wat
-from .snapshot_support import restore, snapshot
+from .snapshot_support import read_state, restore, snapshot
 from .support import process_session
 
 # Whether a bake is cached is what these tests see: each starts with an empty cache.
@@ -127,6 +127,21 @@ async def test_the_bake_is_cached_across_processes_and_the_export_not_run_again(
         fresh = await rpc(client, "vm.create", other)
         assert fresh["preinit_cached"] is False
         assert output_bytes(await call(client, fresh["vm_id"], "show")) == b"second"
+
+
+async def test_a_baked_module_met_again_in_a_fresh_process_is_not_compiled_again(tmp_path) -> None:
+    """A snapshot embeds the baked module; restoring it in a fresh process loads those bytes, which
+    the bake left in the compile cache under their own load key too."""
+    path = tmp_path / "baked.state"
+    async with process_session() as (client, _):
+        baked = await rpc(client, "module.load", {"wat": wat("preinit_wasi"), "preinit": seeded(tmp_path, "x")})
+        vm_id = (await rpc(client, "vm.create", {"module_id": baked["module_id"]}))["vm_id"]
+        await rpc(client, "vm.snapshot", {"vm_id": vm_id, "path": str(path)})
+    embedded = read_state(path).module
+    assert module_id(embedded) == baked["module_id"]
+    async with process_session() as (client, _):
+        loaded = await rpc(client, "module.load", {"wasm_base64": base64.b64encode(embedded).decode()})
+        assert loaded["cached"] is True and loaded["module_id"] == baked["module_id"]
 
 
 async def test_a_corrupt_cache_entry_is_baked_again(tmp_path) -> None:
