@@ -16,7 +16,7 @@ import pytest
 from sidecar import runtimes
 
 from .assets.cpython import cpython_wasm
-from .support import memory_session, process_session
+from .support import installed_python_runtime, memory_session, process_session
 
 
 @pytest.fixture
@@ -74,12 +74,7 @@ def cpython() -> Path:
 def python_runtime() -> runtimes.InstalledRuntime:
     """The installed Python runtime, its pre-initialized module already baked and compiled in the
     session's compile cache (the first bake and compile take seconds)."""
-    installed = runtimes.find("python")
-    if installed is None:
-        missing = "the Python runtime is not installed: run wasm-sidecar runtime install python"
-        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken install
-            pytest.fail(missing)
-        pytest.skip(missing)
+    installed = installed_python_runtime()
     _warm_the_cache("vm.create", {"runtime": "python"})
     return installed
 

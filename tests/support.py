@@ -6,6 +6,7 @@ reach into the server) and over a real `python -m sidecar` subprocess (the real 
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -13,8 +14,10 @@ from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
+import pytest
 
 from protocol.client import HostHandler, SidecarClient
+from sidecar import runtimes
 from sidecar.app import build_server
 from sidecar.limits import load_limits
 from sidecar.server import Server
@@ -60,3 +63,14 @@ async def process_session(
         yield client, None
 
 
+def installed_python_runtime() -> runtimes.InstalledRuntime:
+    """The Python runtime this machine has; without one a test is skipped, except in CI, which
+    installs it (`wasm-sidecar runtime install python`): a skip there would hide a broken install."""
+    installed = runtimes.find("python")
+    if installed is None:
+        missing = f"the Python runtime is not installed in {runtimes.install_dir('python')}: " \
+                  "run wasm-sidecar runtime install python"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return installed

@@ -11,7 +11,6 @@ another instance. Skipped when the runtime is not installed: `wasm-sidecar runti
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ import wasmtime
 
 from sidecar import runtimes
 from sidecar.wasmbin import instrument, preinitialize
+
+from .support import installed_python_runtime
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +42,7 @@ def echo(method: str, params: Any) -> Answer:
 
 @pytest.fixture(scope="module")
 def engine() -> wasmtime.Engine:
-    if INSTALLED is None:
-        missing = f"the Python runtime is not installed in {RUNTIME}: run wasm-sidecar runtime install python"
-        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken install
-            pytest.fail(missing)
-        pytest.skip(missing)
+    installed_python_runtime()  # or skip (fail in CI)
     config = wasmtime.Config()
     config.max_wasm_stack = STACK_BYTES
     return wasmtime.Engine(config)

@@ -13,6 +13,8 @@ import pytest
 
 from sidecar import runtimes
 
+from .support import installed_python_runtime
+
 
 def cli(*args: str, data_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **({runtimes.DATA_DIR_ENV: str(data_dir)} if data_dir else {})}
@@ -61,12 +63,7 @@ def test_an_unknown_runtime_is_refused_by_name() -> None:
 
 
 def test_installing_what_is_installed_is_a_no_op() -> None:
-    installed = runtimes.find("python")
-    if installed is None:
-        missing = "the Python runtime is not installed: run wasm-sidecar runtime install python"
-        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken install
-            pytest.fail(missing)
-        pytest.skip(missing)
+    installed = installed_python_runtime()
     before = {path: path.stat().st_mtime_ns for path in installed.directory.rglob("*") if path.is_file()}
     done = cli("install", "python")
     assert done.returncode == 0, done.stderr
