@@ -161,7 +161,10 @@ def parse(blob: bytes) -> SnapshotState:
         raise InvalidSnapshotError(f"snapshot body is malformed: {exc}", stage="format") from None
     except RecursionError:  # `wasi`, say, nested deeper than the decoder can follow
         raise InvalidSnapshotError("snapshot body is nested too deeply to decode", stage="format") from None
-    if "sha256:" + hashlib.sha256(state.module).hexdigest() != state.module_id:
+    # A runtime VM's module is its runtime's bake, named by `module_id` alone (the restore makes or
+    # finds it and checks that id); any other module is embedded.
+    by_reference = state.runtime is not None and not state.module
+    if not by_reference and "sha256:" + hashlib.sha256(state.module).hexdigest() != state.module_id:
         raise InvalidSnapshotError("embedded module does not match its module_id", stage="module")
     _check_consistent(state)
     return state

@@ -172,7 +172,7 @@ class SnapshotService:
         """A live VM holding the snapshot's state, answered on `reply` (None: cancelled meanwhile).
         What goes wrong is told in the sidecar's own errors (an import that does not resolve, a trap
         at instantiation, a budget), which the caller turns into the file's fault."""
-        compiled = self._vms.compile(state.module, limits)
+        compiled = self._module_of(state, limits)
         if compiled.command:
             raise InvalidSnapshotError(
                 "the embedded module is a WASI command (it exports `_start`): each run starts afresh, "
@@ -208,6 +208,19 @@ class SnapshotService:
         return self._vms.add_vm(slot, lease, compiled, limits, state.mode, wasi, reply, answer, restore=build,
                                 runtime_name=state.runtime)
 
+    def _module_of(self, state: SnapshotState, limits: Limits) -> CompiledModule:
+        """The snapshot's module: the one it embeds, or (a runtime VM's) the runtime's bake, which
+        must be the very module the snapshot was taken of."""
+        if state.module or state.runtime is None:
+            return self._vms.compile(state.module, limits)
+        compiled = self._vms.runtime_module(state.runtime, limits)
+        if compiled.module_id != state.module_id:
+            raise InvalidSnapshotError(
+                f"the snapshot is of another build of the {state.runtime} runtime than this sidecar has",
+                stage="module", expected=state.module_id, found=compiled.module_id,
+            )
+        return compiled
+
     @staticmethod
     def _runtime_view(name: str, wasi: WasiSettings) -> WasiSettings:
         """A runtime session's view: the runtime's files come from this installation, never the file."""
@@ -236,7 +249,8 @@ class SnapshotService:
         overrides = {row["name"]: row["value"] for row in vm.limits.rows() if row["source"] == "vm"}
         return SnapshotState(
             module_id=vm.compiled.module_id,
-            module=vm.compiled.source,
+            # A runtime's bake is made again (or found) wherever that runtime is installed: by reference.
+            module=b"" if vm.runtime_name is not None else vm.compiled.source,
             mode=vm.mode,  # type: ignore[arg-type]
             limits=overrides,
             wasi=msgspec.to_builtins(vm.wasi),

@@ -186,6 +186,11 @@ class VmService:
         check_module(baked, limits)
         return baked
 
+    def runtime_module(self, name: str, limits: Limits) -> CompiledModule:
+        """Runtime `name`'s baked module for VMs with these budgets (from the caches when it was made)."""
+        params = runtime_create_params(VmCreateParams(runtime=name))  # type: ignore[arg-type]
+        return self._preinitialize(params, Preinit(params.preinit, limits, self.runtime))  # type: ignore[arg-type]
+
     def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
         """Load a module for VMs with these budgets: instrumented, checked against them."""
         compiled = self.modules.load(

@@ -19,6 +19,7 @@ import pytest
 from protocol.client import HostError
 
 from .guests import call, new_vm, refused, rpc
+from .snapshot_support import read_state, replace, write_state
 from .support import WAIT, process_session
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("python_runtime")]
@@ -186,3 +187,23 @@ async def test_a_session_snapshotted_in_one_process_goes_on_in_another(tmp_path:
         assert answer["value"] == "(42, [1, 2, 3], 3.14)"
         again = await run(client, restored, "import random\nrandom.random() < 1")
         assert again["value"] == "True"
+
+
+async def test_a_session_snapshot_names_its_runtimes_module_instead_of_embedding_it(tmp_path: Path) -> None:
+    """The bake is made again (or found in the cache) wherever the runtime is installed; a file
+    that names another bake, or leaves out a module without being a runtime's, is refused."""
+    path = tmp_path / "session.snapshot"
+    async with process_session() as (client, _):
+        vm_id = await python_vm(client)
+        await run(client, vm_id, "n = 7")
+        await rpc(client, "vm.snapshot", {"vm_id": vm_id, "path": str(path)})
+        state = read_state(path)
+        assert state.runtime == "python" and state.module == b""
+        other_build = write_state(tmp_path / "other.snapshot", replace(state, module_id="sha256:" + "0" * 64))
+        error = await refused(client, "vm.restore", {"path": str(other_build)}, code=-32006)
+        assert error.data["stage"] == "module" and error.data["found"] == state.module_id
+        not_a_runtime = write_state(tmp_path / "plain.snapshot", replace(state, runtime=None))
+        error = await refused(client, "vm.restore", {"path": str(not_a_runtime)}, code=-32006)
+        assert error.data["stage"] == "module"
+        restored = (await rpc(client, "vm.restore", {"path": str(path)}))["vm_id"]
+        assert (await run(client, restored, "n * 6"))["value"] == "42"
