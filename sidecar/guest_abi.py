@@ -135,15 +135,16 @@ class GuestAbi:
         method = memory.read(method_ptr, method_len).decode("utf-8", "replace")
         raw = memory.read(params_ptr, params_len)
         try:
-            return method, compact_json(raw) if raw.strip() else b"null"
+            params = compact_json(raw) if raw.strip() else b"null"
         except ParseError as exc:
             return refusal(f"host_call params are not JSON: {exc.message}")
+        if self.refusal is not None:  # a well-formed call that no host may hear (pre-initialization)
+            log.info("host_call_refused", vm_id=self.vm_id, method=method)
+            return self.refusal
+        return method, params
 
     def _host_call(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
-        if self.refusal is not None and not isinstance(request, HostAnswer):
-            log.info("host_call_refused", vm_id=self.vm_id, method=request[0])
-            request = self.refusal
         if isinstance(request, HostAnswer):
             return self._answer(request)
         method, params = request
@@ -157,9 +158,6 @@ class GuestAbi:
 
     def _host_call_async(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
-        if self.refusal is not None and not isinstance(request, HostAnswer):
-            log.info("host_call_refused", vm_id=self.vm_id, method=request[0])
-            request = self.refusal
         if isinstance(request, HostAnswer):
             self.io.response = request.payload
             return [request.status]

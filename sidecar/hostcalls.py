@@ -176,9 +176,10 @@ class HostCalls:
                 if pending is not None and not isinstance(pending.waiter, BlockingCall):
                     return False
             verdict = self._correlator.resolve(response.id)
-            if not isinstance(verdict, Delivered):  # counted under the lock: answers arrive on any thread
+            delivered = isinstance(verdict, Delivered)
+            if not delivered:  # counted under the lock: answers arrive on any thread
                 self.dropped[verdict.reason] += 1
-        if not isinstance(verdict, Delivered):
+        if not delivered:
             log.info("response_dropped", reason=verdict.reason, request_id=response.id, vm_id=verdict.owner)
             return True
         verdict.pending.waiter(_answer_from(response))
