@@ -7,12 +7,15 @@ itself is assembled in `sidecar.app`.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import anyio
 
 from . import __version__, logs
+
+if TYPE_CHECKING:
+    import argparse
 
 USAGE = """wasm-sidecar [serve]           serve JSON-RPC 2.0 on stdin/stdout (the default)
        wasm-sidecar limits [--json | --markdown | --audit]
@@ -21,6 +24,8 @@ USAGE = """wasm-sidecar [serve]           serve JSON-RPC 2.0 on stdin/stdout (th
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse  # only when there are arguments to check: the plain daemon starts without it
+
     parser = argparse.ArgumentParser(
         prog="wasm-sidecar",
         usage=USAGE,
@@ -45,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime_cli import main as runtime_main
 
         return runtime_main(args[1:])
-    _parser().parse_args(args)
+    if args:  # `serve`, --version, --help or a mistake: a host's plain `wasm-sidecar` skips argparse
+        _parser().parse_args(args)
     return serve()
 
 
