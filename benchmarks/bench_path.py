@@ -14,6 +14,9 @@ of the same moments against the fastest echo seen. Rows:
 4. cold start: process spawn to the first answer of `ping` (target p50 <= 100 ms);
 5. pipelined `ping`, 128 in flight, vs the echo in each of `--rounds` rounds (target >= 1.5x in
    every round).
+
+Then the pieces that remain (`bench_path_parts`): the sidecar's own CPU per request without a
+round trip, wasmtime-py's floor for an instance, and the floor of a cold start.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import bench_path_parts
 from bench_core import PING, WINDOW, cold_start_ms
 from bench_vm import ADD, ASK, GUESTS, create_vm, interleaved, timed, timed_host_call, vm_create_round_trip
 from harness import ECHO, SIDECAR, Peer, pipelined, summary
@@ -97,6 +101,8 @@ def main() -> None:
         print(f"  echo {echo_rate:9.0f}/s   sidecar {sidecar_rate:9.0f}/s   {sidecar_rate / echo_rate:.2f}x")
     worst = min(sidecar_rate / echo_rate for echo_rate, sidecar_rate in ratios)
     print(f"  worst round {worst:.2f}x (target >= 1.5x every round)")
+    print("what stands in the way")
+    bench_path_parts.report(statistics.median(cold), calls=args.calls, runs=args.cold)
 
 
 if __name__ == "__main__":
