@@ -28,12 +28,16 @@ def build_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: boo
     return server
 
 
+# An MCP client does not answer `host.call`: a sandbox's `sidecar.host_call` fails at once instead.
+NO_HOST_CALLS = "no host answers host calls under wasm-sidecar mcp"
+
+
 def build_mcp_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False) -> McpServer:
     """The same daemon serving MCP: its tools are the one service, on the same VM registry and evals."""
     server = McpServer(in_fd, out_fd, limits, handle_signals=handle_signals)
 
     def tools(_: Server) -> list[Service]:
-        vms = _registry(server)
+        vms = _registry(server, refuse_host_calls=NO_HOST_CALLS)
         return [McpTools(server.session, vms, PythonEvals(vms.find))]
 
     server.add_services(tools)
@@ -48,10 +52,10 @@ def vm_services(server: Server) -> list[Service]:
             SnapshotService(vms, vms.runtime, vms.engines, server.limits)]
 
 
-def _registry(server: Server) -> VmService:
+def _registry(server: Server, *, refuse_host_calls: str | None = None) -> VmService:
     """The VM registry with its engines (ticking from now on) and module store, whose guests read
-    input through the server's intake."""
+    input through the server's intake (`refuse_host_calls`: see `Runtime`)."""
     engines = Engines(server.limits)
     engines.start()
-    runtime = Runtime(server.hostcalls, server.intake, server.outbox.send)
+    runtime = Runtime(server.hostcalls, server.intake, server.outbox.send, refuse_host_calls)
     return VmService(server.limits, runtime, ModuleStore(server.limits, engines), engines)

@@ -40,6 +40,11 @@ async def run(client: Client, code: str, **arguments: Any) -> Any:
         return await client.call_tool("run_python", {"code": code, **arguments})
 
 
+async def session_states(client: Client) -> list[str]:
+    listed = await client.call_tool("list_sessions", {})
+    return [row["state"] for row in listed.structured_content["sessions"]]
+
+
 @pytest.mark.usefixtures("python_runtime")
 async def test_a_host_negotiates_lists_the_tools_and_runs_fresh_code() -> None:
     async with connected() as client:
@@ -134,7 +139,7 @@ async def test_a_client_cancel_stops_the_eval() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(partial(run, client, "while True: pass", session="s"))
             with anyio.fail_after(WAIT):  # until the loop runs: the session shows busy
-                while (await client.call_tool("list_sessions", {})).structured_content["sessions"][0]["state"] == "idle":  # noqa: E501
+                while (await session_states(client)) == ["idle"]:
                     await anyio.lowlevel.checkpoint()
             tg.cancel_scope.cancel()  # the SDK sends notifications/cancelled
         # The session runs one call at a time, so this answers only once the loop has stopped.
@@ -160,3 +165,12 @@ async def test_without_the_runtime_the_server_says_so_and_run_python_fails_clear
     assert "wasm-sidecar runtime install python" in (run_python.description or "")
     assert result.is_error is True
     assert result.structured_content["failure"]["kind"] == "runtime_not_installed"
+
+
+@pytest.mark.usefixtures("python_runtime")
+async def test_host_calls_fail_inside_the_sandbox_without_reaching_the_client() -> None:
+    async with connected() as client:
+        result = await run(client, "import sidecar\ntry:\n    sidecar.host_call('fs.read', {})\n"
+                                   "except sidecar.HostError as e:\n    print(e.code, e.message)")
+    assert result.is_error is False
+    assert result.structured_content["stdout"] == "-3 no host answers host calls under wasm-sidecar mcp\n"
