@@ -38,7 +38,7 @@ def build_mcp_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals:
 
     def tools(_: Server) -> list[Service]:
         vms = _registry(server, refuse_host_calls=NO_HOST_CALLS)
-        return [McpTools(server.session, vms, PythonEvals(vms.find))]
+        return [McpTools(server.session, vms, PythonEvals(vms.find), beneath=[vms])]
 
     server.add_services(tools)
     return server

@@ -16,8 +16,8 @@ make one VM. Knows nothing of the wire or of the MCP session beyond the negotiat
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
 
 import msgspec
 import structlog
@@ -76,13 +76,23 @@ def instructions() -> str:
     return text if runtimes.find(PYTHON) is not None else f"{text} {RUNTIME_MISSING}"
 
 
-class McpTools:
-    """A service of the MCP front: `tools/list` and `tools/call`, and the VM services they use."""
+class Closes(Protocol):
+    """What the tools need of a service beneath them (the server's `Service`, which this layer
+    cannot import)."""
 
-    def __init__(self, session: McpSession, vms: VmService, evals: PythonEvals) -> None:
+    async def close(self) -> None: ...
+
+
+class McpTools:
+    """The MCP front's one service: `tools/list` and `tools/call`. `beneath` are the services the
+    tools stand on (the registry among them), whose methods the front does not serve: closed in
+    that order at shutdown, as the daemon closes its services."""
+
+    def __init__(self, session: McpSession, vms: VmService, evals: PythonEvals, beneath: Sequence[Closes]) -> None:
         self._session = session
         self._vms = vms
         self._evals = evals
+        self._beneath = beneath
         self._lock = threading.Lock()  # the sessions table
         self._making = threading.Lock()  # one VM made at a time (see the module docstring)
         self._sessions: dict[str, str] = {}  # name -> vm_id
@@ -102,7 +112,8 @@ class McpTools:
         return {}  # the MCP front has no `sidecar.stats`
 
     async def close(self) -> None:
-        await self._vms.close()  # disposes the sessions' VMs with every other
+        for service in self._beneath:  # the registry disposes the sessions' VMs with every other
+            await service.close()
 
     def list_tools(self, _: ListToolsParams) -> ListToolsResult:
         revision = self._session.require()

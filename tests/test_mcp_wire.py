@@ -61,6 +61,8 @@ async def test_unknown_tools_methods_and_lifecycle_mistakes_are_protocol_errors(
     async with raw_mcp() as peer:
         early = (await peer.request({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))["error"]
         discover = (await peer.request({"jsonrpc": "2.0", "id": 2, "method": "server/discover", "params": {}}))
+        malformed = (await peer.request({"jsonrpc": "2.0", "id": 8, "method": "initialize",
+                                         "params": {"protocolVersion": 2025, "clientInfo": {"name": "x"}}}))["error"]
         await peer.request(initialize(request_id=3))
         again = (await peer.request(initialize(request_id=4)))["error"]
         unknown = (await peer.request(call(5, "rm_rf", {})))["error"]
@@ -68,6 +70,7 @@ async def test_unknown_tools_methods_and_lifecycle_mistakes_are_protocol_errors(
         ping = await peer.request({"jsonrpc": "2.0", "id": 7, "method": "ping", "params": {"_meta": {"x": 1}}})
     assert early["code"] == -32600 and early["data"]["missing"] == "initialize"
     assert discover["error"]["code"] == -32601  # how an SDK learns to fall back to `initialize`
+    assert malformed["code"] == -32602 and malformed["data"]["path"] == "$.protocolVersion"
     assert again["code"] == -32600
     assert unknown["code"] == -32602 and unknown["data"]["path"] == "$.name"
     assert "run_python" in unknown["data"]["tools"]
