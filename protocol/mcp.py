@@ -14,6 +14,7 @@ use, so unknown members are ignored. A tool's arguments are the exception: their
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -249,6 +250,7 @@ class ToolSpec:
         )
 
 
+@cache  # what `tools/list` sends every time; never mutated
 def schema_of(struct: type) -> dict[str, Any]:
     """A self-contained JSON Schema whose root is `struct`'s object schema (MCP wants `type: object`
     at the root), with what it refers to under `$defs`."""
