@@ -106,7 +106,7 @@ class Reply:
                 return False
             self.done = True
         self._finished(self)  # before the answer leaves: a host that sees it sees the request done
-        if self.id is None or silent:  # a notification: the work happened, nobody hears about it
+        if self.id is None or silent:  # a notification, or a silent cancel: nobody hears about it
             self._send(None)
         else:
             self._send(_encode_response(self.id, value, error))

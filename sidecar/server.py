@@ -202,7 +202,7 @@ class Server:
         fields: dict[str, Any] = {}
         for service in self._services:
             fields.update(service.capabilities())
-        served = sorted(name for name in self.dispatcher.methods() if METHODS[name].direction == "host_to_sidecar")
+        served = sorted(name for name in self.dispatcher.methods() if self.methods[name].direction == "host_to_sidecar")
         return Capabilities(methods=served, **fields)
 
     def _shutdown(self, _: Empty) -> Empty:
