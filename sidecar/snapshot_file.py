@@ -6,12 +6,14 @@ checksum or shape is refused with -32006 naming the stage that failed. Knows not
 wasmtime: it carries bytes and numbers, and `sidecar.snapshots` decides what they mean.
 
 Layout: `MAGIC` (8 bytes), format version (u32 LE), body length (u64 LE), body (msgpack of
-`SnapshotState`), SHA-256 of the body (32 bytes). Memories are stored sparsely as runs of
-non-zero `SNAPSHOT_CHUNK_BYTES` chunks, so zero pages cost nothing.
+`SnapshotState`), checksum (32 bytes): in version 2 the SHA-256 of everything before it, so the
+one pass that makes it also gives the file's own SHA-256 (`vm.snapshot` reports it) by hashing on
+over the checksum; in version 1, still read, the SHA-256 of the body alone. Memories are stored
+sparsely as runs of non-zero `SNAPSHOT_CHUNK_BYTES` chunks, so zero pages cost nothing.
 
 Writing is built for big memories (issue 15): the scan is native, the runs are views into linear
 memory that go to the file uncopied (the writer frames them in msgpack itself, byte for byte what
-msgspec would write), and the file is hashed on a second thread while it is written.
+msgspec would write), and the file is hashed once.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -36,7 +37,8 @@ from .wasmffi import changed_runs
 Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"WSIDECAR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # 1: the checksum covers the body only
 SNAPSHOT_CHUNK_BYTES = 4096  # invariant of the format: all-zero chunks of this size are not stored
 _HEADER = struct.Struct("<8sIQ")
 _DIGEST_LENGTH = 32
@@ -47,7 +49,6 @@ _MAP = ((16, None, 0x80), (1 << 16, ">BH", 0xDE), (1 << 32, ">BI", 0xDF))
 _ARRAY = ((16, None, 0x90), (1 << 16, ">BH", 0xDC), (1 << 32, ">BI", 0xDD))
 _BIN = ((1 << 8, ">BB", 0xC4), (1 << 16, ">BH", 0xC5), (1 << 32, ">BI", 0xC6))
 _SEPARATE_BYTES = 64 * 1024  # a run this long is written from where it lies, not gathered
-_HASH_BESIDE_BYTES = 1 << 20  # a file this big is hashed on another thread while it is written
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 # The guest ABI hands tickets to the guest as i64 >= 0: a file's ticket past that range would
@@ -154,49 +155,47 @@ class _Parts:
         return [*self._buffers, self._small]
 
 
-def encode_parts(state: SnapshotState) -> list[Buffer]:
+class Encoded(NamedTuple):
+    """A file to write: its buffers in order, and the SHA-256 of all of them (hex)."""
+
+    parts: list[Buffer]
+    sha256: str
+
+    @property
+    def size(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    @classmethod
+    def of(cls, blob: bytes) -> Encoded:
+        return cls([blob], hashlib.sha256(blob).hexdigest())
+
+
+def encode_parts(state: SnapshotState) -> Encoded:
     """The file as buffers to write in order, the memories' runs among them as they were given
-    (views into linear memory are not copied). Byte for byte the file `encode` gives."""
+    (views into linear memory are not copied), hashed once."""
     parts = _Parts()
     parts.struct(state, "memories", parts.memories)
-    body = parts.done()
-    checksum = hashlib.sha256()
-    _hash_all(checksum, body)
-    length = sum(len(buffer) for buffer in body)
-    return [_HEADER.pack(MAGIC, FORMAT_VERSION, length), *body, checksum.digest()]
+    return seal(parts.done())
+
+
+def seal(body: list[Buffer]) -> Encoded:
+    """A body in the container: header, body, checksum of both (one SHA-256 pass over the body)."""
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, sum(len(buffer) for buffer in body))
+    digest = hashlib.sha256(header)
+    for buffer in body:
+        digest.update(buffer)
+    checksum = digest.digest()
+    digest.update(checksum)  # the file's hash goes on from the checksum's: no second pass
+    return Encoded([header, *body, checksum], digest.hexdigest())
 
 
 def encode(state: SnapshotState) -> bytes:
-    return b"".join(encode_parts(state))
+    return b"".join(encode_parts(state).parts)
 
 
-def write_atomically(path: Path, parts: list[Buffer]) -> str:
-    """`parts` written to a file at `path` that readers never see half written; the SHA-256 of it.
-
-    A big file is hashed on a second thread while this one writes: both run without the GIL, and
-    for 64 MiB each takes about as long as the other. The hashing has ended whenever this returns
-    or raises, since `parts` may be views into a linear memory that must not be read once its VM
-    runs again.
-    """
-    digest = hashlib.sha256()
-    if sum(len(part) for part in parts) < _HASH_BESIDE_BYTES:
-        _write_synced(path, parts)
-        _hash_all(digest, parts)
-    else:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-hash") as beside:
-            hashed = beside.submit(_hash_all, digest, parts)
-            _write_synced(path, parts)
-            hashed.result()
-    return digest.hexdigest()
-
-
-def _hash_all(digest: hashlib._Hash, parts: list[Buffer]) -> None:
-    for part in parts:
-        digest.update(part)
-
-
-def _write_synced(path: Path, parts: list[Buffer]) -> None:
-    """A temporary file in the same directory, synced, then renamed over `path`."""
+def write_atomically(path: Path, parts: list[Buffer]) -> None:
+    """`parts` written to a temporary file in the same directory, synced, and renamed over `path`:
+    readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -236,15 +235,16 @@ def parse(blob: bytes) -> SnapshotState:
     magic, version, body_length = _HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise InvalidSnapshotError("not a wasm-sidecar snapshot (bad magic)", stage="format")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise InvalidSnapshotError(
-            f"snapshot format version {version} is not supported (this sidecar reads {FORMAT_VERSION})",
-            stage="version", version=version,
+            f"snapshot format version {version} is not supported (this sidecar reads "
+            f"{', '.join(map(str, READ_VERSIONS))})", stage="version", version=version,
         )
     if _HEADER.size + body_length + _DIGEST_LENGTH != len(blob):
         raise InvalidSnapshotError("snapshot length does not match its header (truncated?)", stage="format")
     body = blob[_HEADER.size : _HEADER.size + body_length]
-    if hashlib.sha256(body).digest() != blob[-_DIGEST_LENGTH:]:
+    checked = body if version == 1 else memoryview(blob)[:-_DIGEST_LENGTH]
+    if hashlib.sha256(checked).digest() != blob[-_DIGEST_LENGTH:]:
         raise InvalidSnapshotError("snapshot checksum mismatch (corrupted)", stage="checksum")
     try:
         state = _decoder.decode(body)

@@ -74,10 +74,10 @@ class SnapshotService:
         self._limits = limits
         self._instrumented: OrderedDict[str, Instrumented] = OrderedDict()
         self._lock = threading.Lock()
-        # Each format's file as the buffers to write (see `snapshot_file.write_atomically`).
-        self._writers: dict[str, Callable[[Vm, Instrumented, list, list], list[snapshot_file.Buffer]]] = {
+        self._writers: dict[str, Callable[[Vm, Instrumented, list, list], snapshot_file.Encoded]] = {
             "state": lambda vm, _, memories, globals_: snapshot_file.encode_parts(self._state(vm, memories, globals_)),
-            "wasm": lambda _, instrumented, memories, globals_: [snapshots.to_wasm(instrumented, memories, globals_)],
+            "wasm": lambda _, instrumented, memories, globals_: snapshot_file.Encoded.of(
+                snapshots.to_wasm(instrumented, memories, globals_)),
         }
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
@@ -112,16 +112,16 @@ class SnapshotService:
             assert isolate is not None
             memories, globals_ = snapshots.capture(isolate, instrumented, borrow=True)  # written in this job
             self._runtime.reader.yield_reading()  # encoding and writing a big memory takes a while
-            parts = self._writers[params.format](vm, instrumented, memories, globals_)
-            size = sum(len(part) for part in parts)
+            encoded = self._writers[params.format](vm, instrumented, memories, globals_)
+            size = encoded.size
             if size > vm.limits.runner_snapshot_bytes:
                 raise vm.limits.exceeded("runner_snapshot_bytes", size, vm_id=vm.vm_id)
             try:
-                sha256 = snapshot_file.write_atomically(path, parts)
+                snapshot_file.write_atomically(path, encoded.parts)
             except OSError as exc:
                 raise InvalidParamsError(f"cannot write {path}: {exc.strerror}", path="$.path") from None
             log.info("vm_snapshotted", vm_id=vm.vm_id, path=str(path), format=params.format, size=size)
-            return VmSnapshotResult(path=str(path), size_bytes=size, sha256=sha256)
+            return VmSnapshotResult(path=str(path), size_bytes=size, sha256=encoded.sha256)
 
         vm.submit(Job(reply, work))
 

@@ -1,10 +1,9 @@
 """The `state` writer's machinery, in process: the native scan (`changed_runs`), runs as views,
-the streamed encoding and the atomic write.
+the streamed encoding, the container and the atomic write.
 
-The encoding must stay byte for byte what it was (msgspec's msgpack of the state inside the v1
-container), so files written before the streamed writer and after it are the same file: a file
-of either restores in any sidecar that reads v1. End to end (the real process, a dense memory
-restored in another process) is in test_snapshots.
+The body stays byte for byte msgspec's msgpack of the state; the container is version 2, and a
+version 1 file (written before) is still read. End to end (the real process, a dense memory
+restored in another process, a version 1 file restored) is in test_snapshots.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from protocol.errors import InvalidSnapshotError
 from sidecar import snapshot_file
 from sidecar.snapshot_file import MAGIC, SNAPSHOT_CHUNK_BYTES, MemoryImage, SnapshotState
 from sidecar.wasmffi import changed_runs
@@ -128,21 +128,38 @@ def memories_framing_every_length() -> list[MemoryImage]:
     return [one, many_runs, *(MemoryImage(index=i, size_bytes=0, runs=[]) for i in range(2, 18))]
 
 
-def test_the_streamed_file_is_byte_for_byte_the_v1_file() -> None:
-    """The compatibility guarantee: what was written before is what is written now."""
+def test_the_streamed_body_is_byte_for_byte_msgspecs_and_the_file_is_hashed_once() -> None:
+    """What changed is the container (version 2: the checksum covers the header too, so the file's
+    own SHA-256 comes from the same pass); the body is what it always was."""
     for memories in ([], [MemoryImage(0, 65536, [])], memories_framing_every_length()):
         state = state_of(memories)
-        parts = snapshot_file.encode_parts(state)
-        assert b"".join(parts) == v1_file(state) == snapshot_file.encode(state)
-        parsed = snapshot_file.parse(v1_file(state))  # and the reader takes it back as it was
-        assert [[(offset, bytes(run)) for offset, run in m.runs] for m in parsed.memories] == [
-            [(offset, bytes(run)) for offset, run in m.runs] for m in state.memories]
+        encoded = snapshot_file.encode_parts(state)
+        blob = b"".join(encoded.parts)
+        assert blob == snapshot_file.encode(state) and encoded.size == len(blob)
+        assert blob[:12] == MAGIC + struct.pack("<I", 2) and blob[20:-32] == msgspec.msgpack.encode(state)
+        assert blob[-32:] == hashlib.sha256(blob[:-32]).digest()
+        assert encoded.sha256 == hashlib.sha256(blob).hexdigest()
+        assert runs_of(snapshot_file.parse(blob)) == runs_of(state)
+
+
+def test_a_version_1_file_is_still_read() -> None:
+    """The compatibility guarantee: a file written before version 2 (checksum of the body alone)."""
+    state = state_of(memories_framing_every_length())
+    assert runs_of(snapshot_file.parse(v1_file(state))) == runs_of(state)
+    v2_header_v1_checksum = v1_file(state)[:8] + struct.pack("<I", 2) + v1_file(state)[12:]
+    with pytest.raises(InvalidSnapshotError) as refused:
+        snapshot_file.parse(v2_header_v1_checksum)
+    assert refused.value.data["stage"] == "checksum"
+
+
+def runs_of(state: SnapshotState) -> list[list[tuple[int, bytes]]]:
+    return [[(offset, bytes(run)) for offset, run in memory.runs] for memory in state.memories]
 
 
 def test_big_runs_are_handed_on_uncopied_and_small_ones_gathered() -> None:
     big = memoryview(bytearray(b"\x07" * MiB))
     state = state_of([MemoryImage(0, 4 * MiB, [(0, big), (2 * MiB, memoryview(b"small"))])])
-    parts = snapshot_file.encode_parts(state)
+    parts = snapshot_file.encode_parts(state).parts
     assert any(part is big for part in parts)
     assert len(parts) == 5  # header, what precedes the big run, the run, what follows, the checksum
 
@@ -150,22 +167,18 @@ def test_big_runs_are_handed_on_uncopied_and_small_ones_gathered() -> None:
 # -- the atomic write -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [100, 4 * MiB])  # hashed after writing, and beside it on a thread
-def test_the_write_reports_the_digest_of_the_file_and_leaves_no_temporary(tmp_path: Path, size: int) -> None:
-    data = os.urandom(size)
-    parts = [b"head", memoryview(data), bytearray(b"tail")]
+def test_the_write_leaves_the_file_and_no_temporary(tmp_path: Path) -> None:
+    data = os.urandom(4 * MiB)
     target = tmp_path / "a" / "b.state"
-    digest = snapshot_file.write_atomically(target, parts)
+    snapshot_file.write_atomically(target, [b"head", memoryview(data), bytearray(b"tail")])
     assert target.read_bytes() == b"head" + data + b"tail"
-    assert digest == hashlib.sha256(target.read_bytes()).hexdigest()
     assert os.listdir(target.parent) == ["b.state"]
     snapshot_file.write_atomically(target, [b"again"])  # over an existing file
     assert target.read_bytes() == b"again" and os.listdir(target.parent) == ["b.state"]
 
 
-@pytest.mark.parametrize("size", [100, 4 * MiB])
-def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path: Path, size: int) -> None:
-    not_a_buffer = [0] * 10  # has a length, so the write begins; fails when it comes to be written
+def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path: Path) -> None:
+    not_a_buffer = [0] * 10
     with pytest.raises(TypeError):
-        snapshot_file.write_atomically(tmp_path / "x.state", [b"fine", os.urandom(size), not_a_buffer])
+        snapshot_file.write_atomically(tmp_path / "x.state", [b"fine", os.urandom(MiB), not_a_buffer])
     assert os.listdir(tmp_path) == []
