@@ -48,7 +48,9 @@ _DIGEST_LENGTH = 32
 _MAP = ((16, None, 0x80), (1 << 16, ">BH", 0xDE), (1 << 32, ">BI", 0xDF))
 _ARRAY = ((16, None, 0x90), (1 << 16, ">BH", 0xDC), (1 << 32, ">BI", 0xDD))
 _BIN = ((1 << 8, ">BB", 0xC4), (1 << 16, ">BH", 0xC5), (1 << 32, ">BI", 0xC6))
-_SEPARATE_BYTES = 64 * 1024  # a run this long is written from where it lies, not gathered
+# Bytes: a shorter run is copied in with its neighbours, a longer one written from where it lies.
+# Not a bound: any value writes the same file.
+_GATHER_BELOW = 64 * 1024
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 # The guest ABI hands tickets to the guest as i64 >= 0: a file's ticket past that range would
@@ -109,7 +111,7 @@ def sparse_runs(memory: memoryview, baseline: bytes | None = None) -> list[tuple
 
 class _Parts:
     """msgpack written as a list of buffers, byte for byte what msgspec writes: small items are
-    gathered into one `bytearray`, and a binary value of `_SEPARATE_BYTES` or more goes in as it
+    gathered into one `bytearray`, and a binary value of `_GATHER_BELOW` bytes or more goes in as it
     is, never copied (a memory's runs, views into linear memory)."""
 
     def __init__(self) -> None:
@@ -145,7 +147,7 @@ class _Parts:
             self.header(_ARRAY, 2)
             self._small += _encoder.encode(offset)
             self.header(_BIN, len(data))
-            if len(data) < _SEPARATE_BYTES:
+            if len(data) < _GATHER_BELOW:
                 self._small += data
             else:
                 self._buffers += [self._small, data]
