@@ -199,7 +199,10 @@ export class Sidecar {
           timeoutMs,
         );
       }
-      this.send({ jsonrpc: "2.0", id, method, ...(params === undefined ? {} : { params }) });
+      const line = JSON.stringify({ jsonrpc: "2.0", id, method, ...(params === undefined ? {} : { params }) });
+      const refused = this.oversized(line);
+      if (refused) this.pending.get(id)!.reject(refused);
+      else this.write(line);
     });
   }
 
@@ -273,8 +276,29 @@ export class Sidecar {
   }
 
   private send(message: object): void {
+    this.write(JSON.stringify(message));
+  }
+
+  private write(line: string): void {
     if (this.exitStatus || !this.child.stdin!.writable) return;
-    this.child.stdin!.write(`${JSON.stringify(message)}\n`);
+    this.child.stdin!.write(`${line}\n`);
+  }
+
+  /**
+   * The sidecar's own refusal of a frame over `protocol_frame_bytes`, made here: the sidecar
+   * answers such a frame with id null, as it cannot read the id, so the request would never settle.
+   */
+  private oversized(line: string): SidecarError | undefined {
+    const capacity = this.serverInfo?.limits.find((row) => row.name === "protocol_frame_bytes");
+    const observed = Buffer.byteLength(line);
+    if (!capacity || observed <= capacity.value) return undefined;
+    return new SidecarError(-32600, `frame larger than protocol_frame_bytes (${capacity.value} bytes)`, {
+      kind: "invalid_request",
+      limit: capacity.name,
+      env: capacity.env,
+      capacity: capacity.value,
+      observed,
+    });
   }
 
   private receive(line: string): void {

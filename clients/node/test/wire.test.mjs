@@ -115,3 +115,22 @@ test("notifications reach listeners: a streaming run's vm.output", async () => {
   assert.deepEqual(heard.map(({ method, params }) => [method, params.vm_id, params.stream, params.data]),
     [["vm.output", vm_id, "stdout", "hello\n"]]);
 });
+
+test("a request over protocol_frame_bytes is refused here, as the sidecar would, and serving goes on", async () => {
+  const small = await spawnSidecar({ SIDECAR_PROTOCOL_FRAME_BYTES: "4096" });
+  try {
+    const code = "x".repeat(4096);
+    await assert.rejects(small.request("vm.eval", { vm_id: "vm-1", code }), (error) => {
+      assert.ok(error instanceof SidecarError);
+      assert.equal(error.code, -32600);
+      assert.equal(error.data.limit, "protocol_frame_bytes");
+      assert.equal(error.data.env, "SIDECAR_PROTOCOL_FRAME_BYTES");
+      assert.equal(error.data.capacity, 4096);
+      assert.ok(error.data.observed > 4096);
+      return true;
+    });
+    assert.deepEqual(await small.request("ping"), {});
+  } finally {
+    await small.close();
+  }
+});
