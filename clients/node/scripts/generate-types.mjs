@@ -21,9 +21,9 @@ function comment(text, indent) {
   return `${indent}/**\n${lines.join("\n")}\n${indent} */\n`;
 }
 
+// Arrays are written `Array<T>`, so a union never needs parentheses, not even nested in another.
 function union(members) {
-  const unique = [...new Set(members)];
-  return unique.length === 1 ? unique[0] : unique.map((m) => (m.includes(" ") && !m.startsWith("{") ? `(${m})` : m)).join(" | ");
+  return [...new Set(members)].join(" | ");
 }
 
 /** The TypeScript type of one JSON Schema; `indent` is the nesting of object literals. */

@@ -182,7 +182,7 @@ export interface ModuleLoadResult {
 export interface Notification {
   jsonrpc: "2.0";
   method: string;
-  params?: (Record<string, unknown>) | unknown[];
+  params?: Record<string, unknown> | unknown[];
 }
 
 /**
@@ -240,7 +240,7 @@ export interface Request {
   id: string | number;
   jsonrpc: "2.0";
   method: string;
-  params?: (Record<string, unknown>) | unknown[];
+  params?: Record<string, unknown> | unknown[];
 }
 
 /**

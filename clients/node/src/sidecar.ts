@@ -8,6 +8,8 @@
 //   that comes after its request left the table is dropped.
 // - The host's ids are integers; the sidecar's `host.call` ids are strings of its own. A
 //   `host.call` is answered exactly once, with the handler's result or, if it throws, an error.
+// - Fields left undefined are left out of the frame (JSON.stringify drops them): optional params
+//   are absent on the wire, never null.
 // - The process counts as ended on the child's `close` event, after its stdout has been read to
 //   the end, so an answer written just before exiting is still delivered.
 import { spawn as spawnProcess, type ChildProcess } from "node:child_process";
@@ -21,6 +23,7 @@ import type {
   InitializeResult,
   ModuleLoadParams,
   ModuleLoadResult,
+  VmCallParams,
   VmCallResult,
   VmCreateParams,
   VmCreateResult,
@@ -38,7 +41,10 @@ export interface SpawnOptions {
   args?: string[];
   /** Added to (and overriding) this process's environment, e.g. `SIDECAR_VM_CALL_TIMEOUT_MS`. */
   env?: Record<string, string | undefined>;
-  /** Where the sidecar's logs (JSON lines) go: inherited by default; `"pipe"` exposes `sidecar.stderr`. */
+  /**
+   * Where the sidecar's logs (JSON lines) go: inherited by default; `"pipe"` exposes
+   * `sidecar.stderr`, which must then be read (a full pipe stalls the sidecar).
+   */
   stderr?: "inherit" | "ignore" | "pipe" | number;
 }
 
@@ -199,7 +205,7 @@ export class Sidecar {
           timeoutMs,
         );
       }
-      const line = JSON.stringify({ jsonrpc: "2.0", id, method, ...(params === undefined ? {} : { params }) });
+      const line = JSON.stringify({ jsonrpc: "2.0", id, method, params });
       const refused = this.oversized(line);
       if (refused) this.pending.get(id)!.reject(refused);
       else this.write(line);
@@ -208,7 +214,7 @@ export class Sidecar {
 
   /** Send a notification (no answer comes). */
   notify(method: string, params?: unknown): void {
-    this.send({ jsonrpc: "2.0", method, ...(params === undefined ? {} : { params }) });
+    this.send({ jsonrpc: "2.0", method, params });
   }
 
   /** Answer the sidecar's `host.call` requests with `handler` (replacing any earlier one). */
@@ -233,26 +239,30 @@ export class Sidecar {
   /** Call the export `name` with numeric `args` and optional `input`. */
   call(vmId: string, name: string, options: CallOptions = {}): Promise<VmCallResult> {
     const { args, input, ...requestOptions } = options;
-    const payload =
-      input === undefined ? {} : typeof input === "string" ? { input } : { input_base64: Buffer.from(input).toString("base64") };
-    return this.request("vm.call", { vm_id: vmId, export: name, ...(args ? { args } : {}), ...payload }, requestOptions);
+    const text = typeof input === "string" ? input : undefined;
+    const bytes = input instanceof Uint8Array ? Buffer.from(input).toString("base64") : undefined;
+    const params: VmCallParams = { vm_id: vmId, export: name, args, input: text, input_base64: bytes };
+    return this.request("vm.call", params, requestOptions);
   }
 
   /** Run `code` in a runtime VM; a Python exception is a result with `status: "error"`. */
   eval(vmId: string, code: string, options: EvalOptions = {}): Promise<EvalResult> {
     const { stdin, timeoutMs, signal } = options;
-    const params = { vm_id: vmId, code, ...(stdin === undefined ? {} : { stdin }), ...(timeoutMs === undefined ? {} : { timeout_ms: timeoutMs }) };
-    return this.request("vm.eval", params, { signal });
+    return this.request("vm.eval", { vm_id: vmId, code, stdin, timeout_ms: timeoutMs }, { signal });
   }
 
   /** Write the idle VM to `path` on the sidecar's file system. */
   snapshot(vmId: string, path: string, options: SnapshotOptions = {}): Promise<VmSnapshotResult> {
     const { format, signal } = options;
-    return this.request("vm.snapshot", { vm_id: vmId, path, ...(format ? { format } : {}) }, { signal });
+    return this.request("vm.snapshot", { vm_id: vmId, path, format }, { signal });
   }
 
   /** Resume a VM from a state snapshot; the result lists the host calls it still waits on. */
-  restore(path: string, params: Omit<VmRestoreParams, "path"> = {}, options?: RequestOptions): Promise<VmRestoreResult> {
+  restore(
+    path: string,
+    params: Omit<VmRestoreParams, "path"> = {},
+    options?: RequestOptions,
+  ): Promise<VmRestoreResult> {
     return this.request("vm.restore", { ...params, path }, options);
   }
 
@@ -311,7 +321,8 @@ export class Sidecar {
       } else if (typeof message.id === "number") {
         const pending = this.pending.get(message.id);
         if (!pending) continue; // given up already: the answer is dropped
-        if (message.error) pending.reject(new SidecarError(message.error.code, message.error.message, message.error.data));
+        const { error } = message;
+        if (error) pending.reject(new SidecarError(error.code, error.message, error.data));
         else pending.resolve(message.result);
       }
     }
@@ -324,7 +335,9 @@ export class Sidecar {
   private async serve(id: string | number, method: string, params: unknown): Promise<void> {
     const call = (params ?? {}) as { vm_id?: string; method?: string; params?: unknown };
     try {
-      if (method !== "host.call" || !this.hostCallHandler) throw new SidecarError(-32601, `host does not serve ${method}`);
+      if (method !== "host.call" || !this.hostCallHandler) {
+        throw new SidecarError(-32601, `host does not serve ${method}`);
+      }
       const result = await this.hostCallHandler(call.method ?? "", call.params ?? null, { vmId: call.vm_id ?? "" });
       this.send({ jsonrpc: "2.0", id, result: result ?? null });
     } catch (thrown) {
@@ -345,7 +358,8 @@ export class Sidecar {
     const how = this.exitError
       ? `could not run (${this.exitError.message})`
       : `exited (${signal ? `signal ${signal}` : `code ${exitCode}`})`;
-    return new SidecarExitedError(`the sidecar ${how} before answering ${method}`, exitCode, signal, { cause: this.exitError });
+    const message = `the sidecar ${how} before answering ${method}`;
+    return new SidecarExitedError(message, exitCode, signal, { cause: this.exitError });
   }
 }
 

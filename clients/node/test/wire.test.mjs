@@ -7,6 +7,7 @@ import { setImmediate as tick } from "node:timers/promises";
 import { SidecarError } from "../dist/index.js";
 import { GREETER, HELLO_COMMAND, spawnSidecar } from "./support.mjs";
 
+const ADD = `(module (func (export "add") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add))`;
 let sidecar;
 before(async () => {
   sidecar = await spawnSidecar();
@@ -97,9 +98,15 @@ test("error answers reject with SidecarError carrying code, message and data", a
     assert.equal(error.data.vm_id, "vm-none");
     return true;
   });
-  const { vm_id } = await sidecar.createVm({ wat: `(module (func (export "add") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add))` });
-  await assert.rejects(sidecar.call(vm_id, "add", { args: [1, true] }), { code: -32602, data: { kind: "invalid_params", path: "$.args[1]" } });
-  await assert.rejects(sidecar.request("vm.frobnicate", {}), { code: -32601, data: { kind: "method_not_found", method: "vm.frobnicate" } });
+  const { vm_id } = await sidecar.createVm({ wat: ADD });
+  await assert.rejects(sidecar.call(vm_id, "add", { args: [1, true] }), {
+    code: -32602,
+    data: { kind: "invalid_params", path: "$.args[1]" },
+  });
+  await assert.rejects(sidecar.request("vm.frobnicate", {}), {
+    code: -32601,
+    data: { kind: "method_not_found", method: "vm.frobnicate" },
+  });
   await assert.rejects(sidecar.createVm({ wat: "(module" }), { code: -32005 });
   assert.deepEqual((await sidecar.call(vm_id, "add", { args: [2, 3] })).results, [5]);
 });
