@@ -151,6 +151,7 @@ class SidecarClient(SidecarCalls):
         self._other_in, self.unsolicited = anyio.create_memory_object_stream[Any](math.inf)
         self.closed = anyio.Event()
         self.process: anyio.abc.Process | None = None  # set when `spawn` started the sidecar
+        self._frame_bound: dict[str, Any] | None = None  # `protocol_frame_bytes`, once `initialize` told it
 
     @classmethod
     @asynccontextmanager
@@ -214,11 +215,15 @@ class SidecarClient(SidecarCalls):
         with anyio.fail_after(timeout_s):
             request_id, result = await self.start_request(method, params)
             try:
-                return await result()
+                answer = await result()
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_SEND_WAIT_S):
                     await self._cancel_quietly(request_id)
                 raise
+        if method == "initialize" and isinstance(answer, dict):
+            self._frame_bound = next((row for row in answer.get("limits", ())
+                                      if row.get("name") == "protocol_frame_bytes"), None)
+        return answer
 
     async def start_request(self, method: str, params: Any = None) -> tuple[str, PendingResult]:
         """Send now, wait later: returns the id (for `cancel`) and the result to await."""
@@ -226,13 +231,24 @@ class SidecarClient(SidecarCalls):
         pending = self._correlator.issue(_OWNER, method, None, _Waiter())
         result = PendingResult(self, pending)
         try:
-            await self.send_frame(encode(Request(id=pending.id, method=method, params=_params(params))))
+            frame = encode(Request(id=pending.id, method=method, params=_params(params)))
+            self._refuse_oversized(frame)
+            await self.send_frame(frame)
         except BaseException:
             result.close()
             raise
         if self.closed.is_set() and self._correlator.abandon(pending.id) is not None:
             _wake_closed(pending)  # the read loop ended, and woke what was pending, before this was sent
         return pending.id, result
+
+    def _refuse_oversized(self, frame: bytes) -> None:
+        """The sidecar's own refusal of a frame over `protocol_frame_bytes`, made here: it answers
+        such a frame with id null (it cannot read the id), so the request would never settle."""
+        bound, observed = self._frame_bound, len(frame.rstrip(b"\r\n"))
+        if bound is not None and observed > bound["value"]:
+            raise RemoteError(-32600, f"frame larger than protocol_frame_bytes ({bound['value']} bytes)", {
+                "kind": "invalid_request", "limit": bound["name"], "env": bound.get("env"),
+                "capacity": bound["value"], "observed": observed})
 
     async def notify(self, method: str, params: Any = None) -> None:
         await self.send_frame(encode(Notification(method=method, params=_params(params))))

@@ -110,3 +110,20 @@ async def test_a_timeout_cancels_the_request_in_the_sidecar() -> None:
         with pytest.raises(TimeoutError):
             await client.request("vm.eval", {"vm_id": vm_id, "code": "while True: pass"}, timeout_s=0.5)
         await assert_free(client, vm_id)
+
+
+async def test_a_request_over_the_frame_bound_is_refused_by_the_client() -> None:
+    """The sidecar answers an oversized frame with id null (it cannot read the id), so a client
+    that sent it would wait for ever: once `initialize` told it the bound, the client refuses the
+    request itself with the sidecar's own error, and the connection serves on."""
+    frame_bytes = 64 * 1024
+    async with process_session(env={"SIDECAR_PROTOCOL_FRAME_BYTES": str(frame_bytes)}) as (client, _):
+        await client.request("initialize", {"protocol_version": 1})
+        with anyio.fail_after(WAIT), pytest.raises(RemoteError) as refused:
+            await client.create_vm(wat=f'(module (func (export "f")) (@custom "pad" "{"x" * frame_bytes}"))')
+        assert refused.value.code == -32600
+        data = refused.value.data
+        assert (data["limit"], data["capacity"], data["env"]) == (
+            "protocol_frame_bytes", frame_bytes, "SIDECAR_PROTOCOL_FRAME_BYTES")
+        assert data["observed"] > frame_bytes
+        assert (await client.load_module(wat=ECHO)).module_id.startswith("sha256:")
