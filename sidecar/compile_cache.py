@@ -14,6 +14,10 @@ memory-unsafe, so an entry is mapped only after its trailer and checksum match, 
 same open file; anything else is logged as `compile_cache_rejected` and treated as a miss, and
 the caller's rewrite replaces it. A cache that cannot be used logs why and is off; it never
 fails a load.
+
+A note `<key>.note` is a small derived fact about a module that is dear to compute (what the
+instrumentation found in it: a CPython's code takes ~180 ms to scan), its sha256 over key and
+content first; it is never executed, and a note that does not check is a miss.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ from .engines import EngineSettings
 
 _CACHE_DIR_ENV = "SIDECAR_CACHE_DIR"
 _ENTRY_SUFFIX = ".cwasm"
+_NOTE_SUFFIX = ".note"
 _TRAILER = struct.Struct("<8sIQQ32s32s")  # magic, format version, module length, extra length, key, sha256
 _TRAILER_MAGIC = b"wsidecar"
 _FORMAT_VERSION = 1
+_DIGEST_BYTES = 32
 
 
 def _log() -> Any:
@@ -121,25 +127,48 @@ class CompileCache:
         trailer = _TRAILER.pack(
             _TRAILER_MAGIC, _FORMAT_VERSION, len(payload), len(extra), bytes.fromhex(key), digest.digest()
         )
+        if self._write_atomically(self.path(key), payload, extra, trailer):
+            self._evict()
+
+    def read_note(self, key: str) -> bytes | None:
+        """The content of a note whose checksum matches; None otherwise (a rejected one is logged)."""
+        path = self.directory / (key + _NOTE_SUFFIX)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return _reject(path, f"unreadable: {exc.strerror or exc}")
+        content = blob[_DIGEST_BYTES:]
+        if hashlib.sha256(bytes.fromhex(key) + content).digest() != blob[:_DIGEST_BYTES]:
+            return _reject(path, "checksum mismatch")
+        return content
+
+    def write_note(self, key: str, content: bytes) -> None:
+        """Store a note atomically; failures only log (the fact is computed again next time)."""
+        digest = hashlib.sha256(bytes.fromhex(key) + content).digest()
+        self._write_atomically(self.directory / (key + _NOTE_SUFFIX), digest, content)
+
+    def _write_atomically(self, path: Path, *parts: bytes) -> bool:
+        """A temporary file renamed over `path`, so readers never see half of it; False if that failed."""
         temp = None
         try:
             fd, temp = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
             with os.fdopen(fd, "wb") as file:
-                file.write(payload)
-                file.write(extra)
-                file.write(trailer)
-            os.replace(temp, self.path(key))
+                for part in parts:
+                    file.write(part)
+            os.replace(temp, path)
         except OSError as exc:
             _log().warning("compile_cache_write_failed", directory=str(self.directory), reason=str(exc))
             if temp is not None:
                 Path(temp).unlink(missing_ok=True)
-            return
-        self._evict()
+            return False
+        return True
 
     def _evict(self) -> None:
         """Least recently used first; another process may be evicting too, so vanished files are fine."""
         entries = []
-        for path in self.directory.glob("*" + _ENTRY_SUFFIX):
+        for path in [*self.directory.glob("*" + _ENTRY_SUFFIX), *self.directory.glob("*" + _NOTE_SUFFIX)]:
             with contextlib.suppress(OSError):
                 info = path.stat()
                 entries.append((info.st_mtime_ns, path.name, info.st_size, path))

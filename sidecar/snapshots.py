@@ -37,16 +37,28 @@ def require_snapshottable(instrumented: Instrumented) -> None:
         raise InvalidParamsError(f"mutable globals of type {', '.join(odd)} cannot be snapshotted", path="$.vm_id")
 
 
-def capture(isolate: Isolate, instrumented: Instrumented) -> tuple[list[MemoryImage], list[GlobalValue]]:
-    """Memories (sparse) and mutable globals of an idle instance: no guest frames on its stack."""
+def memory_contents(isolate: Isolate, instrumented: Instrumented) -> dict[int, bytes]:
+    """A copy of each defined memory of an instance, by index (of a fresh one: its module's image)."""
     exports = isolate.instance.exports(isolate.store)
-    memories = []
+    contents = {}
     for index, name in instrumented.memories:
         memory = exports[name]
         assert isinstance(memory, wasmtime.Memory)
         size = memory.data_len(isolate.store)
-        data = ctypes.string_at(ctypes.addressof(memory.data_ptr(isolate.store).contents), size) if size else b""
-        memories.append(MemoryImage(index=index, size_bytes=size, runs=sparse_runs(data)))
+        base = ctypes.addressof(memory.data_ptr(isolate.store).contents) if size else 0
+        contents[index] = ctypes.string_at(base, size) if size else b""
+    return contents
+
+
+def capture(isolate: Isolate, instrumented: Instrumented,
+            baseline: dict[int, bytes] | None = None) -> tuple[list[MemoryImage], list[GlobalValue]]:
+    """Memories (sparse) and mutable globals of an idle instance: no guest frames on its stack.
+    A memory's runs are what differs from zero, or from its `baseline` contents when given."""
+    memories = []
+    for index, data in memory_contents(isolate, instrumented).items():
+        runs = sparse_runs(data, baseline[index] if baseline else b"")
+        memories.append(MemoryImage(index=index, size_bytes=len(data), runs=runs))
+    exports = isolate.instance.exports(isolate.store)
     globals_ = []
     for index, name, valtype in instrumented.globals:
         item = exports[name]
@@ -56,8 +68,9 @@ def capture(isolate: Isolate, instrumented: Instrumented) -> tuple[list[MemoryIm
 
 
 def apply(isolate: Isolate, instrumented: Instrumented, memories: list[MemoryImage], globals_: list[GlobalValue],
-          limits: Limits) -> None:
-    """Write a snapshot's state into a fresh instance; refuse anything that does not fit it."""
+          limits: Limits, *, diffed: bool = False) -> None:
+    """Write a snapshot's state into a fresh instance; refuse anything that does not fit it.
+    `diffed`: the runs are changes to the memory the instance starts with, not to zero."""
     by_index = {m.index: m for m in memories}
     expected = {index for index, _ in instrumented.memories}
     if set(by_index) != expected:
@@ -69,12 +82,12 @@ def apply(isolate: Isolate, instrumented: Instrumented, memories: list[MemoryIma
         image = by_index[index]
         memory = exports[name]
         assert isinstance(memory, wasmtime.Memory)
-        _restore_memory(isolate.store, memory, image, maximum, page, limits)
+        _restore_memory(isolate.store, memory, image, maximum, page, limits, diffed)
     _restore_globals(isolate, instrumented, exports, globals_)
 
 
 def _restore_memory(store: wasmtime.Store, memory: wasmtime.Memory, image: MemoryImage, maximum: int | None,
-                    page: int, limits: Limits) -> None:
+                    page: int, limits: Limits, diffed: bool) -> None:
     current = memory.data_len(store)
     if image.size_bytes % page or image.size_bytes < current:
         raise InvalidSnapshotError(f"memory {image.index} size {image.size_bytes} is not a valid size for it",
@@ -89,7 +102,8 @@ def _restore_memory(store: wasmtime.Store, memory: wasmtime.Memory, image: Memor
     if image.size_bytes > current:
         memory.grow(store, (image.size_bytes - current) // page)
     base = ctypes.addressof(memory.data_ptr(store).contents)
-    ctypes.memset(base, 0, current)  # what instantiation's data segments put there is not the state
+    if not diffed:
+        ctypes.memset(base, 0, current)  # what instantiation's data segments put there is not the state
     # No bounds check here: `snapshot_file.read` refused any run past its memory's `size_bytes`,
     # and the memory was just grown to exactly that size. A caller with images of other origin
     # must check the same before calling `apply`.

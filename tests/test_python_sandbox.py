@@ -199,9 +199,12 @@ async def test_a_session_snapshot_names_its_runtimes_module_instead_of_embedding
         await rpc(client, "vm.snapshot", {"vm_id": vm_id, "path": str(path)})
         state = read_state(path)
         assert state.runtime == "python" and state.module == b""
-        other_build = write_state(tmp_path / "other.snapshot", replace(state, module_id="sha256:" + "0" * 64))
+        assert state.baseline == state.module_id  # the memory is stored as changes to the bake's
+        other = "sha256:" + "0" * 64
+        other_build = write_state(tmp_path / "other.snapshot", replace(state, module_id=other, baseline=other))
         error = await refused(client, "vm.restore", {"path": str(other_build)}, code=-32006)
         assert error.data["stage"] == "module" and error.data["found"] == state.module_id
+        assert "another build" in error.message and "changes to that build" in error.message
         not_a_runtime = write_state(tmp_path / "plain.snapshot", replace(state, runtime=None))
         error = await refused(client, "vm.restore", {"path": str(not_a_runtime)}, code=-32006)
         assert error.data["stage"] == "module"
