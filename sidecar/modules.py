@@ -211,10 +211,10 @@ class ModuleStore:
         def build(lease: EngineLease) -> CompiledModule:
             key_hex = cache_key(base_id, derivation_id, lease.settings)
             started = time.perf_counter()
-            found = self.cache.read(key_hex, lease.engine) if self.cache else None
-            if found is not None and len(found[1]) > _DIGEST:  # the bytes' id, then the bytes: no second hash
-                module, stored = found
-                module_id, wasm = "sha256:" + stored[:_DIGEST].hex(), stored[_DIGEST:]
+            found = self.cache.read(key_hex, lease.engine, _DIGEST) if self.cache else None
+            if found is not None and found[2]:  # the bytes' id, then the bytes: no second hash
+                module, stored_id, wasm = found
+                module_id = "sha256:" + stored_id.hex()
             else:
                 wasm = make()
                 started = time.perf_counter()
@@ -293,7 +293,7 @@ class ModuleStore:
         if found is None:
             wasm, layout, module = _compile(engine, source, layout, transform)
         else:
-            module, stored = found
+            module, _, stored = found
             wasm = stored if transform_id else source
             layout = _layout(wasm) if transform_id else layout
         compiled = self._compiled(module_id, original, wasm, module, lease, layout, found is not None, started)
