@@ -54,7 +54,7 @@ _NOTE_SUFFIX = ".note"
 _TRAILER = struct.Struct("<8sIQQ32s32s")  # magic, format version, module length, extra length, key, sha256
 _TRAILER_MAGIC = b"wsidecar"
 _FORMAT_VERSION = 1
-_DIGEST_BYTES = 32
+_DIGEST_LENGTH = 32
 
 
 def _log() -> Any:
@@ -173,8 +173,8 @@ class CompileCache:
             return None
         except OSError as exc:
             return _reject(path, f"unreadable: {exc.strerror or exc}")
-        content = blob[_DIGEST_BYTES:]
-        if hashlib.sha256(bytes.fromhex(key) + content).digest() != blob[:_DIGEST_BYTES]:
+        content = blob[_DIGEST_LENGTH:]
+        if hashlib.sha256(bytes.fromhex(key) + content).digest() != blob[:_DIGEST_LENGTH]:
             return _reject(path, "checksum mismatch")
         return content
 

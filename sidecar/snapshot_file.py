@@ -35,8 +35,8 @@ _ZERO_BASED_VERSION = 1  # memories diffed against zero: what a file without a b
 SNAPSHOT_CHUNK_BYTES = 4096  # invariant of the format: all-zero chunks of this size are not stored
 _HEADER = struct.Struct("<8sIQ")
 _DIGEST_LENGTH = 32
-_BLOCK_BYTES = 16 * SNAPSHOT_CHUNK_BYTES
-_ZERO_BLOCK = bytes(_BLOCK_BYTES)
+_SCAN_BLOCK = 16 * SNAPSHOT_CHUNK_BYTES
+_ZERO_BLOCK = bytes(_SCAN_BLOCK)
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 # The guest ABI hands tickets to the guest as i64 >= 0: a file's ticket past that range would
@@ -101,8 +101,8 @@ def sparse_runs(data: bytes, baseline: bytes = b"") -> list[tuple[int, bytes]]:
     """
     runs: list[tuple[int, bytes]] = []
     start: int | None = None
-    for offset in range(0, len(data), _BLOCK_BYTES):
-        end = min(offset + _BLOCK_BYTES, len(data))
+    for offset in range(0, len(data), _SCAN_BLOCK):
+        end = min(offset + _SCAN_BLOCK, len(data))
         if data[offset:end] == _padded(baseline, offset, end):
             if start is not None:
                 runs.append((start, data[start:offset]))
