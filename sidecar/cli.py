@@ -1,5 +1,5 @@
-"""Command line: `wasm-sidecar` serves on stdio; `limits ...` shows the inventory; `runtime ...`
-installs and lists runtimes.
+"""Command line: `wasm-sidecar` serves on stdio; `mcp` serves MCP on stdio; `limits ...` shows the
+inventory; `runtime ...` installs and lists runtimes.
 
 Owns argument parsing and process setup (logging, limits, stdio, the event loop). The daemon
 itself is assembled in `sidecar.app`.
@@ -15,6 +15,7 @@ import anyio
 from . import __version__, logs
 
 USAGE = """wasm-sidecar [serve]           serve JSON-RPC 2.0 on stdin/stdout (the default)
+       wasm-sidecar mcp               serve the Model Context Protocol on stdin/stdout (Python tools)
        wasm-sidecar limits [--json | --markdown | --audit]
        wasm-sidecar runtime install NAME [--work-dir DIR] [--force] | runtime list [--json]
        wasm-sidecar --version | --help"""
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"wasm-sidecar {__version__}")
     parser.add_argument(
-        "command", nargs="?", default="serve", choices=["serve", "limits", "runtime"], help=argparse.SUPPRESS
+        "command", nargs="?", default="serve", choices=["serve", "mcp", "limits", "runtime"], help=argparse.SUPPRESS
     )
     return parser
 
@@ -45,19 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime_cli import main as runtime_main
 
         return runtime_main(args[1:])
-    _parser().parse_args(args)
-    return serve()
+    command = _parser().parse_args(args).command
+    return serve(mcp=command == "mcp")
 
 
-def serve() -> int:
-    from .app import build_server
+def serve(*, mcp: bool = False) -> int:
+    """Serve on stdio until the session ends: the daemon's contract, or (`mcp`) MCP's."""
+    from .app import build_mcp_server, build_server
     from .limits import process_limits
     from .transport import claim_stdio, nonblocking
 
     logs.configure()
     limits = process_limits()
     in_fd, out_fd = claim_stdio()
-    server = build_server(in_fd, out_fd, limits, handle_signals=True)
+    build = build_mcp_server if mcp else build_server
+    server = build(in_fd, out_fd, limits, handle_signals=True)
     with nonblocking(out_fd):
         return anyio.run(server.run)
 

@@ -77,9 +77,10 @@ class SnapshotService:
         self._limits = limits
         self._instrumented: OrderedDict[str, Instrumented] = OrderedDict()
         self._lock = threading.Lock()
-        self._writers: dict[str, Callable[[Vm, Instrumented, list, list], bytes]] = {
-            "state": lambda vm, _, memories, globals_: snapshot_file.encode(self._state(vm, memories, globals_)),
-            "wasm": lambda _, instrumented, memories, globals_: snapshots.to_wasm(instrumented, memories, globals_),
+        self._writers: dict[str, Callable[[Vm, Instrumented, list, list], snapshot_file.Encoded]] = {
+            "state": lambda vm, _, memories, globals_: snapshot_file.encode_parts(self._state(vm, memories, globals_)),
+            "wasm": lambda _, instrumented, memories, globals_: snapshot_file.Encoded.of(
+                snapshots.to_wasm(instrumented, memories, globals_)),
         }
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
@@ -112,20 +113,26 @@ class SnapshotService:
 
         def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmSnapshotResult:
             assert isolate is not None
-            # A state file stores what differs from the module's own image: a bake's state once.
-            baseline = self._initial_memories(vm, instrumented) if params.format == "state" else None
-            memories, globals_ = snapshots.capture(isolate, instrumented, baseline)
-            self._runtime.reader.yield_reading()  # encoding and writing a big memory takes a while
-            blob = self._writers[params.format](vm, instrumented, memories, globals_)
-            capacity = vm.limits.runner_snapshot_bytes
-            if len(blob) > capacity:
-                raise vm.limits.exceeded("runner_snapshot_bytes", len(blob), vm_id=vm.vm_id)
+            # A state file stores what differs from the module's own image (a bake's state once): the
+            # memory a fresh instance starts with, mapped copy-on-write, compared where it lies.
+            fresh = vm.isolate_for(start=False) if params.format == "state" else None
             try:
-                snapshot_file.write_atomically(path, blob)
+                baseline = snapshots.memory_views(fresh, instrumented) if fresh is not None else None
+                memories, globals_ = snapshots.capture(isolate, instrumented, baseline, borrow=True)  # written here
+            finally:
+                if fresh is not None:
+                    fresh.close()
+            self._runtime.reader.yield_reading()  # encoding and writing a big memory takes a while
+            encoded = self._writers[params.format](vm, instrumented, memories, globals_)
+            size = encoded.size
+            if size > vm.limits.runner_snapshot_bytes:
+                raise vm.limits.exceeded("runner_snapshot_bytes", size, vm_id=vm.vm_id)
+            try:
+                snapshot_file.write_atomically(path, encoded.parts)
             except OSError as exc:
                 raise InvalidParamsError(f"cannot write {path}: {exc.strerror}", path="$.path") from None
-            log.info("vm_snapshotted", vm_id=vm.vm_id, path=str(path), format=params.format, size=len(blob))
-            return VmSnapshotResult(path=str(path), size_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+            log.info("vm_snapshotted", vm_id=vm.vm_id, path=str(path), format=params.format, size=size)
+            return VmSnapshotResult(path=str(path), size_bytes=size, sha256=encoded.sha256)
 
         vm.submit(Job(reply, work))
 
@@ -260,16 +267,6 @@ class SnapshotService:
                 while len(self._instrumented) > self._limits.runner_modules:
                     self._instrumented.popitem(last=False)
         return found
-
-    @staticmethod
-    def _initial_memories(vm: Vm, instrumented: Instrumented) -> dict[int, bytes]:
-        """The memories a fresh instance of the VM's module starts with (its data segments, mapped
-        copy-on-write: no start function runs), which a restore's fresh instance starts with too."""
-        fresh = vm.isolate_for(start=False)
-        try:
-            return snapshots.memory_contents(fresh, instrumented)
-        finally:
-            fresh.close()
 
     def _state(self, vm: Vm, memories: list, globals_: list) -> SnapshotState:
         overrides = {row["name"]: row["value"] for row in vm.limits.rows() if row["source"] == "vm"}

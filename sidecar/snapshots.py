@@ -37,27 +37,32 @@ def require_snapshottable(instrumented: Instrumented) -> None:
         raise InvalidParamsError(f"mutable globals of type {', '.join(odd)} cannot be snapshotted", path="$.vm_id")
 
 
-def memory_contents(isolate: Isolate, instrumented: Instrumented) -> dict[int, bytes]:
-    """A copy of each defined memory of an instance, by index (of a fresh one: its module's image)."""
+def memory_views(isolate: Isolate, instrumented: Instrumented) -> dict[int, memoryview]:
+    """Each defined memory of an instance, by index, as a view (valid while it is idle and open)."""
     exports = isolate.instance.exports(isolate.store)
-    contents = {}
+    views = {}
     for index, name in instrumented.memories:
         memory = exports[name]
         assert isinstance(memory, wasmtime.Memory)
-        size = memory.data_len(isolate.store)
-        base = ctypes.addressof(memory.data_ptr(isolate.store).contents) if size else 0
-        contents[index] = ctypes.string_at(base, size) if size else b""
-    return contents
+        views[index] = memoryview(memory.get_buffer_ptr(isolate.store)).cast("B")
+    return views
 
 
-def capture(isolate: Isolate, instrumented: Instrumented,
-            baseline: dict[int, bytes] | None = None) -> tuple[list[MemoryImage], list[GlobalValue]]:
+def capture(isolate: Isolate, instrumented: Instrumented, baseline: dict[int, memoryview] | None = None, *,
+            borrow: bool = False) -> tuple[list[MemoryImage], list[GlobalValue]]:
     """Memories (sparse) and mutable globals of an idle instance: no guest frames on its stack.
-    A memory's runs are what differs from zero, or from its `baseline` contents when given."""
+    A memory's runs are what differs from zero, or from its `baseline` contents when given.
+
+    With `borrow`, the memories' runs are views into the linear memories instead of copies (a
+    dense 64 MiB memory goes to its file without one): only for a caller done with them before
+    the instance runs again or is closed, as the snapshot writer is within its job.
+    """
     memories = []
-    for index, data in memory_contents(isolate, instrumented).items():
-        runs = sparse_runs(data, baseline[index] if baseline else b"")
-        memories.append(MemoryImage(index=index, size_bytes=len(data), runs=runs))
+    for index, view in memory_views(isolate, instrumented).items():
+        runs: list = sparse_runs(view, baseline[index] if baseline is not None else None)
+        if not borrow:
+            runs = [(offset, bytes(run)) for offset, run in runs]
+        memories.append(MemoryImage(index=index, size_bytes=len(view), runs=runs))
     exports = isolate.instance.exports(isolate.store)
     globals_ = []
     for index, name, valtype in instrumented.globals:

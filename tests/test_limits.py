@@ -48,6 +48,7 @@ EXPECTED = {
     "vm_pool_instances": ("guest", 4),
     "runner_module_bytes": ("runner", 64 * MIB),
     "runner_vms": ("runner", 1000),
+    "runner_mcp_sessions": ("runner", 32),
     "runner_modules": ("runner", 256),
     "runner_engines": ("runner", 8),
     "runner_worker_threads": ("runner", 16),

@@ -1,9 +1,9 @@
-"""A state file stores a memory as changes to the image its module starts with (format version 2).
+"""A state file stores a memory as changes to the image its module starts with (format version 3).
 
 Through the real process: a module whose data segments fill two chunks, one of which the guest
 wipes. The file holds the wiped chunk (zeros are a change too) and the new data, not the chunk
 the guest left alone; a restore in another process sees all three as they were. A file in the
-format before it (version 1: non-zero chunks, diffed against zero) still restores exactly, the
+format before it (versions 1 and 2: non-zero chunks, diffed against zero) still restores exactly, the
 module's data segments not showing through where that state had zeros.
 """
 
@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.snapshot_file import SNAPSHOT_CHUNK_BYTES, MemoryImage
+from sidecar import snapshot_file
+from sidecar.snapshot_file import SNAPSHOT_CHUNK_BYTES
 
 from .guests import call, rpc
-from .snapshot_support import read_state, replace, restore, snapshot, write_state
+from .snapshot_support import read_state, restore, snapshot, write_state, zero_based
 from .support import process_session
 
 pytestmark = pytest.mark.anyio
@@ -59,15 +60,13 @@ async def test_a_state_file_holds_what_differs_from_the_modules_image(tmp_path: 
 
 
 async def test_a_file_of_the_format_before_restores_as_that_format_meant(tmp_path: Path) -> None:
-    """Version 1, as sidecars before the baseline wrote it: only non-zero chunks, against zero."""
+    """Version 2 (or 1), as sidecars before the baseline wrote it: only non-zero chunks, against zero."""
     path = tmp_path / "diffed.state"
     async with process_session() as (client, _):
         await snapshotted(client, path)
-        memory = read_state(path).memories[0]
-        nonzero = [(CHUNK, b"A" * CHUNK), (2 * CHUNK, (7).to_bytes(4, "little") + bytes(CHUNK - 4))]
-        old = replace(read_state(path), baseline=None,
-                      memories=[MemoryImage(index=0, size_bytes=memory.size_bytes, runs=nonzero)])
+        old = zero_based(read_state(path))
+        assert [offset for offset, _ in old.memories[0].runs] == [CHUNK]  # chunks 1 and 2, one run
         old_path = write_state(tmp_path / "old.state", old)
-        assert old_path.read_bytes()[8:12] == (1).to_bytes(4, "little")
+        assert old_path.read_bytes()[8:12] == snapshot_file.ZERO_BASED_VERSION.to_bytes(4, "little")
         restored = (await restore(client, old_path))["vm_id"]
-        assert await peeks(client, restored) == [0, FILLED, 7]
+        assert await peeks(client, restored) == [0, FILLED, 7]  # the module's data gone where the state had zeros

@@ -28,7 +28,16 @@ from sidecar import snapshot_file
 from sidecar.snapshot_file import MAGIC, GlobalValue, MemoryImage, SnapshotState
 
 from .guests import call, module_id, refused, rpc
-from .snapshot_support import hostile_file_guest, read_state, replace, restore, snapshot, write_state
+from .snapshot_support import (
+    hostile_file_guest,
+    read_state,
+    replace,
+    restore,
+    sealed,
+    snapshot,
+    write_state,
+    zero_based,
+)
 from .support import WAIT, memory_session
 
 pytestmark = pytest.mark.anyio
@@ -77,9 +86,16 @@ def _body(blob: bytes) -> bytes:
     return blob[HEADER:-32]
 
 
-def _with_body(body: bytes) -> bytes:
-    """A file around `body` with a correct header and checksum."""
-    return struct.pack("<8sIQ", MAGIC, snapshot_file.FORMAT_VERSION, len(body)) + body + hashlib.sha256(body).digest()
+async def test_a_version_1_file_still_restores(genuine, tmp_path) -> None:
+    """A file from before version 2 (its checksum covers the body alone, its memories are against
+    zero) restores as it did."""
+    body = _body(snapshot_file.encode(zero_based(read_state(genuine))))
+    old = tmp_path / "v1.state"
+    old.write_bytes(struct.pack("<8sIQ", MAGIC, 1, len(body)) + body + hashlib.sha256(body).digest())
+    async with memory_session() as (client, _):
+        restored = await restore(client, old)
+        assert len(restored["pending_host_calls"]) == 1
+        assert (await call(client, restored["vm_id"], "bump"))["results"] == [2]
 
 
 # -- broken as bytes --------------------------------------------------------------------------
@@ -99,19 +115,22 @@ BYTE_CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "short-random": (lambda b: random.Random(8).randbytes(51), "format"),
     "wrong-magic": (lambda b: b"WSIDECAX" + b[8:], "format"),
     "version-next": (lambda b: b[:8] + struct.pack("<I", snapshot_file.FORMAT_VERSION + 1) + b[12:], "version"),
-    # A file diffed against its module's image read as one diffed against zero would restore wrong.
-    "diffed-as-version-1": (lambda b: b[:8] + struct.pack("<I", 1) + b[12:], "format"),
+    "relabelled-version-2": (lambda b: b[:8] + struct.pack("<I", 2) + b[12:], "checksum"),
+    # A body diffed against its module's image, read as one diffed against zero, would restore wrong.
+    "diffed-body-as-version-2": (lambda b: b"".join(snapshot_file.seal([_body(b)], 2).parts), "format"),
+    "diffed-body-as-version-1": (lambda b: b[:8] + struct.pack("<I", 1) + b[12:-32] + hashlib.sha256(_body(b)).digest(),
+                                 "format"),
     "version-0": (lambda b: b[:8] + struct.pack("<I", 0) + b[12:], "version"),
     "version-max": (lambda b: b[:8] + b"\xff\xff\xff\xff" + b[12:], "version"),
     "length-huge": (lambda b: b[:12] + struct.pack("<Q", 2**63) + b[20:], "format"),
     "length-short": (lambda b: b[:12] + struct.pack("<Q", len(b) - HEADER - 33) + b[20:], "format"),
     "trailing-byte": (lambda b: b + b"\0", "format"),
-    "body-not-msgpack": (lambda b: _with_body(b"\xc1" * 64), "format"),
-    "body-other-shape": (lambda b: _with_body(msgspec.msgpack.encode({"module_id": 1})), "format"),
+    "body-not-msgpack": (lambda b: sealed(b"\xc1" * 64), "format"),
+    "body-other-shape": (lambda b: sealed(msgspec.msgpack.encode({"module_id": 1})), "format"),
     "body-unknown-field": (
-        lambda b: _with_body(msgspec.msgpack.encode({**msgspec.msgpack.decode(_body(b)), "extra": 1})), "format"),
+        lambda b: sealed(msgspec.msgpack.encode({**msgspec.msgpack.decode(_body(b)), "extra": 1})), "format"),
     "body-missing-field": (
-        lambda b: _with_body(msgspec.msgpack.encode(
+        lambda b: sealed(msgspec.msgpack.encode(
             {k: v for k, v in msgspec.msgpack.decode(_body(b)).items() if k != "globals"})), "format"),
 }
 
