@@ -11,6 +11,8 @@ function, and makes its pending async host calls live again under their ids.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -45,7 +47,7 @@ from .evals import runtime_view
 from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
-from .modules import CompiledModule
+from .modules import INSTRUMENT_ID, CompiledModule
 from .runtime import Runtime
 from .snapshot_file import PendingCall, SnapshotState
 from .vm import AsyncCall, Job, Vm
@@ -53,6 +55,7 @@ from .vms import Starting, VmService
 from .wasmbin import Instrumented, WasmFormatError, instrument
 
 log = structlog.get_logger()
+_FACTS_ID = "sidecar-facts-1"  # names the form of `Instrumented` kept in compile-cache notes
 
 
 def _restored_wasi(saved: dict, given: WasiSettings | msgspec.UnsetType) -> WasiSettings:
@@ -110,7 +113,15 @@ class SnapshotService:
 
         def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmSnapshotResult:
             assert isolate is not None
-            memories, globals_ = snapshots.capture(isolate, instrumented, borrow=True)  # written in this job
+            # A state file stores what differs from the module's own image (a bake's state once): the
+            # memory a fresh instance starts with, mapped copy-on-write, compared where it lies.
+            fresh = vm.isolate_for(start=False) if params.format == "state" else None
+            try:
+                baseline = snapshots.memory_views(fresh, instrumented) if fresh is not None else None
+                memories, globals_ = snapshots.capture(isolate, instrumented, baseline, borrow=True)  # written here
+            finally:
+                if fresh is not None:
+                    fresh.close()
             self._runtime.reader.yield_reading()  # encoding and writing a big memory takes a while
             encoded = self._writers[params.format](vm, instrumented, memories, globals_)
             size = encoded.size
@@ -188,7 +199,8 @@ class SnapshotService:
 
         def build(vm: Vm) -> None:
             isolate = vm.idle_instance()
-            snapshots.apply(isolate, instrumented, state.memories, state.globals, limits)
+            snapshots.apply(isolate, instrumented, state.memories, state.globals, limits,
+                            diffed=state.baseline is not None)
             isolate.refresh_memory()
             vm.next_ticket = state.next_ticket
             for call in state.pending_host_calls:
@@ -215,8 +227,9 @@ class SnapshotService:
             return self._vms.compile(state.module, limits)
         compiled = self._vms.runtime_module(state.runtime, limits)
         if compiled.module_id != state.module_id:
+            stored = " (its memory is stored as changes to that build's state)" if state.baseline else ""
             raise InvalidSnapshotError(
-                f"the snapshot is of another build of the {state.runtime} runtime than this sidecar has",
+                f"the snapshot is of another build of the {state.runtime} runtime than this sidecar has{stored}",
                 stage="module", expected=state.module_id, found=compiled.module_id,
             )
         return compiled
@@ -234,11 +247,21 @@ class SnapshotService:
 
     def instrumented(self, compiled: CompiledModule) -> Instrumented:
         """The instrumentation facts of a loaded module (instrumenting is idempotent); a module our
-        rewriter cannot read (kept uninstrumented at load) raises WasmFormatError."""
+        rewriter cannot read (kept uninstrumented at load) raises WasmFormatError. Kept here and as
+        a note in the compile cache: a restore in a fresh process does not scan a CPython again."""
         with self._lock:
             found = self._instrumented.get(compiled.module_id)
         if found is None:
-            found = instrument(compiled.wasm)
+            cache = self._vms.modules.cache
+            # Every module is loaded through the same rewrite, so its id and that rewrite name its bytes.
+            key = hashlib.sha256(f"{_FACTS_ID}:{INSTRUMENT_ID}:{compiled.module_id}".encode()).hexdigest()
+            note = cache.read_note(key) if cache else None
+            try:
+                found = dataclasses.replace(msgspec.msgpack.decode(note, type=Instrumented), wasm=compiled.wasm)
+            except (TypeError, msgspec.DecodeError):  # no note (None), or one of another shape
+                found = instrument(compiled.wasm)
+                if cache:
+                    cache.write_note(key, msgspec.msgpack.encode(dataclasses.replace(found, wasm=b"")))
             with self._lock:
                 self._instrumented[compiled.module_id] = found
                 while len(self._instrumented) > self._limits.runner_modules:
@@ -263,6 +286,7 @@ class SnapshotService:
             next_ticket=vm.next_ticket,
             sidecar_version=__version__,
             runtime=vm.runtime_name,
+            baseline=vm.compiled.module_id,
         )
 
 
