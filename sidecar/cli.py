@@ -8,13 +8,19 @@ itself is assembled in `sidecar.app`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import anyio
+import structlog
 
 from . import __version__, logs
+from .state_dir import STATE_DIR_ENV
 
-USAGE = """wasm-sidecar [serve]           serve JSON-RPC 2.0 on stdin/stdout (the default)
+log = structlog.get_logger()
+
+USAGE = """wasm-sidecar [serve] [--state-dir DIR]  serve JSON-RPC 2.0 on stdin/stdout (the default)
        wasm-sidecar limits [--json | --markdown | --audit]
        wasm-sidecar runtime install NAME [--work-dir DIR] [--force] | runtime list [--json]
        wasm-sidecar --version | --help"""
@@ -32,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command", nargs="?", default="serve", choices=["serve", "limits", "runtime"], help=argparse.SUPPRESS
     )
+    parser.add_argument("--state-dir", help="where hibernated VMs live, kept across restarts and locked by one "
+                        f"process (default: ${STATE_DIR_ENV}, else a private directory removed at exit)")
     return parser
 
 
@@ -45,19 +53,28 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime_cli import main as runtime_main
 
         return runtime_main(args[1:])
-    _parser().parse_args(args)
-    return serve()
+    state_dir = _parser().parse_args(args).state_dir or os.environ.get(STATE_DIR_ENV) or None
+    return serve(Path(state_dir) if state_dir else None)
 
 
-def serve() -> int:
+def serve(state_path: Path | None = None) -> int:
+    """Serve on stdio; 2 when the state directory is another process's (or cannot be made)."""
     from .app import build_server
     from .limits import process_limits
+    from .state_dir import StateDir, StateDirBusy
     from .transport import claim_stdio, nonblocking
 
     logs.configure()
     limits = process_limits()
+    state_dir = None
+    if state_path is not None:
+        try:
+            state_dir = StateDir(state_path, limits)
+        except (StateDirBusy, OSError) as exc:
+            log.error("state_dir_unusable", state_dir=str(state_path), error=str(exc))
+            return 2
     in_fd, out_fd = claim_stdio()
-    server = build_server(in_fd, out_fd, limits, handle_signals=True)
+    server = build_server(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
     with nonblocking(out_fd):
         return anyio.run(server.run)
 

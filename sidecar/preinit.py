@@ -35,7 +35,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
+import anyio
 import msgspec
 import structlog
 
@@ -64,6 +66,7 @@ PREINIT_ID = "sidecar-preinit-1"  # names the bake in cache keys: change it when
 _UNMETERED = 2**64 - 1  # a run on a fuel-metering engine: the time limit bounds it, not fuel
 _REFUSED = "host calls are refused during pre-initialization"
 _WHERE = "$.preinit.export"
+T = TypeVar("T")
 
 
 def canonical(spec: PreinitSpec) -> PreinitSpec:
@@ -223,6 +226,37 @@ class PreinitRuns:
         """True once no run is in flight; False if some still is after `timeout_s`."""
         with self._changed:
             return self._changed.wait_for(lambda: not self._runs, timeout_s)
+
+
+async def run_stoppable(work: Callable[[], T], stop: Callable[[], None], limiter: anyio.CapacityLimiter) -> T:
+    """`work()` in a worker thread; a cancel of the awaiting task calls `stop()` at once, and the
+    task still waits for the thread to end (a stopped guest ends at its next epoch tick), so the
+    worker slot stays taken until then."""
+    finished = False
+
+    async def stop_on_cancel() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if not finished:
+                stop()
+
+    def attempt() -> tuple[Any, Exception | None]:
+        try:
+            return work(), None
+        except Exception as exc:  # carried out of the task group, which would wrap it in an ExceptionGroup
+            return None, exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_cancel)
+        try:
+            value, error = await anyio.to_thread.run_sync(attempt, limiter=limiter)
+        finally:
+            finished = True
+            tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return value  # type: ignore[no-any-return]
 
 
 def _check_export(base: CompiledModule, name: str) -> bool:

@@ -16,6 +16,7 @@ import hashlib
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -123,8 +124,12 @@ def write_atomically(path: Path, blob: bytes) -> None:
         raise
 
 
-def read(path: Path, capacity: int) -> SnapshotState:
-    """Read and check a snapshot file; any problem is -32006 with the failing `stage`."""
+ModuleSource = Callable[[str], bytes]  # a module's bytes by its module_id, from where the caller keeps them
+
+
+def read(path: Path, capacity: int, module_of: ModuleSource | None = None) -> SnapshotState:
+    """Read and check a snapshot file; any problem is -32006 with the failing `stage`.
+    `module_of`: where a file that names its module without embedding it finds it (see `parse`)."""
     try:
         blob = read_bounded(path, capacity)
     except TooLarge as exc:
@@ -136,10 +141,13 @@ def read(path: Path, capacity: int) -> SnapshotState:
     except OSError as exc:
         raise InvalidSnapshotError(f"cannot read snapshot {str(path)!r}: {exc.strerror or exc}", stage="read",
                                    path=str(path)) from None
-    return parse(blob)
+    return parse(blob, module_of)
 
 
-def parse(blob: bytes) -> SnapshotState:
+def parse(blob: bytes, module_of: ModuleSource | None = None) -> SnapshotState:
+    """The file's state, checked. A module left out of the file is a runtime's bake (which the
+    restore finds), or, given `module_of`, one kept apart (the state directory keeps each module
+    once, however many VMs of it hibernate): it is read there and checked against `module_id`."""
     if len(blob) < _HEADER.size + _DIGEST_LENGTH:
         raise InvalidSnapshotError("file too short to be a snapshot", stage="format", size=len(blob))
     magic, version, body_length = _HEADER.unpack_from(blob)
@@ -161,6 +169,8 @@ def parse(blob: bytes) -> SnapshotState:
         raise InvalidSnapshotError(f"snapshot body is malformed: {exc}", stage="format") from None
     except RecursionError:  # `wasi`, say, nested deeper than the decoder can follow
         raise InvalidSnapshotError("snapshot body is nested too deeply to decode", stage="format") from None
+    if not state.module and state.runtime is None and module_of is not None:
+        state = msgspec.structs.replace(state, module=module_of(state.module_id))
     # A runtime VM's module is its runtime's bake, named by `module_id` alone (the restore makes or
     # finds it and checks that id); any other module is embedded.
     by_reference = state.runtime is not None and not state.module

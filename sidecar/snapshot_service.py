@@ -94,18 +94,7 @@ class SnapshotService:
 
     def vm_snapshot(self, params: VmSnapshotParams, reply: Completion) -> None:
         vm = self._vms.find(params.vm_id)
-        if vm.mode != "stateful" or vm.compiled.command:
-            raise InvalidParamsError("only stateful VMs that keep an instance hold state to snapshot", path="$.vm_id")
-        if vm.in_guest:
-            raise InvalidParamsError(
-                "the VM has guest frames on its stack (a call is running or waits on the host); "
-                "snapshot it when it is idle", path="$.vm_id", state="busy",
-            )
-        try:
-            instrumented = self.instrumented(vm.compiled)
-        except WasmFormatError as exc:
-            raise InvalidParamsError(f"this VM's module cannot be snapshotted: {exc}", path="$.vm_id") from None
-        snapshots.require_snapshottable(instrumented)
+        instrumented = self.snapshottable(vm)
         path = Path(params.path)
 
         def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmSnapshotResult:
@@ -125,6 +114,30 @@ class SnapshotService:
 
         vm.submit(Job(reply, work))
 
+    def snapshottable(self, vm: Vm) -> Instrumented:
+        """The instrumentation facts of a VM whose state can be captured now; -32602 if it cannot."""
+        if vm.mode != "stateful" or vm.compiled.command:
+            raise InvalidParamsError("only stateful VMs that keep an instance hold state to snapshot", path="$.vm_id")
+        if vm.in_guest:
+            raise InvalidParamsError(
+                "the VM has guest frames on its stack (a call is running or waits on the host); "
+                "snapshot it when it is idle", path="$.vm_id", state="busy",
+            )
+        try:
+            instrumented = self.instrumented(vm.compiled)
+        except WasmFormatError as exc:
+            raise InvalidParamsError(f"this VM's module cannot be snapshotted: {exc}", path="$.vm_id") from None
+        snapshots.require_snapshottable(instrumented)
+        return instrumented
+
+    def state_of(self, vm: Vm, isolate: Isolate, instrumented: Instrumented, *,
+                 embed_module: bool = True) -> SnapshotState:
+        """The `state` of an idle VM (run it as a job on the VM). Without `embed_module`, the module
+        is named by its id alone and the reader must find it (`snapshot_file.parse`)."""
+        memories, globals_ = snapshots.capture(isolate, instrumented)
+        state = self._state(vm, memories, globals_)
+        return state if embed_module else msgspec.structs.replace(state, module=b"")
+
     def vm_restore(self, params: VmRestoreParams, reply: Completion) -> None:
         self._runtime.reader.yield_reading()  # reading a file and maybe compiling: let another thread read input
         with self._vms.starting() as slot:
@@ -132,13 +145,24 @@ class SnapshotService:
 
     def _restore(self, params: VmRestoreParams, slot: Starting, reply: Completion) -> None:
         state = snapshot_file.read(Path(params.path), self._limits.runner_snapshot_bytes)
+        vm = self.resume(state, slot, reply, wasi=params.wasi, limits=params.limits or None)
+        if vm is not None:
+            log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
+
+    def resume(self, state: SnapshotState, slot: Starting, reply: Completion, *,
+               wasi: WasiSettings | msgspec.UnsetType = msgspec.UNSET, limits: dict | None = None,
+               vm_id: str | None = None, revive: Callable[[Vm], Isolate] | None = None) -> Vm | None:
+        """A live VM holding `state`, answered on `reply` (None: cancelled meanwhile). `wasi` and
+        `limits` as `vm.restore` takes them. With `revive`, the VM (of an earlier process, under its
+        old `vm_id`) starts hibernated: no instance until a job needs one, which `revive` makes."""
+        overrides = limits
         try:
-            limits = self._limits.tightened(state.limits)
-            wasi = _restored_wasi(state.wasi, params.wasi)
+            limits = self._limits.tightened(state.limits) if state.limits else self._limits
+            wasi = _restored_wasi(state.wasi, wasi)
         except (RpcError, msgspec.ValidationError) as exc:
             raise InvalidSnapshotError(f"snapshot settings do not fit this sidecar: {exc}", stage="bounds") from None
-        if params.limits:
-            limits = limits.tightened(params.limits)
+        if overrides:
+            limits = limits.tightened(overrides)
         if state.runtime is not None:
             wasi = self._runtime_view(state.runtime, wasi)
         if len(state.pending_host_calls) > limits.vm_host_calls_in_flight:
@@ -161,14 +185,12 @@ class SnapshotService:
         try:
             # As in vm.create: the engine the module is compiled for stays until the VM holds it.
             with self._engines.lease(EngineSettings.from_limits(limits)) as lease:
-                vm = self._build(slot, lease, state, limits, wasi, reply)
+                return self._build(slot, lease, state, limits, wasi, reply, vm_id, revive)
         except RpcError as exc:
             raise _as_invalid_snapshot(exc, self._limits) from None
-        if vm is not None:
-            log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
 
     def _build(self, slot: Starting, lease: EngineLease, state: SnapshotState, limits: Limits, wasi: WasiSettings,
-               reply: Completion) -> Vm | None:
+               reply: Completion, vm_id: str | None, revive: Callable[[Vm], Isolate] | None) -> Vm | None:
         """A live VM holding the snapshot's state, answered on `reply` (None: cancelled meanwhile).
         What goes wrong is told in the sidecar's own errors (an import that does not resolve, a trap
         at instantiation, a budget), which the caller turns into the file's fault."""
@@ -187,9 +209,11 @@ class SnapshotService:
                                        reasons=list(instrumented.reasons))
 
         def build(vm: Vm) -> None:
-            isolate = vm.idle_instance()
-            snapshots.apply(isolate, instrumented, state.memories, state.globals, limits)
-            isolate.refresh_memory()
+            if revive is None:
+                isolate = vm.idle_instance()
+                snapshots.apply(isolate, instrumented, state.memories, state.globals, limits)
+                isolate.refresh_memory()
+            vm.revive = revive
             vm.next_ticket = state.next_ticket
             for call in state.pending_host_calls:
                 if not vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, call.params)):
@@ -206,7 +230,7 @@ class SnapshotService:
             )
 
         return self._vms.add_vm(slot, lease, compiled, limits, state.mode, wasi, reply, answer, restore=build,
-                                runtime_name=state.runtime)
+                                runtime_name=state.runtime, vm_id=vm_id, asleep=revive is not None)
 
     def _module_of(self, state: SnapshotState, limits: Limits) -> CompiledModule:
         """The snapshot's module: the one it embeds, or (a runtime VM's) the runtime's bake, which

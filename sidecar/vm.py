@@ -80,6 +80,7 @@ class Job(msgspec.Struct, eq=False):  # identity: jobs are tracked in sets while
     reply: Completion
     work: Callable[[Vm, Isolate | None, CallState], object]
     state: CallState = msgspec.field(default_factory=CallState)
+    retires: bool = False  # its instance is closed after it, not kept (the VM hibernated)
 
     def cancel(self, hostcalls: HostCalls) -> None:
         """From any thread: stop the guest at its next tick and wake it from a host call."""
@@ -100,10 +101,13 @@ class Vm:
         runtime: Runtime,
         *,
         start: bool = True,
+        asleep: bool = False,
         runtime_name: str | None = None,
         prepare: Callable[[Isolate], None] | None = None,
     ) -> None:
-        """`start=False`: the first instance skips its start function (a restore fills it in).
+        """`start=False`: the first instance skips its start function (a restore fills it in);
+        `asleep`: it has none until a job needs it. `revive`, set while the VM is hibernated, makes
+        its next instance from the saved state (and unsets itself).
         `lease` holds the module's engine; the VM releases it once disposed and quiet.
         `runtime_name`: the sidecar-provided guest (`python`) it runs, whose instance holds an
         interpreter: one that a fault stopped mid-way is not trusted again, even in a stateful VM.
@@ -119,6 +123,8 @@ class Vm:
         self.runtime_name = runtime_name
         self._prepare = prepare
         self.calls = 0
+        self.last_used = time.monotonic()  # when the last job was submitted: hibernation goes by it
+        self.revive: Callable[[Vm], Isolate] | None = None
         self.recycles: Counter[str] = Counter()
         self.async_calls: dict[int, AsyncCall] = {}  # by ticket
         self.next_ticket = 0
@@ -132,9 +138,8 @@ class Vm:
         self._working = 0  # jobs whose work has not finished: what `busy` reports
         self._idle: list[Isolate | None] = []
         self._live: list[Isolate] = []
-        # A command (`_start`) is run fresh by every `vm.run`, so its VM keeps no instance; other
-        # VMs start one now, so that a start function that fails fails `vm.create`.
-        self._idle.append(None if compiled.command else self._spawn(start=start))
+        # A command keeps no instance (each vm.run starts afresh); others start one now: a bad start fails vm.create.
+        self._idle.append(None if compiled.command or asleep else self._spawn(start=start))
 
     @property
     def busy(self) -> bool:
@@ -158,6 +163,7 @@ class Vm:
     def submit(self, job: Job) -> None:
         """Run `job` now on this thread if the VM has room, else queue it."""
         job.reply.on_cancel = lambda: job.cancel(self.runtime.hostcalls)
+        self.last_used = time.monotonic()
         with self._lock:
             if self.disposed:
                 job.reply.error(VmNotFoundError(self.vm_id))
@@ -190,6 +196,16 @@ class Vm:
             self._close(isolate)
         self._release_engine_if_quiet()
 
+    def drop_warm(self) -> bool:
+        """A stateless VM hibernates: its idle instances (nothing to save) close; False if busy or stateful."""
+        with self._lock:
+            if self.mode != "stateless" or self._running or self.disposed:
+                return False
+            idle, self._idle = [isolate for isolate in self._idle if isolate is not None], []
+        for isolate in idle:
+            self._close(isolate)
+        return True
+
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no job runs (after `dispose`, guests stop within a tick); False on timeout."""
         with self._lock:
@@ -200,10 +216,11 @@ class Vm:
                 self._quiet_waiters -= 1
 
     def _spawn(self, *, start: bool = True) -> Isolate:
-        isolate = self.isolate_for(start=start)
+        revive = self.revive
+        isolate = self.isolate_for(start=start) if revive is None else revive(self)
         with self._lock:
             self._live.append(isolate)
-        if start and self._prepare is not None:
+        if start and revive is None and self._prepare is not None:
             self._prepare(isolate)  # before it serves: its first request then costs what later ones do
         return isolate
 
@@ -330,6 +347,9 @@ class Vm:
         are used up by calls, memory or a trap; a runtime's stateful one only by a fault."""
         if isolate is None or self.disposed:
             return isolate
+        if job.retires:
+            self._close(isolate)
+            return None
         reason = self._used_up(isolate, job)
         if reason is None:
             return isolate
