@@ -297,6 +297,7 @@ class Hibernation:
                 return
             try:
                 nap = self._sweep()
+                self._dir.empty_trash()
             except Exception as exc:  # a bug here must not end hibernation for the process
                 log.error("hibernation_sweep_failed", exc_info=exc)
                 nap = _LONGEST_NAP_S

@@ -12,6 +12,9 @@ Layout:
   (10,000 VMs of one module write it once); removed when the last of them is gone. A runtime's
   bake is not stored: a restore makes or finds it from the installation, as for any snapshot;
 - `quarantine/`: state files that failed validation, moved aside, never read again;
+- `trash/`: files on their way out. A VM that wakes renames its file here and the watcher thread
+  unlinks it later: on ext4, unlinking a file just written and fsynced costs 0.1-1 ms (freeing its
+  blocks goes through the journal), a rename 13 µs, and a wake should not pay for the former;
 - `lock`: the lock, holding the owner's pid.
 Every file is written atomically (a temporary file, fsync, rename), so a crash leaves the old file
 or the new one, never half of one; temporaries a crash left behind are removed at start.
@@ -72,7 +75,7 @@ class StateDir:
         self.private = path is None
         self.path = Path(tempfile.mkdtemp(prefix="wasm-sidecar-state-")) if path is None else path
         self._limits = limits
-        for sub in ("vms", "modules", "quarantine"):
+        for sub in ("vms", "modules", "quarantine", "trash"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -101,6 +104,7 @@ class StateDir:
         quarantined, never fatal. Leftover temporaries and unreferenced modules are removed."""
         for stray in [*self.path.glob("vms/.*"), *self.path.glob("modules/.*")]:
             stray.unlink(missing_ok=True)
+        self.empty_trash()
         found = []
         for path in sorted(self.path.glob(f"vms/*{_SUFFIX}")):
             vm_id = path.name[: -len(_SUFFIX)]
@@ -131,8 +135,8 @@ class StateDir:
                 self._hold_module(vm_id, state.module_id, len(module))
         try:
             if new_module and module is not None:
-                write_atomically(self._module_path(state.module_id), module)
-            write_atomically(self._state_path(vm_id), blob)
+                snapshot_file.write_atomically(self._module_path(state.module_id), module)
+            snapshot_file.write_atomically(self._state_path(vm_id), blob)
             os.utime(self._state_path(vm_id), (time.time(), last_used))  # what `scan` reads back
         except OSError:
             self.delete(vm_id)
@@ -157,9 +161,20 @@ class StateDir:
             self._sizes.pop(vm_id, None)
             module_id = self._module_of.pop(vm_id, None)
             orphan = module_id is not None and self._release_module(module_id)
-        self._state_path(vm_id).unlink(missing_ok=True)
+        self._discard(self._state_path(vm_id))
         if orphan and module_id is not None:
-            self._module_path(module_id).unlink(missing_ok=True)
+            self._discard(self._module_path(module_id))
+
+    def empty_trash(self) -> None:
+        """Unlink what `delete` set aside (see `trash/` above); any thread, any time."""
+        for path in self.path.glob("trash/*"):
+            path.unlink(missing_ok=True)
+
+    def _discard(self, path: Path) -> None:
+        try:
+            os.replace(path, self.path / "trash" / f"{path.name}.{time.time_ns()}")
+        except FileNotFoundError:
+            pass
 
     def quarantine(self, vm_id: str, error: RpcError) -> None:
         """Move a state file that failed validation aside (logged and counted): never read again."""
@@ -177,6 +192,8 @@ class StateDir:
         """Release the lock; a private directory goes with it."""
         if self.private:
             shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            self.empty_trash()
         os.close(self._lock_fd)
 
     def _hold_module(self, vm_id: str, module_id: str, size: int) -> None:
@@ -210,6 +227,3 @@ class StateDir:
             raise ValueError(f"not a module id: {module_id!r}")
         return self.path / "modules" / f"{digest}.wasm"
 
-
-def write_atomically(path: Path, blob: bytes) -> None:
-    snapshot_file.write_atomically(path, blob)
