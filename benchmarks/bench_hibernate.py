@@ -161,9 +161,11 @@ def python_sessions(args: argparse.Namespace, scratch: Path) -> None:
         return
 
     def sessions(peer: Peer, count: int) -> list[str]:
-        vm_ids = [peer.result("vm.create", {"runtime": "python"})["vm_id"] for _ in range(count)]
-        for n, vm_id in enumerate(vm_ids):
-            peer.result("vm.eval", {"vm_id": vm_id, "code": f"import json\nname = 'session-{n}'\ndata = list(range({n}))"})
+        vm_ids = []
+        for n in range(count):
+            vm_ids.append(peer.result("vm.create", {"runtime": "python"})["vm_id"])
+            code = f"import json\nname = 'session-{n}'\ndata = list(range({n}))"
+            peer.result("vm.eval", {"vm_id": vm_ids[-1], "code": code})
         return vm_ids
 
     base = sidecar(scratch)

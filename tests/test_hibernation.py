@@ -159,7 +159,6 @@ async def test_vms_of_one_module_store_it_once(tmp_path) -> None:
 
 async def test_an_orderly_exit_keeps_idle_vms_and_the_next_process_wakes_them_under_their_ids(tmp_path) -> None:
     state, log = tmp_path / "state", tmp_path / "log"
-    host = ManualHost.__new__(ManualHost)  # placeholder so the name exists for the second process
     async with sidecar(state, log) as client:
         counters = {await counter(client, n): n for n in (3, 7)}
         waiter = (await rpc(client, "vm.create", {"wat": WAITER}))["vm_id"]
@@ -180,6 +179,23 @@ async def test_an_orderly_exit_keeps_idle_vms_and_the_next_process_wakes_them_un
         await until_result(client, waiter, "answers", 1)
         fresh = await counter(client, 0)
         assert fresh not in listed and int(fresh.removeprefix("vm-")) > max(int(v[3:]) for v in listed)
+
+
+@pytest.mark.parametrize("ending", ["end_of_input", "sigterm"])
+async def test_every_orderly_exit_hibernates_idle_vms_first(tmp_path, ending: str) -> None:
+    state, log = tmp_path / "state", tmp_path / "log"
+    async with sidecar(state, log) as client:
+        vm_id = await counter(client, 4)
+        assert client.process is not None
+        if ending == "sigterm":
+            client.process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(WAIT):
+                assert await client.process.wait() == 0
+    [event] = events(log, "vms_hibernated_at_exit")
+    assert event["vms"] == 1
+
+    async with sidecar(state, log) as client:
+        assert (await call(client, vm_id, "next"))["results"] == [5]
 
 
 async def test_after_a_sigkill_every_hibernated_vm_comes_back_and_resident_ones_are_lost(tmp_path) -> None:
