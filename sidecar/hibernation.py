@@ -109,6 +109,7 @@ class Hibernation:
         self._dir = state_dir
         self._lock = threading.Lock()
         self._resident: dict[str, Vm] = {}  # candidates to hibernate: resident stateful VMs, all stateless ones
+        self._chosen: set[str] = set()  # being hibernated by some thread: not chosen again meanwhile
         self.hibernations = 0
         self.wakes = 0
         self._stopping = False
@@ -183,9 +184,8 @@ class Hibernation:
         used = vm.last_used  # submitting the job is no use of the VM
 
         def work(vm: Vm, isolate: Isolate | None, _: CallState) -> Empty:
-            assert isolate is not None
-            if vm.revive is not None:
-                return Empty()  # hibernated meanwhile
+            if isolate is None:
+                return Empty()  # hibernated meanwhile (by another thread's job)
             state = self._snapshots.state_of(vm, isolate, instrumented, embed_module=False)
             wall = time.time() - (time.monotonic() - used)
             try:
@@ -206,7 +206,7 @@ class Hibernation:
             log.info("vm_hibernated", vm_id=vm.vm_id, state_bytes=added)
             return Empty()
 
-        job = Job(reply, work)
+        job = Job(reply, work, hibernates=True)
         vm.submit(job)
 
     def _revive(self, vm: Vm) -> Isolate:
@@ -254,6 +254,10 @@ class Hibernation:
             if done:
                 self._count_stateless(vm)
             return done
+        with self._lock:
+            if vm.vm_id in self._chosen:
+                return False  # another thread is at it
+            self._chosen.add(vm.vm_id)
         outcome = Outcome("vm.hibernate")
         try:
             self._put_to_sleep(vm, outcome)
@@ -267,6 +271,9 @@ class Hibernation:
         except RpcError as exc:
             log.debug("vm_hibernation_failed", vm_id=vm.vm_id, kind=exc.kind, error=exc.message)
             return False
+        finally:
+            with self._lock:
+                self._chosen.discard(vm.vm_id)
         return True
 
     def _count_stateless(self, vm: Vm) -> None:
@@ -283,8 +290,8 @@ class Hibernation:
 
     def _least_recently_used(self, count: int, sparing: Vm | None = None) -> list[Vm]:
         with self._lock:
-            idle = [vm for vm in self._resident.values()
-                    if vm is not sparing and resident(vm) and not vm.busy and not vm.disposed]
+            idle = [vm for vm in self._resident.values() if vm is not sparing and vm.vm_id not in self._chosen
+                    and resident(vm) and not vm.busy and not vm.disposed]
         return sorted(idle, key=lambda vm: vm.last_used)[:count]
 
     def _watch(self) -> None:

@@ -81,6 +81,7 @@ class Job(msgspec.Struct, eq=False):  # identity: jobs are tracked in sets while
     work: Callable[[Vm, Isolate | None, CallState], object]
     state: CallState = msgspec.field(default_factory=CallState)
     retires: bool = False  # its instance is closed after it, not kept (the VM hibernated)
+    hibernates: bool = False  # a hibernation: on a VM asleep already it runs without an instance
 
     def cancel(self, hostcalls: HostCalls) -> None:
         """From any thread: stop the guest at its next tick and wake it from a host call."""
@@ -288,7 +289,7 @@ class Vm:
     def _drain(self, job: Job | None, isolate: Isolate | None) -> None:
         while job is not None:
             try:
-                if isolate is None and not self.compiled.command:
+                if isolate is None and not self.compiled.command and not (job.hibernates and self.revive):
                     isolate = self._spawn()
             except RpcError as exc:  # e.g. a start function that traps: this job fails, the VM lives
                 job.reply.error(exc)
@@ -381,8 +382,7 @@ class Vm:
 
     def _release_engine_if_quiet(self) -> None:
         """Once disposed with no job running and no store open, nothing of this VM needs its engine
-        ticked any more (a running guest does: a dispose stops it at its next tick). Whichever
-        thread sees that last releases the lease; releasing twice is harmless."""
+        ticked (a running guest does: a dispose stops it at its next tick). Releasing twice is harmless."""
         with self._lock:
             quiet = self.disposed and not self._running and not self._live
         if quiet:
