@@ -110,6 +110,8 @@ class Hibernation:
         self._lock = threading.Lock()
         self._resident: dict[str, Vm] = {}  # candidates to hibernate: resident stateful VMs, all stateless ones
         self._chosen: set[str] = set()  # being hibernated by some thread: not chosen again meanwhile
+        # Refused by runner_state_bytes, with the VM's last use then: not tried again until used again.
+        self._refused: dict[str, float] = {}
         self.hibernations = 0
         self.wakes = 0
         self._stopping = False
@@ -157,6 +159,7 @@ class Hibernation:
     def disposed(self, vm: Vm) -> None:
         with self._lock:
             self._resident.pop(vm.vm_id, None)
+            self._refused.pop(vm.vm_id, None)
         self._dir.delete(vm.vm_id)
 
     # -- vm.hibernate ------------------------------------------------------------------------
@@ -269,6 +272,9 @@ class Hibernation:
                 log.info("vm_stays_resident", vm_id=vm.vm_id, reason=exc.message)
             return False
         except RpcError as exc:
+            if exc.details.get("limit") == "runner_state_bytes":
+                with self._lock:
+                    self._refused[vm.vm_id] = vm.last_used
             log.debug("vm_hibernation_failed", vm_id=vm.vm_id, kind=exc.kind, error=exc.message)
             return False
         finally:
@@ -290,9 +296,13 @@ class Hibernation:
 
     def _least_recently_used(self, count: int, sparing: Vm | None = None) -> list[Vm]:
         with self._lock:
-            idle = [vm for vm in self._resident.values() if vm is not sparing and vm.vm_id not in self._chosen
-                    and resident(vm) and not vm.busy and not vm.disposed]
+            idle = [vm for vm in self._resident.values() if vm is not sparing and self._may_try(vm)]
         return sorted(idle, key=lambda vm: vm.last_used)[:count]
+
+    def _may_try(self, vm: Vm) -> bool:
+        """Whether to hibernate `vm` now, if chosen (under the lock)."""
+        return (vm.vm_id not in self._chosen and self._refused.get(vm.vm_id) != vm.last_used and resident(vm)
+                and not vm.busy and not vm.disposed)
 
     def _watch(self) -> None:
         """The watcher thread: makes room past the cap and hibernates VMs whose idle time passed."""
@@ -316,13 +326,14 @@ class Hibernation:
         due = self._least_recently_used(over) if over > 0 else []
         nap, now = _LONGEST_NAP_S, time.monotonic()
         with self._lock:
-            timed = [vm for vm in self._resident.values() if vm.limits.vm_hibernate_idle_ms and resident(vm)]
-        for vm in timed:
+            timed = [(vm, self._may_try(vm)) for vm in self._resident.values()
+                     if vm.limits.vm_hibernate_idle_ms and resident(vm)]
+        for vm, may in timed:
             idle_s = vm.limits.vm_hibernate_idle_ms / 1000
             left = vm.last_used + idle_s - now
-            if left <= 0 and not vm.busy:
+            if left <= 0 and may:
                 due.append(vm)
-            else:  # a busy VM is looked at again a quarter of its idle time later
+            elif left > 0 or vm.busy:  # a busy VM is looked at again a quarter of its idle time later
                 nap = min(nap, left if left > 0 else idle_s / 4)
         for vm in dict.fromkeys(due):
             if self._stopping:

@@ -109,15 +109,18 @@ def encode(state: SnapshotState) -> bytes:
     return _HEADER.pack(MAGIC, FORMAT_VERSION, len(body)) + body + hashlib.sha256(body).digest()
 
 
-def write_atomically(path: Path, blob: bytes) -> None:
-    """A temporary file in the same directory renamed over `path`: readers never see half a file."""
+def write_atomically(path: Path, blob: bytes, *, durable: bool = True) -> None:
+    """A temporary file in the same directory renamed over `path`: readers never see half a file.
+    `durable`: flushed to the disk before the rename, so that a crash of the machine leaves the old
+    file or the new one whole (a file that dies with the process needs no fsync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(blob)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

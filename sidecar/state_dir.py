@@ -17,7 +17,9 @@ Layout:
   blocks goes through the journal), a rename 13 µs, and a wake should not pay for the former;
 - `lock`: the lock, holding the owner's pid.
 Every file is written atomically (a temporary file, fsync, rename), so a crash leaves the old file
-or the new one, never half of one; temporaries a crash left behind are removed at start.
+or the new one, never half of one; temporaries a crash left behind are removed at start. A private
+directory dies with the process, so its files skip the fsync: it made a hibernation cost ~1.3 ms
+instead of ~0.3, and made removing 3,000 files at exit take 3.1 s on ext4 instead of a tenth.
 
 Thread-safe: the accounting is under one lock; each VM's file is written by one thread at a time
 (the hibernation service's rule). Knows nothing about VMs beyond their ids and snapshot states.
@@ -135,8 +137,8 @@ class StateDir:
                 self._hold_module(vm_id, state.module_id, len(module))
         try:
             if new_module and module is not None:
-                snapshot_file.write_atomically(self._module_path(state.module_id), module)
-            snapshot_file.write_atomically(self._state_path(vm_id), blob)
+                snapshot_file.write_atomically(self._module_path(state.module_id), module, durable=not self.private)
+            snapshot_file.write_atomically(self._state_path(vm_id), blob, durable=not self.private)
             os.utime(self._state_path(vm_id), (time.time(), last_used))  # what `scan` reads back
         except OSError:
             self.delete(vm_id)
