@@ -184,13 +184,12 @@ class Hibernation:
         """A job on the stateful `vm` that writes its state and retires its instance; it ends
         `reply` with `{}` or the reason the VM stays resident."""
         instrumented = self._snapshots.snapshottable(vm)
-        used = vm.last_used  # submitting the job is no use of the VM
 
         def work(vm: Vm, isolate: Isolate | None, _: CallState) -> Empty:
             if isolate is None:
                 return Empty()  # hibernated meanwhile (by another thread's job)
             state = self._snapshots.state_of(vm, isolate, instrumented, embed_module=False)
-            wall = time.time() - (time.monotonic() - used)
+            wall = time.time() - (time.monotonic() - vm.last_used)
             try:
                 added = self._dir.save(vm.vm_id, state, None if vm.runtime_name else vm.compiled.source, wall)
             except StateFull as exc:
@@ -198,7 +197,6 @@ class Hibernation:
             except OSError as exc:
                 raise InternalError(f"cannot write the state directory: {exc.strerror or exc}",
                                     vm_id=vm.vm_id) from None
-            vm.last_used = used
             vm.revive = self._revive
             job.retires = True
             if vm.disposed:  # disposed while it was written: its dispose may have looked before the file existed

@@ -164,7 +164,8 @@ class Vm:
     def submit(self, job: Job) -> None:
         """Run `job` now on this thread if the VM has room, else queue it."""
         job.reply.on_cancel = lambda: job.cancel(self.runtime.hostcalls)
-        self.last_used = time.monotonic()
+        if not job.hibernates:  # the one job that is no use of the VM
+            self.last_used = time.monotonic()
         with self._lock:
             if self.disposed:
                 job.reply.error(VmNotFoundError(self.vm_id))
@@ -381,8 +382,7 @@ class Vm:
         return None
 
     def _release_engine_if_quiet(self) -> None:
-        """Once disposed with no job running and no store open, nothing of this VM needs its engine
-        ticked (a running guest does: a dispose stops it at its next tick). Releasing twice is harmless."""
+        """Disposed, no job running, no store open: nothing needs its engine ticked; releasing twice is harmless."""
         with self._lock:
             quiet = self.disposed and not self._running and not self._live
         if quiet:

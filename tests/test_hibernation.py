@@ -316,6 +316,25 @@ async def test_past_runner_state_bytes_a_vm_stays_resident_and_the_limit_is_name
     assert [event["limit"] for event in events(log, "limit_exhausted")] == ["runner_state_bytes"]
 
 
+async def test_a_vm_the_disk_bound_refused_stays_resident_and_is_not_tried_again_until_used(tmp_path) -> None:
+    log = tmp_path / "log"
+    env = {"SIDECAR_RUNNER_STATE_BYTES": "1 KiB", "SIDECAR_RUNNER_RESIDENT_VMS": "1"}
+    async with sidecar(None, log, env) as client:
+        first = await counter(client, 1)
+        second = await counter(client, 1)  # past the cap: `first` is refused by the disk bound
+
+        async def refusals(count: int) -> bool:
+            return len(events(log, "limit_exhausted")) >= count
+
+        await until(lambda: refusals(1), WAIT)
+        await counter(client, 1)  # past the cap again: only `second` is tried; `first` was not used since
+        await until(lambda: refusals(2), WAIT)
+        await rpc(client, "ping")
+        assert [event["vm_id"] for event in events(log, "limit_exhausted")] == [first, second]
+        assert all(vm["resident"] for vm in (await rpc(client, "vm.list"))["vms"])
+        assert (await rpc(client, "sidecar.stats"))["hibernations"] == 0
+
+
 async def test_a_stateless_vm_hibernates_by_dropping_its_warm_instances(tmp_path) -> None:
     async with sidecar(None, tmp_path / "log") as client:
         vm_id = (await rpc(client, "vm.create", {"wat": SECRET, "mode": "stateless"}))["vm_id"]
