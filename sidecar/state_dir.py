@@ -48,6 +48,7 @@ from .snapshot_file import SnapshotState
 log = structlog.get_logger()
 STATE_DIR_ENV = "SIDECAR_STATE_DIR"
 _SUFFIX = ".state"
+_PRIVATE_PREFIX = "wasm-sidecar-state-"
 
 
 class StateDirBusy(Exception):
@@ -75,7 +76,9 @@ class StateDir:
     def __init__(self, path: Path | None, limits: Limits) -> None:
         """`path` None: a private directory, removed by `close`. Raises `StateDirBusy`."""
         self.private = path is None
-        self.path = Path(tempfile.mkdtemp(prefix="wasm-sidecar-state-")) if path is None else path
+        if path is None:
+            _remove_orphans()
+        self.path = Path(tempfile.mkdtemp(prefix=_PRIVATE_PREFIX)) if path is None else path
         self._limits = limits
         for sub in ("vms", "modules", "quarantine", "trash"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
@@ -229,3 +232,33 @@ class StateDir:
             raise ValueError(f"not a module id: {module_id!r}")
         return self.path / "modules" / f"{digest}.wasm"
 
+
+def _remove_orphans() -> None:
+    """Remove the private directories of sidecars that died without removing theirs (a SIGKILL).
+    One is an orphan when its lock is free and names a pid that no longer runs: an owner writes
+    its pid only once it holds the lock, so a directory still being set up is never taken."""
+    for candidate in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*"):
+        try:
+            fd = os.open(candidate / "lock", os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if owner.isdigit() and not _running(int(owner)):
+                shutil.rmtree(candidate, ignore_errors=True)
+                log.info("state_dir_orphan_removed", state_dir=str(candidate), pid=int(owner))
+        except OSError:
+            pass  # held: its sidecar lives
+        finally:
+            os.close(fd)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -217,6 +217,23 @@ async def test_after_a_sigkill_every_hibernated_vm_comes_back_and_resident_ones_
         assert lost != kept
 
 
+async def test_a_private_state_directory_left_by_a_killed_sidecar_is_removed_by_the_next(tmp_path) -> None:
+    env = {"TMPDIR": str(tmp_path)}
+    async with sidecar(None, tmp_path / "log", env) as client:
+        await hibernate(client, await counter(client, 1))
+        [orphan] = list(tmp_path.glob("wasm-sidecar-state-*"))
+        assert client.process is not None
+        client.process.send_signal(signal.SIGKILL)
+        with anyio.fail_after(WAIT):
+            await client.process.wait()
+    assert orphan.exists()
+    async with sidecar(None, tmp_path / "log", env) as client:
+        await rpc(client, "ping")  # serving: its services, and so its state directory, exist
+        [own] = list(tmp_path.glob("wasm-sidecar-state-*"))  # the live one's only
+        assert own != orphan and not orphan.exists()
+    assert not list(tmp_path.glob("wasm-sidecar-state-*"))  # an orderly exit removes its own
+
+
 async def test_a_second_sidecar_on_a_locked_state_directory_exits_2_with_a_clear_error(tmp_path) -> None:
     state = tmp_path / "state"
     async with sidecar(state, tmp_path / "log") as client:
