@@ -1,6 +1,9 @@
 """Snapshots of a VM with 64 MiB of mostly-zero memory: file sizes, snapshot and restore times,
 a restore in a fresh process against rebuilding the state there, and our `wasm` format against
-Wizer's output for the same module and state.
+Wizer's output for the same module and state. Issue 15's two `vm.snapshot` rows (64 MiB mostly
+zero, 64 MiB dense) print beside the floors measured in this run by this process: a `ping` round
+trip, reading 64 MiB (a zero scan at memory bandwidth), SHA-256 of 64 MiB, and writing the same
+number of bytes to a file in the same directory with the fsync the sidecar does.
 
 Run: `python benchmarks/bench_snapshots.py [--runs N] [--pages P] [--wizer PATH | --no-wizer]`.
 Every sidecar is a real `python -m sidecar` process on a raw pipe (`harness.Peer`), with its own
@@ -16,6 +19,7 @@ without `--wizer` the script installs it into a temporary directory with
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
@@ -57,6 +61,7 @@ GUEST = """
     (global.get $count))
   (func (export "seed") (result i64) (global.get $seed))
   (func (export "pages") (result i32) (memory.size))
+  (func (export "fill") (memory.fill (i32.const 0) (i32.const 0x5a) (i32.mul (memory.size) (i32.const 65536))))
   (func (export "probe") (param i32) (result i32) (i32.load (local.get 0))))
 """
 
@@ -95,6 +100,36 @@ def fresh_process_samples(runs: int, cache_dir: Callable[[], Path], work: Callab
         finally:
             sidecar.close()
     return samples
+
+
+def floor_ms(runs: int, work: Callable[[], object]) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        work()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """What the sidecar's write costs at least: the bytes to a new file, fsync, rename."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("wb", buffering=0) as handle:
+        handle.write(data)  # unbuffered: one write call for all of it
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def floors(runs: int, size: int, small: int, scratch: Path) -> dict[str, list[float]]:
+    """The machine's floors for a snapshot of `size` bytes of memory (a `small` file when sparse)."""
+    dense = bytes([0x5A]) * size
+    zeros = bytearray(size)  # touched, as a live linear memory's pages are after the first scan
+    return {
+        "read": floor_ms(runs, lambda: zeros.find(1)),  # memchr over it: reading at memory bandwidth
+        "sha256": floor_ms(runs, lambda: hashlib.sha256(dense).digest()),
+        "write": floor_ms(runs, lambda: write_synced(scratch / "floor.dense", dense)),
+        "write_small": floor_ms(runs, lambda: write_synced(scratch / "floor.small", dense[:small])),
+    }
 
 
 def behaviour(wasm: bytes) -> dict[str, Any]:
@@ -185,8 +220,33 @@ def main() -> None:
                 sidecar.call("vm.dispose", {"vm_id": result["vm_id"]})
             check, _ = sidecar.call("vm.call", {"vm_id": vm, "export": "probe", "args": [args.pages * 65536 - 4]})
             assert check["results"] == [0x600DCAFE], check
+            dense_vm = sidecar.call("vm.create", {"module_id": loaded["module_id"]})[0]["vm_id"]
+            sidecar.call("vm.call", {"vm_id": dense_vm, "export": INIT})
+            sidecar.call("vm.call", {"vm_id": dense_vm, "export": "fill"})
+            dense_ms, ping_ms = [], []
+            for _ in range(args.runs):
+                ping_ms.append(sidecar.call("ping")[1])
+                result, elapsed = sidecar.call("vm.snapshot", {"vm_id": dense_vm, "path": str(scratch / "dense.state")})
+                dense_ms.append(elapsed)
+                dense_size = result["size_bytes"]
+            sidecar.call("vm.dispose", {"vm_id": dense_vm})
+            (scratch / "dense.state").unlink()
         finally:
             sidecar.close()
+
+        floor = floors(args.runs, args.pages * 65536, state_size, scratch)
+        print("\nIssue 15's vm.snapshot rows, each beside its floor measured in this run")
+        row("ping round trip (the request's own cost)", median(ping_ms))
+        row(f"read {size_mib:.0f} MiB in this process (memchr: memory bandwidth)", median(floor["read"]))
+        row(f"write {state_size} bytes + fsync + rename in this process", median(floor["write_small"]))
+        row(f"vm.snapshot, {size_mib:.0f} MiB mostly zero (target <= 10 ms)", median(snap_ms))
+        row(f"SHA-256 of {size_mib:.0f} MiB in this process", median(floor["sha256"]))
+        row(f"write {size_mib:.0f} MiB + fsync + rename in this process", median(floor["write"]))
+        row(f"vm.snapshot, {size_mib:.0f} MiB dense, {dense_size} bytes (target <= 150 ms)", median(dense_ms))
+        write_floor = statistics.median(floor["write"])
+        row("  dense snapshot / (write + fsync floor)", f"{statistics.median(dense_ms) / write_floor:8.2f}x")
+        row("  dense snapshot / (write + fsync + one SHA-256 floor)",
+            f"{statistics.median(dense_ms) / (write_floor + statistics.median(floor['sha256'])):8.2f}x")
 
         print("\nIn one process")
         row("module.load (first in the process: engine + compile)",

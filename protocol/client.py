@@ -33,6 +33,7 @@ import anyio
 import anyio.abc
 import msgspec
 
+from .client_calls import SidecarCalls
 from .correlator import Correlator, Delivered, DropReason, Pending
 from .envelope import ErrorObject, Notification, Request, RequestId, Response, encode
 from .framing import LineFramer
@@ -44,6 +45,9 @@ CLIENT_FRAME_BOUND = 1 << 30  # the host trusts its sidecar; this only stops run
 # `unmatched` ones; past it the oldest are forgotten (and still count as `stale`).
 CLIENT_COMPLETED_IDS = 1024
 _OWNER = "host"  # the correlator groups calls by owner; every call of this client has the same
+# How long a given-up request's `$/cancelRequest` may wait for the pipe: only a sidecar that stopped
+# reading makes it wait at all, and then the request is given up without it.
+CANCEL_SEND_WAIT_S = 5
 
 
 class RemoteError(Exception):
@@ -126,7 +130,9 @@ class PendingResult:
         self._give_up()
 
 
-class SidecarClient:
+class SidecarClient(SidecarCalls):
+    """The host's side of one connection; the typed operations (`call`, `eval`, ...) are `SidecarCalls`'."""
+
     def __init__(
         self,
         send_stream: anyio.abc.ByteSendStream,
@@ -145,6 +151,7 @@ class SidecarClient:
         self._other_in, self.unsolicited = anyio.create_memory_object_stream[Any](math.inf)
         self.closed = anyio.Event()
         self.process: anyio.abc.Process | None = None  # set when `spawn` started the sidecar
+        self._frame_bound: dict[str, Any] | None = None  # `protocol_frame_bytes`, once `initialize` told it
 
     @classmethod
     @asynccontextmanager
@@ -201,12 +208,22 @@ class SidecarClient:
     async def request(self, method: str, params: Any = None, *, timeout_s: float | None = None) -> Any:
         """Send a request and wait for its result; raise `RemoteError` for an error response.
 
-        `timeout_s` bounds sending and waiting together (`TimeoutError`). Giving up does not
-        stop the work in the sidecar: use `start_request` and `cancel` for that.
+        `timeout_s` bounds sending and waiting together (`TimeoutError`). A wait cut short, by
+        `timeout_s` or by cancelling the calling scope, sends `$/cancelRequest`, so the sidecar
+        stops the work too (a `start_request` result is given up without it: `cancel` is apart).
         """
         with anyio.fail_after(timeout_s):
-            _, result = await self.start_request(method, params)
-            return await result()
+            request_id, result = await self.start_request(method, params)
+            try:
+                answer = await result()
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_SEND_WAIT_S):
+                    await self._cancel_quietly(request_id)
+                raise
+        if method == "initialize" and isinstance(answer, dict):
+            self._frame_bound = next((row for row in answer.get("limits", ())
+                                      if row.get("name") == "protocol_frame_bytes"), None)
+        return answer
 
     async def start_request(self, method: str, params: Any = None) -> tuple[str, PendingResult]:
         """Send now, wait later: returns the id (for `cancel`) and the result to await."""
@@ -214,7 +231,9 @@ class SidecarClient:
         pending = self._correlator.issue(_OWNER, method, None, _Waiter())
         result = PendingResult(self, pending)
         try:
-            await self.send_frame(encode(Request(id=pending.id, method=method, params=_params(params))))
+            frame = encode(Request(id=pending.id, method=method, params=_params(params)))
+            self._refuse_oversized(frame)
+            await self.send_frame(frame)
         except BaseException:
             result.close()
             raise
@@ -222,12 +241,35 @@ class SidecarClient:
             _wake_closed(pending)  # the read loop ended, and woke what was pending, before this was sent
         return pending.id, result
 
+    def _refuse_oversized(self, frame: bytes) -> None:
+        """The sidecar's own refusal of a frame over `protocol_frame_bytes`, made here: it answers
+        such a frame with id null (it cannot read the id), so the request would never settle."""
+        bound, observed = self._frame_bound, len(frame.rstrip(b"\r\n"))
+        if bound is not None and observed > bound["value"]:
+            raise RemoteError(-32600, f"frame larger than protocol_frame_bytes ({bound['value']} bytes)", {
+                "kind": "invalid_request", "limit": bound["name"], "env": bound.get("env"),
+                "capacity": bound["value"], "observed": observed})
+
     async def notify(self, method: str, params: Any = None) -> None:
         await self.send_frame(encode(Notification(method=method, params=_params(params))))
 
     async def cancel(self, request_id: RequestId) -> None:
         """Ask the sidecar to end a request: its result then raises `RemoteError` -32800."""
         await self.notify("$/cancelRequest", {"id": request_id})
+
+    async def _cancel_quietly(self, request_id: RequestId) -> None:
+        try:
+            await self.cancel(request_id)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the sidecar is gone, and the work with it
+
+    def on_host_call(self, handler: HostHandler | None) -> None:
+        """Answer the sidecar's `host.call`s with `handler(vm_id, method, params)` from now on.
+
+        Its return value is the result; raising `HostError` answers with that error, any other
+        exception with -32603 and its repr. Without a handler every call is answered -32601.
+        """
+        self._host_handler = handler
 
     def statistics(self) -> ClientStatistics:
         return ClientStatistics(len(self._correlator), dict(self._dropped))

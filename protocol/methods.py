@@ -156,7 +156,16 @@ def params_decoder(method: str) -> msgspec.json.Decoder:
     spec = METHODS.get(method)
     if spec is None:
         raise MethodNotFoundError(f"unknown method {method!r}", method=method)
-    return _decoders[spec.params]
+    return decoder_for(spec.params)
+
+
+def decoder_for(params: type) -> msgspec.json.Decoder:
+    """The shared decoder for a params type, of this contract's methods or another method table's
+    (the MCP front's): one per type for the life of the process."""
+    decoder = _decoders.get(params)
+    if decoder is None:
+        decoder = _decoders[params] = msgspec.json.Decoder(params)
+    return decoder
 
 
 __all__ = [
@@ -177,6 +186,7 @@ __all__ = [
     "LimitRow",
     "LimitsResult",
     "MethodSpec",
+    "decoder_for",
     "ModuleLoadParams",
     "ModuleLoadResult",
     "PeerInfo",

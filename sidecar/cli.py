@@ -1,5 +1,5 @@
-"""Command line: `wasm-sidecar` serves on stdio; `limits ...` shows the inventory; `runtime ...`
-installs and lists runtimes.
+"""Command line: `wasm-sidecar` serves on stdio; `mcp` serves MCP on stdio; `limits ...` shows the
+inventory; `runtime ...` installs and lists runtimes.
 
 Owns argument parsing and process setup (logging, limits, stdio, the event loop). The daemon
 itself is assembled in `sidecar.app`.
@@ -24,6 +24,7 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 _MMAP_FROM = 128 << 10  # glibc's initial threshold, kept
 
 USAGE = """wasm-sidecar [serve] [--state-dir DIR]  serve JSON-RPC 2.0 on stdin/stdout (the default)
+       wasm-sidecar mcp               serve the Model Context Protocol on stdin/stdout (Python tools)
        wasm-sidecar limits [--json | --markdown | --audit]
        wasm-sidecar runtime install NAME [--work-dir DIR] [--force] | runtime list [--json]
        wasm-sidecar --version | --help"""
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"wasm-sidecar {__version__}")
     parser.add_argument(
-        "command", nargs="?", default="serve", choices=["serve", "limits", "runtime"], help=argparse.SUPPRESS
+        "command", nargs="?", default="serve", choices=["serve", "mcp", "limits", "runtime"], help=argparse.SUPPRESS
     )
     parser.add_argument("--state-dir", help="where hibernated VMs live, kept across restarts and locked by one "
                         f"process (default: ${STATE_DIR_ENV}, else a private directory removed at exit)")
@@ -56,13 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime_cli import main as runtime_main
 
         return runtime_main(args[1:])
-    state_dir = _parser().parse_args(args).state_dir or os.environ.get(STATE_DIR_ENV) or None
-    return serve(Path(state_dir) if state_dir else None)
+    parsed = _parser().parse_args(args)
+    state_dir = parsed.state_dir or os.environ.get(STATE_DIR_ENV) or None
+    return serve(mcp=parsed.command == "mcp", state_path=Path(state_dir) if state_dir else None)
 
 
-def serve(state_path: Path | None = None) -> int:
-    """Serve on stdio; 2 when the state directory is another process's (or cannot be made)."""
-    from .app import build_server
+def serve(*, mcp: bool = False, state_path: Path | None = None) -> int:
+    """Serve on stdio until the session ends: the daemon's contract, or (`mcp`) MCP's; 2 when the
+    state directory is another process's (or cannot be made)."""
+    from .app import build_mcp_server, build_server
     from .limits import process_limits
     from .state_dir import StateDir, StateDirBusy
     from .transport import claim_stdio, nonblocking
@@ -78,7 +81,10 @@ def serve(state_path: Path | None = None) -> int:
             log.error("state_dir_unusable", state_dir=str(state_path), error=str(exc))
             return 2
     in_fd, out_fd = claim_stdio()
-    server = build_server(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
+    if mcp:
+        server = build_mcp_server(in_fd, out_fd, limits, handle_signals=True)
+    else:
+        server = build_server(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
     with nonblocking(out_fd):
         return anyio.run(server.run)
 

@@ -11,7 +11,7 @@ decides when it is written. Knows nothing about VMs or what methods do.
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ from protocol.errors import (
     env_var_for,
 )
 from protocol.framing import OversizedLine
-from protocol.methods import METHODS, MethodSpec, params_decoder
+from protocol.methods import METHODS, MethodSpec, decoder_for
 
 from .limits import Limits
 
@@ -92,19 +92,21 @@ class Reply:
     def error(self, error: RpcError) -> None:
         self._complete(None, error)
 
-    def cancel(self) -> None:
-        if self._complete(None, RequestCancelledError(f"request {self.id!r} was cancelled", id=self.id)):
+    def cancel(self, *, answer: bool = True) -> None:
+        """End the request with -32800 (`answer` false: with no response at all, as MCP wants)."""
+        cancelled = RequestCancelledError(f"request {self.id!r} was cancelled", id=self.id)
+        if self._complete(None, cancelled, silent=not answer):
             hook = self.on_cancel
             if hook is not None:
                 hook()
 
-    def _complete(self, value: Any, error: RpcError | None) -> bool:
+    def _complete(self, value: Any, error: RpcError | None, *, silent: bool = False) -> bool:
         with self._lock:
             if self.done:
                 return False
             self.done = True
         self._finished(self)  # before the answer leaves: a host that sees it sees the request done
-        if self.id is None:  # a notification: the work happened, nobody hears about it
+        if self.id is None or silent:  # a notification, or a silent cancel: nobody hears about it
             self._send(None)
         else:
             self._send(_encode_response(self.id, value, error))
@@ -155,8 +157,11 @@ class Dispatcher:
         answer: Callable[[bytes], None],
         portal: BlockingPortal,
         deliver_response: Callable[..., bool],
+        methods: Mapping[str, MethodSpec] = METHODS,
     ) -> None:
+        """`methods`: the method table routes are declared in (the MCP front has its own)."""
         self._limits = limits
+        self._methods = methods
         self._deliver = answer  # `Intake.answer`: from any thread; the intake batches the leader's
         self._portal = portal
         # `HostCalls.deliver(response, unless_guest=...)`: an async call's answer runs the guest's callback
@@ -177,7 +182,8 @@ class Dispatcher:
         return list(self._routes)
 
     def route(self, method: str, kind: RouteKind, handler: Callable[..., Any]) -> None:
-        self._routes[method] = Route(kind, handler, METHODS[method], params_decoder(method))
+        spec = self._methods[method]
+        self._routes[method] = Route(kind, handler, spec, decoder_for(spec.params))
 
     def handle_if_cheap(self, line: bytes | OversizedLine) -> bool:
         """Handle `line` now if that is quick and never runs a guest (an answer to a blocking
@@ -247,11 +253,11 @@ class Dispatcher:
         for item in items:
             self._handle_item(item, batch)
 
-    def cancel(self, request_id: RequestId) -> bool:
+    def cancel(self, request_id: RequestId, *, answer: bool = True) -> bool:
         reply = self._in_flight.get(request_id)
         if reply is None:
             return False
-        reply.cancel()
+        reply.cancel(answer=answer)
         return True
 
     def cancel_all(self) -> None:

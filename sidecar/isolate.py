@@ -105,7 +105,8 @@ class Isolate:
             linker.define_wasi()
             self.store.set_wasi(wasi if wasi is not None else wasmtime.WasiConfig())
         self._wait_serving = runtime.reader.wait_serving
-        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, self._wait_for_host, issue_async, refuse_host_calls)
+        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, self._wait_for_host, issue_async,
+                            refuse_host_calls or runtime.refuse_host_calls)
         self.abi.define(linker)
         set_deadline_callback(self.store, self._decide)
         try:

@@ -43,7 +43,7 @@ _SCALES: dict[str, dict[str, int]] = {
 # Dimensionless units: the name only says what is counted, so values are bare numbers.
 COUNT_UNITS = frozenset(
     {"count", "requests", "ids", "fuel", "calls", "elements", "instances", "tables", "memories",
-     "vms", "modules", "threads", "engines"}
+     "vms", "modules", "threads", "engines", "sessions"}
 )
 _AMBIGUOUS = frozenset({"k", "K", "kB", "KB", "M", "MB", "G", "GB", "T", "TB", "m", "b", "kb", "mb", "gb"})
 # Every value must survive an int64 on the way into wasmtime.

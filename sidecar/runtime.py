@@ -32,6 +32,9 @@ class Runtime:
     hostcalls: HostCalls
     reader: InputReader
     send: Callable[[bytes], None]  # a frame to the host, from any thread (notifications)
+    # Why every guest's host calls are refused without reaching the host: a front whose host cannot
+    # answer `host.call` (an MCP client) says so here. None: the host hears them.
+    refuse_host_calls: str | None = None
 
 
 class NotReading:

@@ -13,7 +13,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import anyio
 import anyio.abc
@@ -32,6 +32,7 @@ from protocol.methods import (
     InitializeResult,
     LimitRow,
     LimitsResult,
+    MethodSpec,
     PeerInfo,
     Recycles,
     StatsResult,
@@ -68,7 +69,13 @@ class Service(Protocol):
 
 
 class Server:
-    """Serves the host on `in_fd`/`out_fd` (stdio in production, a socket pair in tests)."""
+    """Serves the host on `in_fd`/`out_fd` (stdio in production, a socket pair in tests).
+
+    A front (the MCP server is the other one) is a subclass with its own method table
+    (`methods`) and session methods (`session_routes`); everything else is shared."""
+
+    front: ClassVar[str] = "jsonrpc"
+    methods: ClassVar[dict[str, MethodSpec]] = METHODS
 
     def __init__(self, in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False) -> None:
         self._in_fd = in_fd
@@ -108,8 +115,10 @@ class Server:
         self.hostcalls = HostCalls(self.limits, self.outbox.send)
         async with BlockingPortal() as portal, anyio.create_task_group() as tg:
             self._portal = portal
-            self.dispatcher = Dispatcher(self.limits, self.intake.answer, portal, self.hostcalls.deliver)
-            self._register_session_methods()
+            self.dispatcher = Dispatcher(self.limits, self.intake.answer, portal, self.hostcalls.deliver,
+                                         methods=self.methods)
+            for method, kind, handler in self.session_routes():
+                self.dispatcher.route(method, kind, handler)  # type: ignore[arg-type]
             for factory in self._service_factories:
                 for service in factory(self):
                     for method, kind, handler in service.routes():
@@ -119,7 +128,8 @@ class Server:
             if self._handle_signals:
                 await tg.start(self._watch_signals)
             self.intake.start(self.dispatcher, self.limits.vm_stack_bytes + HOST_STACK_MARGIN)
-            log.info("sidecar_started", version=__version__, protocol_version=protocol.PROTOCOL_VERSION)
+            log.info("sidecar_started", version=__version__, front=self.front,
+                     protocol_version=protocol.PROTOCOL_VERSION)
             task_status.started()
             await self._stopped.wait()
             await self._shut_down(self._stop_reason or "unknown")
@@ -167,14 +177,16 @@ class Server:
             await anyio.to_thread.run_sync(self.intake.join, half_s)
         log.info("sidecar_stopped", reason=reason, requests_served=self.dispatcher.requests_served)
 
-    def _register_session_methods(self) -> None:
-        route = self.dispatcher.route
-        route("initialize", "inline", self._initialize)
-        route("ping", "inline", lambda _: Empty())
-        route("shutdown", "inline", self._shutdown)
-        route("sidecar.stats", "inline", self._stats)
-        route("sidecar.limits", "inline", lambda _: LimitsResult(limits=self._rows))
-        route("$/cancelRequest", "inline", self._cancel)
+    def session_routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
+        """The session's own methods, as `Service.routes`; the dispatcher exists when it is asked."""
+        return [
+            ("initialize", "inline", self._initialize),
+            ("ping", "inline", lambda _: Empty()),
+            ("shutdown", "inline", self._shutdown),
+            ("sidecar.stats", "inline", self._stats),
+            ("sidecar.limits", "inline", lambda _: LimitsResult(limits=self._rows)),
+            ("$/cancelRequest", "inline", self._cancel),
+        ]
 
     def _initialize(self, params: InitializeParams) -> InitializeResult:
         if params.client:
@@ -190,7 +202,7 @@ class Server:
         fields: dict[str, Any] = {}
         for service in self._services:
             fields.update(service.capabilities())
-        served = sorted(name for name in self.dispatcher.methods() if METHODS[name].direction == "host_to_sidecar")
+        served = sorted(name for name in self.dispatcher.methods() if self.methods[name].direction == "host_to_sidecar")
         return Capabilities(methods=served, **fields)
 
     def _shutdown(self, _: Empty) -> Empty:

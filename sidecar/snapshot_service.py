@@ -11,7 +11,6 @@ function, and makes its pending async host calls live again under their ids.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -75,9 +74,10 @@ class SnapshotService:
         self._limits = limits
         self._instrumented: OrderedDict[str, Instrumented] = OrderedDict()
         self._lock = threading.Lock()
-        self._writers: dict[str, Callable[[Vm, Instrumented, list, list], bytes]] = {
-            "state": lambda vm, _, memories, globals_: snapshot_file.encode(self._state(vm, memories, globals_)),
-            "wasm": lambda _, instrumented, memories, globals_: snapshots.to_wasm(instrumented, memories, globals_),
+        self._writers: dict[str, Callable[[Vm, Instrumented, list, list], snapshot_file.Encoded]] = {
+            "state": lambda vm, _, memories, globals_: snapshot_file.encode_parts(self._state(vm, memories, globals_)),
+            "wasm": lambda _, instrumented, memories, globals_: snapshot_file.Encoded.of(
+                snapshots.to_wasm(instrumented, memories, globals_)),
         }
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
@@ -99,18 +99,18 @@ class SnapshotService:
 
         def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmSnapshotResult:
             assert isolate is not None
-            memories, globals_ = snapshots.capture(isolate, instrumented)
+            memories, globals_ = snapshots.capture(isolate, instrumented, borrow=True)  # written in this job
             self._runtime.reader.yield_reading()  # encoding and writing a big memory takes a while
-            blob = self._writers[params.format](vm, instrumented, memories, globals_)
-            capacity = vm.limits.runner_snapshot_bytes
-            if len(blob) > capacity:
-                raise vm.limits.exceeded("runner_snapshot_bytes", len(blob), vm_id=vm.vm_id)
+            encoded = self._writers[params.format](vm, instrumented, memories, globals_)
+            size = encoded.size
+            if size > vm.limits.runner_snapshot_bytes:
+                raise vm.limits.exceeded("runner_snapshot_bytes", size, vm_id=vm.vm_id)
             try:
-                snapshot_file.write_atomically(path, blob)
+                snapshot_file.write_atomically(path, encoded.parts)
             except OSError as exc:
                 raise InvalidParamsError(f"cannot write {path}: {exc.strerror}", path="$.path") from None
-            log.info("vm_snapshotted", vm_id=vm.vm_id, path=str(path), format=params.format, size=len(blob))
-            return VmSnapshotResult(path=str(path), size_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+            log.info("vm_snapshotted", vm_id=vm.vm_id, path=str(path), format=params.format, size=size)
+            return VmSnapshotResult(path=str(path), size_bytes=size, sha256=encoded.sha256)
 
         vm.submit(Job(reply, work))
 
@@ -132,9 +132,10 @@ class SnapshotService:
 
     def state_of(self, vm: Vm, isolate: Isolate, instrumented: Instrumented, *,
                  embed_module: bool = True) -> SnapshotState:
-        """The `state` of an idle VM (run it as a job on the VM). Without `embed_module`, the module
-        is named by its id alone and the reader must find it (`snapshot_file.parse`)."""
-        memories, globals_ = snapshots.capture(isolate, instrumented)
+        """The `state` of an idle VM, as a job on the VM that is done with it before the job ends (its
+        memories are views into the instance's). Without `embed_module`, the module is named by its
+        id alone and the reader must find it (`snapshot_file.parse`)."""
+        memories, globals_ = snapshots.capture(isolate, instrumented, borrow=True)
         state = self._state(vm, memories, globals_)
         return state if embed_module else msgspec.structs.replace(state, module=b"")
 

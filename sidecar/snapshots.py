@@ -37,16 +37,24 @@ def require_snapshottable(instrumented: Instrumented) -> None:
         raise InvalidParamsError(f"mutable globals of type {', '.join(odd)} cannot be snapshotted", path="$.vm_id")
 
 
-def capture(isolate: Isolate, instrumented: Instrumented) -> tuple[list[MemoryImage], list[GlobalValue]]:
-    """Memories (sparse) and mutable globals of an idle instance: no guest frames on its stack."""
+def capture(isolate: Isolate, instrumented: Instrumented, *, borrow: bool = False
+            ) -> tuple[list[MemoryImage], list[GlobalValue]]:
+    """Memories (sparse) and mutable globals of an idle instance: no guest frames on its stack.
+
+    With `borrow`, the memories' runs are views into the linear memories instead of copies (a
+    dense 64 MiB memory goes to its file without one): only for a caller done with them before
+    the instance runs again or is closed, as the snapshot writer is within its job.
+    """
     exports = isolate.instance.exports(isolate.store)
     memories = []
     for index, name in instrumented.memories:
         memory = exports[name]
         assert isinstance(memory, wasmtime.Memory)
-        size = memory.data_len(isolate.store)
-        data = ctypes.string_at(ctypes.addressof(memory.data_ptr(isolate.store).contents), size) if size else b""
-        memories.append(MemoryImage(index=index, size_bytes=size, runs=sparse_runs(data)))
+        view = memoryview(memory.get_buffer_ptr(isolate.store)).cast("B")
+        runs: list = sparse_runs(view)
+        if not borrow:
+            runs = [(offset, bytes(run)) for offset, run in runs]
+        memories.append(MemoryImage(index=index, size_bytes=len(view), runs=runs))
     globals_ = []
     for index, name, valtype in instrumented.globals:
         item = exports[name]

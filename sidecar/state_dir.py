@@ -127,21 +127,22 @@ class StateDir:
     def save(self, vm_id: str, state: SnapshotState, module: bytes | None, last_used: float) -> int:
         """Write a VM's state (its module once, apart: `module`, None for a runtime's bake);
         `StateFull` past `runner_state_bytes`. Returns the bytes it added."""
-        blob = snapshot_file.encode(state)
+        encoded = snapshot_file.encode_parts(state)
         capacity = self._limits.runner_state_bytes
         with self._mutex:
             new_module = module is not None and state.module_id not in self._refs
-            added = len(blob) + (len(module) if new_module and module is not None else 0)
+            added = encoded.size + (len(module) if new_module and module is not None else 0)
             held = sum(self._sizes.values()) + sum(self._module_sizes.values())
             if held + added > capacity:
                 raise StateFull(held + added)
-            self._sizes[vm_id] = len(blob)
+            self._sizes[vm_id] = encoded.size
             if module is not None:
                 self._hold_module(vm_id, state.module_id, len(module))
         try:
             if new_module and module is not None:
-                snapshot_file.write_atomically(self._module_path(state.module_id), module, durable=not self.private)
-            snapshot_file.write_atomically(self._state_path(vm_id), blob, durable=not self.private)
+                snapshot_file.write_atomically(self._module_path(state.module_id), [module],
+                                               durable=not self.private)
+            snapshot_file.write_atomically(self._state_path(vm_id), encoded.parts, durable=not self.private)
             os.utime(self._state_path(vm_id), (time.time(), last_used))  # what `scan` reads back
         except OSError:
             self.delete(vm_id)

@@ -13,11 +13,9 @@ the machine. `SIDECAR_FUZZ_SEED` replays the seeded cases.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import socket
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,11 +28,11 @@ import wasmtime
 
 from protocol.client import RemoteError, SidecarClient
 from sidecar import snapshot_file
-from sidecar.snapshot_file import MAGIC, GlobalValue, MemoryImage, SnapshotState
+from sidecar.snapshot_file import GlobalValue, MemoryImage, SnapshotState
 
 from .campaign import capped, fuzz_seed, logged_session, seed_noted
 from .guests import call, module_id, rpc, wat
-from .snapshot_support import hostile_file_guest, read_state, replace, snapshot, write_state
+from .snapshot_support import hostile_file_guest, read_state, replace, sealed, snapshot, write_state
 from .support import WAIT
 
 pytestmark = pytest.mark.anyio
@@ -66,11 +64,6 @@ def genuine(tmp_path_factory: pytest.TempPathFactory) -> bytes:
         return (directory / "genuine.state").read_bytes()
 
     return anyio.run(make)
-
-
-def sealed(body: bytes) -> bytes:
-    """`body` in a file with a correct header and checksum, whatever it says."""
-    return struct.pack("<8sIQ", MAGIC, snapshot_file.FORMAT_VERSION, len(body)) + body + hashlib.sha256(body).digest()
 
 
 class Restorer:

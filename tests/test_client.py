@@ -102,6 +102,30 @@ async def test_a_timed_out_wait_is_given_up_and_its_late_answer_is_stale() -> No
         assert (await dropped_once(client, "stale"))["result"] == "late"
 
 
+async def test_a_request_cut_short_asks_the_sidecar_to_cancel_it() -> None:
+    async with connected() as (client, sidecar):
+        with anyio.fail_after(WAIT), pytest.raises(TimeoutError):
+            await client.request("slow", timeout_s=0.01)
+        request = await sidecar.next_request()
+        cancel = await sidecar.next_request()
+        assert cancel == {"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": request["id"]}}
+
+
+async def test_a_typed_result_ignores_fields_this_client_does_not_know() -> None:
+    async def answer_with_more(sidecar: ScriptedSidecar) -> None:
+        request = await sidecar.next_request()
+        assert request["params"] == {"vm_id": "vm-1", "code": "1", "timeout_ms": 5}
+        error = {"type": "E", "message": "m", "traceback": "t", "frames": 3}
+        await sidecar.answer(request["id"], {"status": "error", "stdout": "", "stderr": "", "elapsed_ms": 1,
+                                             "error": error, "cpu_ms": 0.5})
+
+    async with connected() as (client, sidecar), anyio.create_task_group() as tg:
+        tg.start_soon(answer_with_more, sidecar)
+        with anyio.fail_after(WAIT):
+            result = await client.eval("vm-1", "1", timeout_ms=5)
+        assert (result.status, result.error.type, result.elapsed_ms) == ("error", "E", 1)
+
+
 async def test_a_result_given_up_cannot_be_awaited_again() -> None:
     async with connected() as (client, _):
         _, result = await client.start_request("slow")

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_STATE = [".venv", "dist", "build/asan", ".git", "tests/assets/cache", "sidecar/__pycache__",
                "sidecar/wasmffi/_native.cpython-311-x86_64-linux-gnu.so", "runtimes/python/build",
-               "runtimes/python/.work", ".pytest_cache", ".hypothesis"]
+               "runtimes/python/.work", ".pytest_cache", ".hypothesis", "clients/node/node_modules"]
 
 
 def patterns() -> list[re.Pattern[str]]:

@@ -39,13 +39,17 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # The daemon as assembled: which services, wired to the server with what.
     ("app", frozenset({"app"})),
     # Runs the daemon: transport, intake, dispatcher and services put together; session methods.
-    ("server", frozenset({"server"})),
+    # ... and the MCP front: the same server with MCP's session methods (`wasm-sidecar mcp`).
+    ("server", frozenset({"server", "mcp_server"})),
     ("transport", frozenset({"transport"})),
     ("intake", frozenset({"intake"})),
     ("dispatch", frozenset({"dispatcher"})),
     # The method families: `module.load` and `vm.*` (vms), `vm.run` (runs), `vm.snapshot` /
     # `vm.restore`; and what they share: the checks before a VM exists, payload conventions.
-    ("services", frozenset({"hibernation", "vms", "runs", "evals", "snapshot_service", "admission", "payloads"})),
+    # The MCP front's tools (`mcp_tools`) are a service on top of `vms` and `evals`; `hibernation`
+    # decides which VMs stay in memory.
+    ("services", frozenset({"hibernation", "vms", "runs", "evals", "snapshot_service", "admission", "payloads",
+                            "mcp_tools"})),
     # What works on isolates: the VM orders jobs on them (ending each through a `completion`, in
     # the WASI view of `wasi_view`), `snapshots` captures and restores one, `preinit` runs one
     # export in one and bakes the state into a module.

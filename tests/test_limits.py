@@ -49,6 +49,7 @@ EXPECTED = {
     "vm_hibernate_idle_ms": ("guest", 0),
     "runner_module_bytes": ("runner", 64 * MIB),
     "runner_vms": ("runner", 1000),
+    "runner_mcp_sessions": ("runner", 32),
     "runner_modules": ("runner", 256),
     "runner_engines": ("runner", 8),
     "runner_worker_threads": ("runner", 16),

@@ -16,10 +16,12 @@ import pytest
 
 from protocol import schema
 from protocol.errors import ErrorCode, RpcError
-from protocol.methods import METHODS, params_decoder
+from protocol.mcp import MCP_METHODS
+from protocol.methods import METHODS, decoder_for, params_decoder
 
 SPEC = (Path(schema.__file__).with_name("SPEC.md")).read_text(encoding="utf-8")
 HOST_TO_SIDECAR, SIDECAR_TO_HOST = "→ ", "← "
+MCP_SECTION = "The MCP front: `wasm-sidecar mcp`"  # its examples are MCP's messages, not this contract's
 
 
 def test_committed_schema_matches_the_code() -> None:
@@ -121,11 +123,30 @@ def _examples() -> list[tuple[str, str, Any]]:
 
 
 def test_every_method_has_an_example() -> None:
-    shown = {message["method"] for _, _, message in _examples() if "method" in message}
+    shown = {message["method"] for heading, _, message in _examples() if "method" in message and heading != MCP_SECTION}
     assert shown == METHODS.keys()
 
 
-@pytest.mark.parametrize(("heading", "direction", "message"), _examples())
+def test_mcp_examples_are_valid_mcp_messages() -> None:
+    """Each request's params decode as its MCP method's, and each answer as that request's result."""
+    asked: dict[Any, str] = {}
+    examples = [(direction, message) for heading, direction, message in _examples() if heading == MCP_SECTION]
+    assert examples
+    for direction, message in examples:
+        assert message["jsonrpc"] == "2.0"
+        if "method" in message:
+            assert direction == HOST_TO_SIDECAR
+            spec = MCP_METHODS[message["method"]]
+            assert ("id" in message) != spec.notification
+            decoder_for(spec.params).decode(json.dumps(message.get("params", {})))
+            asked[message.get("id")] = spec.name
+        else:
+            assert direction == SIDECAR_TO_HOST
+            msgspec.json.decode(json.dumps(message["result"]), type=MCP_METHODS[asked[message["id"]]].result)
+
+
+@pytest.mark.parametrize(("heading", "direction", "message"),
+                         [example for example in _examples() if example[0] != MCP_SECTION])
 def test_spec_examples_are_valid_messages(heading: str, direction: str, message: dict[str, Any]) -> None:
     assert message["jsonrpc"] == "2.0"
     if "method" in message:

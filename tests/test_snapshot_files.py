@@ -24,11 +24,10 @@ import msgspec
 import pytest
 import wasmtime
 
-from sidecar import snapshot_file
 from sidecar.snapshot_file import MAGIC, GlobalValue, MemoryImage, SnapshotState
 
 from .guests import call, module_id, refused, rpc
-from .snapshot_support import hostile_file_guest, read_state, replace, restore, snapshot, write_state
+from .snapshot_support import hostile_file_guest, read_state, replace, restore, sealed, snapshot, write_state
 from .support import WAIT, memory_session
 
 pytestmark = pytest.mark.anyio
@@ -77,9 +76,15 @@ def _body(blob: bytes) -> bytes:
     return blob[HEADER:-32]
 
 
-def _with_body(body: bytes) -> bytes:
-    """A file around `body` with a correct header and checksum."""
-    return struct.pack("<8sIQ", MAGIC, snapshot_file.FORMAT_VERSION, len(body)) + body + hashlib.sha256(body).digest()
+async def test_a_version_1_file_still_restores(genuine, tmp_path) -> None:
+    """A file from before version 2 (its checksum covers the body alone) restores as it did."""
+    body = _body(genuine.read_bytes())
+    old = tmp_path / "v1.state"
+    old.write_bytes(struct.pack("<8sIQ", MAGIC, 1, len(body)) + body + hashlib.sha256(body).digest())
+    async with memory_session() as (client, _):
+        restored = await restore(client, old)
+        assert len(restored["pending_host_calls"]) == 1
+        assert (await call(client, restored["vm_id"], "bump"))["results"] == [2]
 
 
 # -- broken as bytes --------------------------------------------------------------------------
@@ -98,18 +103,18 @@ BYTE_CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "random-with-header": (lambda b: b[:20] + random.Random(7).randbytes(len(b) - 20), "checksum"),
     "short-random": (lambda b: random.Random(8).randbytes(51), "format"),
     "wrong-magic": (lambda b: b"WSIDECAX" + b[8:], "format"),
-    "version-2": (lambda b: b[:8] + struct.pack("<I", 2) + b[12:], "version"),
+    "version-3": (lambda b: b[:8] + struct.pack("<I", 3) + b[12:], "version"),
     "version-0": (lambda b: b[:8] + struct.pack("<I", 0) + b[12:], "version"),
     "version-max": (lambda b: b[:8] + b"\xff\xff\xff\xff" + b[12:], "version"),
     "length-huge": (lambda b: b[:12] + struct.pack("<Q", 2**63) + b[20:], "format"),
     "length-short": (lambda b: b[:12] + struct.pack("<Q", len(b) - HEADER - 33) + b[20:], "format"),
     "trailing-byte": (lambda b: b + b"\0", "format"),
-    "body-not-msgpack": (lambda b: _with_body(b"\xc1" * 64), "format"),
-    "body-other-shape": (lambda b: _with_body(msgspec.msgpack.encode({"module_id": 1})), "format"),
+    "body-not-msgpack": (lambda b: sealed(b"\xc1" * 64), "format"),
+    "body-other-shape": (lambda b: sealed(msgspec.msgpack.encode({"module_id": 1})), "format"),
     "body-unknown-field": (
-        lambda b: _with_body(msgspec.msgpack.encode({**msgspec.msgpack.decode(_body(b)), "extra": 1})), "format"),
+        lambda b: sealed(msgspec.msgpack.encode({**msgspec.msgpack.decode(_body(b)), "extra": 1})), "format"),
     "body-missing-field": (
-        lambda b: _with_body(msgspec.msgpack.encode(
+        lambda b: sealed(msgspec.msgpack.encode(
             {k: v for k, v in msgspec.msgpack.decode(_body(b)).items() if k != "globals"})), "format"),
 }
 

@@ -11,8 +11,6 @@ leaves no VM behind, and the sidecar answers `ping` afterwards.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -21,12 +19,12 @@ import pytest
 import wasmtime
 
 from sidecar import snapshot_file
-from sidecar.snapshot_file import MAGIC, SnapshotState
+from sidecar.snapshot_file import SnapshotState
 from sidecar.wasmbin import Module as Layout
 from sidecar.wasmbin.reader import encode_unsigned
 
 from .guests import call, module_id, refused, rpc
-from .snapshot_support import HONEST_STATE, honest_state, replace, restore, write_state
+from .snapshot_support import HONEST_STATE, honest_state, replace, restore, sealed, write_state
 
 pytestmark = pytest.mark.anyio
 PAGE = 65536
@@ -97,12 +95,6 @@ async def test_an_embedded_module_that_does_not_fit_is_an_invalid_snapshot(sessi
 # -- a table of hostile files --------------------------------------------------------------------
 
 
-def _file(body: bytes) -> bytes:
-    """A container around `body` with a correct header and checksum."""
-    return (struct.pack("<8sIQ", MAGIC, snapshot_file.FORMAT_VERSION, len(body)) + body
-            + hashlib.sha256(body).digest())
-
-
 def _with_module(wasm: bytes) -> bytes:
     """The control state around another module, under that module's own id: only the wasm lies."""
     return snapshot_file.encode(replace(honest_state(_wasm(FITS)), module=wasm, module_id=module_id(wasm)))
@@ -130,8 +122,8 @@ def _field_cuts() -> dict[str, bytes]:
     cases = {}
     for name in SnapshotState.__struct_fields__:
         at = body.index(msgspec.msgpack.encode(name))
-        cases[f"body-cut-before-{name}"] = _file(body[:at])
-        cases[f"body-cut-in-{name}"] = _file(body[: at + len(name) + 1])  # its key read, its value not
+        cases[f"body-cut-before-{name}"] = sealed(body[:at])
+        cases[f"body-cut-in-{name}"] = sealed(body[: at + len(name) + 1])  # its key read, its value not
     return cases
 
 
@@ -139,7 +131,7 @@ def _lie(**fields: Any) -> bytes:
     """The control body with fields replaced by values of any type, re-wrapped with a valid checksum."""
     plain = msgspec.to_builtins(honest_state(_wasm(FITS)))
     plain["module"] = _wasm(FITS)
-    return _file(msgspec.msgpack.encode({**plain, **fields}))
+    return sealed(msgspec.msgpack.encode({**plain, **fields}))
 
 
 _MEMORY = {"index": 0, "size_bytes": PAGE, "runs": []}

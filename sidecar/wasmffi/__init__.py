@@ -19,6 +19,8 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
   `define_native_func` for host functions written in C, such as the guest ABI's data calls
   (`native`, our one C extension).
 - `capi`: our own prototypes of the C functions on those per-call paths (plain addresses).
+- `changed_runs(memory, chunk_bytes, baseline)`: the native scan behind a snapshot (which
+  chunks of a memory differ from a baseline), at memory bandwidth without the GIL.
 - `enable_pooling(config, ...)`: the pooling instance allocator (measured ~20-30% faster
   instantiation; fixed capacity and a large address-space reservation, see `pooling`).
 
@@ -29,6 +31,7 @@ what a trap means. Pinned to wasmtime-py 50.x (the private `_ffi`/`_bindings` la
 from .deadline import EpochDeadline, live_deadline_callbacks, set_deadline_callback, trap_message
 from .fastcall import FastCall, instance_export, store_id
 from .hostfunc import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
+from .native import changed_runs
 from .pooling import enable_pooling
 from .valtypes import value_type_names
 from .wasi import set_wasi_stdin_bytes
@@ -39,6 +42,7 @@ __all__ = [
     "GuestFault",
     "GuestMemory",
     "MemorySlot",
+    "changed_runs",
     "define_host_func",
     "define_native_func",
     "enable_pooling",

@@ -8,6 +8,9 @@
  * 2. The epoch ticker: one native thread that advances every engine's epoch each tick. A Python
  *    thread would take the GIL every millisecond, right when a running guest's deadline check
  *    wants it too.
+ * 3. `changed_runs`, the scan behind a snapshot: which fixed-size chunks of a linear memory differ
+ *    from a baseline (zeros, or an image such as the module's data). In Python a 64 MiB scan is
+ *    13 ms of slicing and comparing chunk by chunk; here it runs at memory bandwidth without the GIL.
  *
  * A `GuestIo` belongs to one instance and is the `env` of its five host functions. Its owner
  * thread fills it before a call (`begin`: the input, the output budget, the response) and reads
@@ -597,6 +600,111 @@ static PyTypeObject EpochTickerType = {
     .tp_getset = EpochTicker_getset,
 };
 
+/* -- the snapshot scan ------------------------------------------------------------------------ */
+
+/* Whether `length` bytes at `data` are all zero: an OR over whole words the compiler vectorizes,
+ * then the tail. Memory-bound, so no early exit inside a chunk. */
+static bool all_zero(const unsigned char *data, size_t length) {
+    uint64_t any = 0;
+    size_t words = length / sizeof(uint64_t);
+    for (size_t i = 0; i < words; i++) {
+        uint64_t word;
+        memcpy(&word, data + i * sizeof(uint64_t), sizeof word); /* no alignment assumed */
+        any |= word;
+    }
+    for (size_t i = words * sizeof(uint64_t); i < length; i++) any |= data[i];
+    return any == 0;
+}
+
+/* Chunk `[start, start + length)` of `memory` differs from the baseline: the baseline's bytes where
+ * it has them, zeros past its end. */
+static bool chunk_changed(const unsigned char *memory, const unsigned char *baseline, size_t baseline_length,
+                          size_t start, size_t length) {
+    if (start >= baseline_length) return !all_zero(memory + start, length);
+    size_t shared = baseline_length - start < length ? baseline_length - start : length;
+    if (memcmp(memory + start, baseline + start, shared) != 0) return true;
+    return !all_zero(memory + start + shared, length - shared);
+}
+
+typedef struct {
+    size_t *bounds; /* start, stop, start, stop, ... */
+    size_t count;   /* runs */
+    size_t capacity;
+} run_list;
+
+static bool run_list_add(run_list *runs, size_t start, size_t stop) {
+    if (runs->count == runs->capacity) {
+        size_t capacity = runs->capacity ? runs->capacity * 2 : 64;
+        size_t *grown = PyMem_RawRealloc(runs->bounds, capacity * 2 * sizeof(size_t));
+        if (grown == NULL) return false;
+        runs->bounds = grown;
+        runs->capacity = capacity;
+    }
+    runs->bounds[2 * runs->count] = start;
+    runs->bounds[2 * runs->count + 1] = stop;
+    runs->count++;
+    return true;
+}
+
+/* The runs of changed chunks, adjacent ones merged; false if out of memory. No Python in here. */
+static bool scan_changed(const unsigned char *memory, size_t length, const unsigned char *baseline,
+                         size_t baseline_length, size_t chunk, run_list *runs) {
+    size_t open = SIZE_MAX; /* the start of the run being extended, SIZE_MAX when none is */
+    for (size_t start = 0; start < length; start += chunk) {
+        size_t size = length - start < chunk ? length - start : chunk;
+        bool changed = chunk_changed(memory, baseline, baseline_length, start, size);
+        if (changed && open == SIZE_MAX) {
+            open = start;
+        } else if (!changed && open != SIZE_MAX) {
+            if (!run_list_add(runs, open, start)) return false;
+            open = SIZE_MAX;
+        }
+    }
+    return open == SIZE_MAX || run_list_add(runs, open, length);
+}
+
+PyDoc_STRVAR(changed_runs_doc,
+             "changed_runs(memory, chunk_bytes, baseline=None)\n--\n\n"
+             "The [start, stop) runs of `memory`'s chunk_bytes-sized chunks that differ from `baseline` (zeros "
+             "past its end; all zeros when None), adjacent ones merged, as a list of (start, stop). Both are "
+             "read-only buffers held for the scan, which runs without the GIL: nothing may write `memory` "
+             "meanwhile.");
+
+static PyObject *changed_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "changed_runs(memory, chunk_bytes, baseline=None)");
+        return NULL;
+    }
+    Py_ssize_t chunk = PyLong_AsSsize_t(args[1]);
+    if (chunk == -1 && PyErr_Occurred()) return NULL;
+    if (chunk < 1) {
+        PyErr_SetString(PyExc_ValueError, "chunk_bytes must be positive");
+        return NULL;
+    }
+    Py_buffer memory, baseline = {.buf = NULL, .len = 0};
+    bool has_baseline = nargs == 3 && args[2] != Py_None;
+    if (PyObject_GetBuffer(args[0], &memory, PyBUF_SIMPLE) < 0) return NULL;
+    if (has_baseline && PyObject_GetBuffer(args[2], &baseline, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&memory);
+        return NULL;
+    }
+    run_list runs = {NULL, 0, 0};
+    bool scanned;
+    Py_BEGIN_ALLOW_THREADS
+    scanned = scan_changed(memory.buf, (size_t)memory.len, baseline.buf, (size_t)baseline.len, (size_t)chunk, &runs);
+    Py_END_ALLOW_THREADS
+    if (has_baseline) PyBuffer_Release(&baseline);
+    PyBuffer_Release(&memory);
+    PyObject *result = scanned ? PyList_New((Py_ssize_t)runs.count) : PyErr_NoMemory();
+    for (size_t i = 0; result != NULL && i < runs.count; i++) {
+        PyObject *run = Py_BuildValue("(nn)", (Py_ssize_t)runs.bounds[2 * i], (Py_ssize_t)runs.bounds[2 * i + 1]);
+        if (run == NULL) Py_CLEAR(result);
+        else PyList_SET_ITEM(result, (Py_ssize_t)i, run);
+    }
+    PyMem_RawFree(runs.bounds);
+    return result;
+}
+
 /* -- the module ----------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(setup_doc,
@@ -643,13 +751,14 @@ static PyObject *setup(PyObject *module, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"setup", setup, METH_VARARGS, setup_doc},
+    {"changed_runs", (PyCFunction)(void (*)(void))changed_runs, METH_FASTCALL, changed_runs_doc},
     {NULL},
 };
 
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "sidecar.wasmffi._native",
-    .m_doc = "The guest ABI's data calls as C host functions and the epoch ticker (see _native.c).",
+    .m_doc = "The guest ABI's data calls as C host functions, the epoch ticker and the snapshot scan (see _native.c).",
     .m_size = -1,
     .m_methods = module_methods,
 };

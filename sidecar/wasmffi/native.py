@@ -1,5 +1,5 @@
 """Our C extension, `_native.c`, loaded and wired to wasmtime: the guest ABI's data calls as
-native host functions, and the epoch ticker.
+native host functions, the epoch ticker and the snapshot scan.
 
 Owns loading the extension, refusing a build that no longer matches its source (an edit without
 `pip install -e .`), and handing it the wasmtime C functions it calls, the ones wasmtime-py
@@ -28,7 +28,7 @@ except ImportError as exc:
         "sidecar.wasmffi._native is not built: installing the package (`pip install -e .`) compiles it"
     ) from exc
 
-__all__ = ["CALLBACKS", "RELEASE", "EpochTicker", "GuestIo", "check_build"]
+__all__ = ["CALLBACKS", "RELEASE", "EpochTicker", "GuestIo", "changed_runs", "check_build"]
 
 
 def check_build(source: Path, built_from: str) -> None:
@@ -45,6 +45,7 @@ GuestIo = _native.GuestIo
 EpochTicker = _native.EpochTicker
 CALLBACKS: dict[str, int] = _native.CALLBACKS
 RELEASE: int = _native.RELEASE  # the finalizer that gives back what `GuestIo.lend` lent
+changed_runs = _native.changed_runs
 
 
 def _setup() -> None:
