@@ -35,7 +35,17 @@ class LineFramer:
         return len(self._partial)
 
     def feed(self, chunk: bytes) -> list[bytes | OversizedLine]:
-        out: list[bytes | OversizedLine] = []
+        if not self._partial and not self._skipping and b"\r" not in chunk:
+            # The common chunk (whole lines, none carriage-returned), split in C: a pipelining
+            # host's chunk holds hundreds of frames, and a Python step per line shows.
+            lines = chunk.split(b"\n")
+            rest = lines.pop()  # after the last newline: b"" when the chunk ends with one
+            if not lines or max(map(len, lines)) <= self._max:
+                out: list[bytes | OversizedLine] = [line for line in lines if line.strip()]
+                if rest:
+                    self._keep_partial(chunk, len(chunk) - len(rest), len(chunk), out)
+                return out
+        out = []
         start = 0
         end = len(chunk)
         while start < end:

@@ -1,36 +1,38 @@
 """Command line: `wasm-sidecar` serves on stdio; `mcp` serves MCP on stdio; `limits ...` shows the
 inventory; `runtime ...` installs and lists runtimes.
 
-Owns argument parsing and process setup (logging, limits, stdio, the event loop). The daemon
-itself is assembled in `sidecar.app`.
+Owns argument parsing and process setup (logging, limits, stdio, the event loop, the state
+directory's lock, the allocator's mmap threshold). The daemon itself is assembled in `sidecar.app`.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
-import structlog
 
 from . import __version__, logs
-from .state_dir import STATE_DIR_ENV
 
-log = structlog.get_logger()
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-_MMAP_FROM = 128 << 10  # glibc's initial threshold, kept
+if TYPE_CHECKING:
+    import argparse
 
 USAGE = """wasm-sidecar [serve] [--state-dir DIR]  serve JSON-RPC 2.0 on stdin/stdout (the default)
        wasm-sidecar mcp               serve the Model Context Protocol on stdin/stdout (Python tools)
        wasm-sidecar limits [--json | --markdown | --audit]
        wasm-sidecar runtime install NAME [--work-dir DIR] [--force] | runtime list [--json]
        wasm-sidecar --version | --help"""
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+_MMAP_FROM = 128 << 10  # glibc's initial threshold, kept
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse  # only when there are arguments to check: the plain daemon starts without it
+
+    from .state_dir import STATE_DIR_ENV
+
     parser = argparse.ArgumentParser(
         prog="wasm-sidecar",
         usage=USAGE,
@@ -57,14 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime_cli import main as runtime_main
 
         return runtime_main(args[1:])
-    parsed = _parser().parse_args(args)
-    state_dir = parsed.state_dir or os.environ.get(STATE_DIR_ENV) or None
-    return serve(mcp=parsed.command == "mcp", state_path=Path(state_dir) if state_dir else None)
+    from .state_dir import STATE_DIR_ENV  # the daemon imports it anyway
+
+    # A host's plain `wasm-sidecar` skips argparse (its import is part of every cold start).
+    parsed = _parser().parse_args(args) if args else None
+    state_dir = (parsed.state_dir if parsed else None) or os.environ.get(STATE_DIR_ENV) or None
+    return serve(mcp=parsed is not None and parsed.command == "mcp", state_path=Path(state_dir) if state_dir else None)
 
 
 def serve(*, mcp: bool = False, state_path: Path | None = None) -> int:
     """Serve on stdio until the session ends: the daemon's contract, or (`mcp`) MCP's; 2 when the
     state directory is another process's (or cannot be made)."""
+    import structlog
+
     from .app import build_mcp_server, build_server
     from .limits import process_limits
     from .state_dir import StateDir, StateDirBusy
@@ -74,11 +81,11 @@ def serve(*, mcp: bool = False, state_path: Path | None = None) -> int:
     _return_big_blocks_to_the_os()
     limits = process_limits()
     state_dir = None
-    if state_path is not None:
+    if state_path is not None and not mcp:
         try:
             state_dir = StateDir(state_path, limits)
         except (StateDirBusy, OSError) as exc:
-            log.error("state_dir_unusable", state_dir=str(state_path), error=str(exc))
+            structlog.get_logger().error("state_dir_unusable", state_dir=str(state_path), error=str(exc))
             return 2
     in_fd, out_fd = claim_stdio()
     if mcp:
@@ -98,6 +105,8 @@ def _return_big_blocks_to_the_os() -> None:
     cap of 10 held 202 MiB more than 10 sessions alone, and 23 MiB more with the threshold pinned
     (`benchmarks/bench_hibernate.py`, measure 4). Elsewhere than glibc, nothing to do.
     """
+    import ctypes
+
     try:
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM)
     except (OSError, AttributeError):

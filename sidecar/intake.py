@@ -23,7 +23,9 @@ Rules
    Nothing re-enters a guest on a thread that already has one on its stack.
 
 Theory of operation: the pool has `runner_worker_threads` threads (at least two: one may run a
-guest while another reads). Idle threads block on `_lead`; the leader polls fd 0 (spinning briefly
+guest while another reads). Two start with the intake and the rest on a helper thread, so the
+first answer does not wait for a dozen thread starts (~1 ms each on a loaded 2-core machine).
+Idle threads block on `_lead`; the leader polls fd 0 (spinning briefly
 first: a host that just got an answer usually writes its next frame within microseconds), feeds
 the framer, and handles the backlog. Guest work learns of these rules only through the
 `runtime.InputReader` protocol this class implements. Knows nothing about what frames mean: the
@@ -47,6 +49,9 @@ from protocol.framing import LineFramer, OversizedLine
 
 log = structlog.get_logger()
 READ_CHUNK = 1 << 16  # bytes asked of one read(2): a pipe's default capacity
+_FIRST_THREADS = 2  # started before the intake serves: one reads while the other may run a guest
+# `threading.stack_size` is process-wide: one intake at a time sets it, starts a thread, restores it.
+_STACK_SIZE = threading.Lock()
 Line = bytes | OversizedLine
 
 
@@ -88,6 +93,8 @@ class Intake:
         self._poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         self._poller.register(self._wake_r, select.POLLIN)
         self._threads: list[threading.Thread] = []
+        self._starter: threading.Thread | None = None  # starts the rest of the pool
+        self._stack_bytes = 0
         self.closing = False  # set by `shutdown`: the rest of the input is not served
 
     def start(self, frames: FrameHandler, stack_bytes: int) -> None:
@@ -95,16 +102,25 @@ class Intake:
         guests run on them, and a guest's wasm stack lives on the native one, so it must hold
         `vm_stack_bytes` and more. (The handler comes this late because it needs the intake.)"""
         self._handle_line, self._handle_if_cheap = frames.handle_line, frames.handle_if_cheap
-        previous = threading.stack_size(stack_bytes)
-        try:
-            self._start_threads()
-        finally:
-            threading.stack_size(previous)
+        self._stack_bytes = stack_bytes
+        self._start_threads(_FIRST_THREADS)
+        if self._thread_count > _FIRST_THREADS:
+            self._starter = threading.Thread(target=self._start_threads, args=(self._thread_count - _FIRST_THREADS,),
+                                             name="sidecar-pool-starter", daemon=True)
+            self._starter.start()
 
-    def _start_threads(self) -> None:
-        for index in range(self._thread_count):
-            thread = threading.Thread(target=self._serve, name=f"sidecar-worker-{index}", daemon=True)
-            thread.start()
+    def _start_threads(self, count: int) -> None:
+        for _ in range(count):
+            if self._stopping:
+                return
+            with _STACK_SIZE:
+                previous = threading.stack_size(self._stack_bytes)
+                try:
+                    thread = threading.Thread(target=self._serve, name=f"sidecar-worker-{len(self._threads)}",
+                                              daemon=True)
+                    thread.start()
+                finally:
+                    threading.stack_size(previous)
             self._threads.append(thread)
 
     def answer(self, frame: bytes) -> None:
@@ -139,7 +155,9 @@ class Intake:
             os.write(self._wake_w, b"\0")
 
     def join(self, timeout_s: float) -> None:
-        for thread in self._threads:
+        if self._starter is not None:  # stopped: it starts no more threads
+            self._starter.join(timeout_s)
+        for thread in list(self._threads):
             thread.join(timeout_s)
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):

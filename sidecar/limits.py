@@ -23,7 +23,6 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -155,7 +154,7 @@ def format_value(spec: LimitSpec, value: int) -> str:
 def load_inventory(path: str | os.PathLike[str] | None = None) -> tuple[LimitSpec, ...]:
     """The inventory in file order; the packaged copy wins over the source tree's."""
     if path is None:
-        packaged = resources.files(__package__).joinpath("limits.toml")
+        packaged = Path(__file__).with_name("limits.toml")  # the wheel's copy (importlib.resources: +5 ms at start)
         source = packaged if packaged.is_file() else Path(__file__).resolve().parents[1] / "config" / "limits.toml"
     else:
         source = Path(path)

@@ -82,3 +82,11 @@ def test_a_line_of_exactly_the_bound_ended_by_crlf_fits_however_it_is_split(cut:
     assert framer.feed(data[: len(data) - cut]) == []
     assert framer.feed(data[len(data) - cut :]) == [b"12345678"]
     assert framer.feed(b"123456789\r") == [OversizedLine(seen=10, bound=8)]  # one byte more is over
+
+
+def test_a_chunk_of_many_lines_keeps_their_order_blanks_skipped_and_bound_checked() -> None:
+    framer = LineFramer(5)
+    assert framer.feed(b"a\n  \n\nbc\nde") == [b"a", b"bc"]  # whole lines, one pending
+    assert framer.feed(b"f\n123456\ng\n") == [b"def", OversizedLine(seen=6, bound=5), b"g"]
+    assert framer.feed(b"h\ni\n123456") == [b"h", b"i", OversizedLine(seen=6, bound=5)]  # an oversized tail
+    assert framer.feed(b"7\nj\n") == [b"j"]

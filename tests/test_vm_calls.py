@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 
+import anyio
 import pytest
 
 from .guests import (
@@ -20,6 +21,7 @@ from .guests import (
     vm_info,
     wasm,
 )
+from .support import WAIT
 
 pytestmark = pytest.mark.anyio
 
@@ -310,3 +312,35 @@ async def test_a_vm_is_idle_by_the_time_its_answer_arrives(session, mode) -> Non
             await call(client, vm_id, "ask", input="{}")
             states.append((await vm_info(client, vm_id))["state"])
         assert states == ["idle"] * 100, [(i + 1, state) for i, state in enumerate(states) if state != "idle"][:5]
+
+
+async def test_every_worker_thread_comes_to_serve_a_guest_waiting_on_the_host(session) -> None:
+    """The pool's first two threads start with the intake and the rest on a helper: with four,
+    four guests wait in `host_call` at once, each on its own thread (the last one reading)."""
+    threads = 4
+    asked, release = anyio.Event(), anyio.Event()
+    waiting = 0
+
+    async def host(vm_id: str, method: str, params: object) -> object:
+        nonlocal waiting
+        waiting += 1
+        if waiting == threads:
+            asked.set()
+        await release.wait()
+        return {"ok": True}
+
+    env = {"SIDECAR_RUNNER_WORKER_THREADS": str(threads), "SIDECAR_VM_POOL_INSTANCES": str(threads)}
+    async with session(env=env, host_handler=host) as (client, _):
+        vm_id = await new_vm(client, "abi", mode="stateless")
+        answers = []
+
+        async def ask() -> None:
+            answers.append((await call(client, vm_id, "ask", input="{}"))["output"])
+
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as group:
+                for _ in range(threads):
+                    group.start_soon(ask)
+                await asked.wait()
+                release.set()
+        assert answers == ['{"ok":true}'] * threads

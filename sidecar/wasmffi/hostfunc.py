@@ -15,6 +15,7 @@ those alive (see `slots`): bound methods are held by a weak reference to their o
 from __future__ import annotations
 
 import ctypes
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,7 +44,7 @@ _define_func_unchecked = capi.c_function(
 _KINDS = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64}
 _MEMORY_EXPORT = b"memory"
 _Signature = tuple[tuple[str, ...], tuple[str, ...]]
-_FUNC_TYPES: weakref.WeakKeyDictionary[wasmtime.Engine, dict[_Signature, wasmtime.FuncType]]
+_FUNC_TYPES: weakref.WeakKeyDictionary[wasmtime.Engine, dict[_Signature, tuple[wasmtime.FuncType, int]]]
 _FUNC_TYPES = weakref.WeakKeyDictionary()
 
 _HostFunction = Callable[["GuestMemory", Sequence[int]], Sequence[int]]
@@ -180,10 +181,9 @@ def define_host_func(
     after `on_fault(fault)` has told the owner why. Bound methods are held through a weak
     reference to their object, which its owner keeps alive; once it is gone, a call traps.
     """
-    slot = _FUNCS.add((*unbound(function), _RawValues(params), _RawValues(results), memory,
+    slot = _FUNCS.add((*unbound(function), _raw_values(tuple(params)), _raw_values(tuple(results)), memory,
                        *(unbound(on_fault) if on_fault is not None else (None, None))))
-    _define(linker, module, name, params, results, ctypes.cast(_trampoline, capi.VOID_P).value, slot,
-            ctypes.cast(_FUNCS.finalizer, capi.VOID_P).value)
+    _define(linker, module, name, params, results, _TRAMPOLINE_ADDRESS, slot, _FUNCS_FINALIZER_ADDRESS)
 
 
 def define_native_func(
@@ -203,7 +203,7 @@ def _define(linker: wasmtime.Linker, module: str, name: str, params: Sequence[st
     failure runs it; from then on wasmtime does, even when it refuses the definition (the
     names are UTF-8, the one check it makes before taking `data` over)."""
     try:
-        ty = _func_type(linker.engine, tuple(params), tuple(results))
+        type_address = _func_type(linker.engine, tuple(params), tuple(results))
         module_bytes, name_bytes = module.encode(), name.encode()
         linker_address = capi.address(linker.ptr())
     except BaseException:
@@ -211,7 +211,7 @@ def _define(linker: wasmtime.Linker, module: str, name: str, params: Sequence[st
         raise
     error = _define_func_unchecked(
         linker_address, module_bytes, len(module_bytes), name_bytes, len(name_bytes),
-        capi.address(ty.ptr()), callback, data, finalizer,
+        type_address, callback, data, finalizer,
     )
     if error:
         raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(_ffi.wasmtime_error_t)))
@@ -219,7 +219,8 @@ def _define(linker: wasmtime.Linker, module: str, name: str, params: Sequence[st
 
 class _RawValues:
     """One signature's values in wasmtime's array of raw slots, read or written in one step
-    (the trampoline uses the parts directly: every Python call there is on a guest's path)."""
+    (the trampoline uses the parts directly: every Python call there is on a guest's path).
+    Holds no state of a call: one per signature serves every definition (`_raw_values`)."""
 
     __slots__ = ("array", "pack_into", "unpack_from")
 
@@ -227,6 +228,12 @@ class _RawValues:
         layout = raw_layout(kinds)
         self.array = (ctypes.c_char * layout.size) if kinds else None  # None: no values at all
         self.pack_into, self.unpack_from = layout.pack_into, layout.unpack_from
+
+
+@functools.cache
+def _raw_values(kinds: tuple[str, ...]) -> _RawValues:
+    """The layout of `kinds`, built once: every instance defines the same few signatures."""
+    return _RawValues(kinds)
 
 
 @_CALLBACK_TYPE
@@ -272,17 +279,19 @@ def _log_failure(exc: BaseException) -> None:
         pass
 
 
-def _func_type(engine: wasmtime.Engine, params: tuple[str, ...], results: tuple[str, ...]) -> wasmtime.FuncType:
-    """Built once per engine and signature: every instance needs the same few. A function type
-    used with a linker of another engine aborts the process, hence one table per engine."""
+def _func_type(engine: wasmtime.Engine, params: tuple[str, ...], results: tuple[str, ...]) -> int:
+    """The address of a function type, built once per engine and signature (the table keeps it
+    alive): every instance needs the same few. A function type used with a linker of another
+    engine aborts the process, hence one table per engine."""
     table = _FUNC_TYPES.get(engine)
     if table is None:
         table = _FUNC_TYPES.setdefault(engine, {})
     key = (params, results)
-    ty = table.get(key)
-    if ty is None:
-        ty = table.setdefault(key, wasmtime.FuncType([_KINDS[p]() for p in params], [_KINDS[r]() for r in results]))
-    return ty
+    known = table.get(key)
+    if known is None:
+        ty = wasmtime.FuncType([_KINDS[p]() for p in params], [_KINDS[r]() for r in results])
+        known = table.setdefault(key, (ty, capi.address(ty.ptr())))
+    return known[1]
 
 
 def _trap(message: str) -> int:
@@ -292,3 +301,6 @@ def _trap(message: str) -> int:
 
 # See `deadline`: a store freed during interpreter teardown may still call into this thunk.
 ctypes.pythonapi.Py_IncRef(ctypes.py_object(_trampoline))
+# What every definition of a Python host function passes to wasmtime: both live for good.
+_TRAMPOLINE_ADDRESS = capi.address(_trampoline)
+_FUNCS_FINALIZER_ADDRESS = capi.address(_FUNCS.finalizer)
