@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .engines import Engines
 from .evals import PythonEvals
+from .hibernation import Hibernation
 from .limits import Limits
 from .mcp_server import McpServer
 from .mcp_tools import McpTools
@@ -19,12 +20,16 @@ from .runs import WasiRuns
 from .runtime import Runtime
 from .server import Server, Service
 from .snapshot_service import SnapshotService
+from .state_dir import StateDir
 from .vms import VmService
 
 
-def build_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False) -> Server:
+def build_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False,
+                 state_dir: StateDir | None = None) -> Server:
+    """`state_dir`: where VMs hibernate, already locked (the CLI opens it to refuse a directory in
+    use before serving); without one, a private directory made when the services start."""
     server = Server(in_fd, out_fd, limits, handle_signals=handle_signals)
-    server.add_services(vm_services)
+    server.add_services(lambda server: vm_services(server, state_dir))
     return server
 
 
@@ -44,12 +49,14 @@ def build_mcp_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals:
     return server
 
 
-def vm_services(server: Server) -> list[Service]:
-    """Built once the server's loop runs (its intake, outbox and host calls exist by then). The
-    registry comes first: it closes first at shutdown, and stops the engines' ticker last."""
+def vm_services(server: Server, state_dir: StateDir | None = None) -> list[Service]:
+    """Built once the server's loop runs (its intake, outbox and host calls exist by then).
+    Hibernation comes first: it closes first at shutdown, hibernating idle VMs while the registry
+    still holds them; the registry then disposes the rest and stops the engines' ticker last."""
     vms = _registry(server)
-    return [vms, WasiRuns(vms.find, vms.runtime), PythonEvals(vms.find),
-            SnapshotService(vms, vms.runtime, vms.engines, server.limits)]
+    snapshots = SnapshotService(vms, vms.runtime, vms.engines, server.limits)
+    hibernation = Hibernation(vms, snapshots, vms.runtime, server.limits, state_dir or StateDir(None, server.limits))
+    return [hibernation, vms, WasiRuns(vms.find, vms.runtime), PythonEvals(vms.find), snapshots]
 
 
 def _registry(server: Server, *, refuse_host_calls: str | None = None) -> VmService:

@@ -68,6 +68,7 @@ PREINIT_ID = "sidecar-preinit-1"  # names the bake in cache keys: change it when
 _UNMETERED = 2**64 - 1  # a run on a fuel-metering engine: the time limit bounds it, not fuel
 _REFUSED = "host calls are refused during pre-initialization"
 _WHERE = "$.preinit.export"
+T = TypeVar("T")
 
 
 def canonical(spec: PreinitSpec) -> PreinitSpec:

@@ -203,9 +203,10 @@ def encode(state: SnapshotState) -> bytes:
     return b"".join(encode_parts(state).parts)
 
 
-def write_atomically(path: Path, parts: list[Buffer]) -> None:
-    """`parts` written to a temporary file in the same directory, synced, and renamed over `path`:
-    readers never see half a file."""
+def write_atomically(path: Path, parts: list[Buffer], *, durable: bool = True) -> None:
+    """`parts` written to a temporary file in the same directory and renamed over `path`: readers
+    never see half a file. `durable`: synced before the rename, so that a crash of the machine
+    leaves the old file or the new one whole (a file that dies with the process needs no sync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -214,7 +215,8 @@ def write_atomically(path: Path, parts: list[Buffer]) -> None:
                 view = memoryview(part)
                 while view:
                     view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temporary, path)
@@ -223,8 +225,12 @@ def write_atomically(path: Path, parts: list[Buffer]) -> None:
         raise
 
 
-def read(path: Path, capacity: int) -> SnapshotState:
-    """Read and check a snapshot file; any problem is -32006 with the failing `stage`."""
+ModuleSource = Callable[[str], bytes]  # a module's bytes by its module_id, from where the caller keeps them
+
+
+def read(path: Path, capacity: int, module_of: ModuleSource | None = None) -> SnapshotState:
+    """Read and check a snapshot file; any problem is -32006 with the failing `stage`.
+    `module_of`: where a file that names its module without embedding it finds it (see `parse`)."""
     try:
         blob = read_bounded(path, capacity)
     except TooLarge as exc:
@@ -236,10 +242,13 @@ def read(path: Path, capacity: int) -> SnapshotState:
     except OSError as exc:
         raise InvalidSnapshotError(f"cannot read snapshot {str(path)!r}: {exc.strerror or exc}", stage="read",
                                    path=str(path)) from None
-    return parse(blob)
+    return parse(blob, module_of)
 
 
-def parse(blob: bytes) -> SnapshotState:
+def parse(blob: bytes, module_of: ModuleSource | None = None) -> SnapshotState:
+    """The file's state, checked. A module left out of the file is a runtime's bake (which the
+    restore finds), or, given `module_of`, one kept apart (the state directory keeps each module
+    once, however many VMs of it hibernate): it is read there and checked against `module_id`."""
     if len(blob) < _HEADER.size + _DIGEST_LENGTH:
         raise InvalidSnapshotError("file too short to be a snapshot", stage="format", size=len(blob))
     magic, version, body_length = _HEADER.unpack_from(blob)
@@ -262,6 +271,8 @@ def parse(blob: bytes) -> SnapshotState:
         raise InvalidSnapshotError(f"snapshot body is malformed: {exc}", stage="format") from None
     except RecursionError:  # `wasi`, say, nested deeper than the decoder can follow
         raise InvalidSnapshotError("snapshot body is nested too deeply to decode", stage="format") from None
+    if not state.module and state.runtime is None and module_of is not None:
+        state = msgspec.structs.replace(state, module=module_of(state.module_id))
     # A runtime VM's module is its runtime's bake, named by `module_id` alone (the restore makes or
     # finds it and checks that id); any other module is embedded.
     by_reference = state.runtime is not None and not state.module

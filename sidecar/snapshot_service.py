@@ -45,12 +45,13 @@ from .completion import Completion
 from .engines import EngineLease, Engines, EngineSettings
 from .evals import runtime_view
 from .guest_abi import CallState
+from .hostcalls import AsyncCall
 from .isolate import Isolate
 from .limits import Limits
 from .modules import INSTRUMENT_ID, CompiledModule
 from .runtime import Runtime
 from .snapshot_file import PendingCall, SnapshotState
-from .vm import AsyncCall, Job, Vm
+from .vm import Job, Vm
 from .vms import Starting, VmService
 from .wasmbin import Instrumented, WasmFormatError, instrument
 
@@ -77,10 +78,12 @@ class SnapshotService:
         self._limits = limits
         self._instrumented: OrderedDict[str, Instrumented] = OrderedDict()
         self._lock = threading.Lock()
-        self._writers: dict[str, Callable[[Vm, Instrumented, list, list], snapshot_file.Encoded]] = {
-            "state": lambda vm, _, memories, globals_: snapshot_file.encode_parts(self._state(vm, memories, globals_)),
-            "wasm": lambda _, instrumented, memories, globals_: snapshot_file.Encoded.of(
-                snapshots.to_wasm(instrumented, memories, globals_)),
+        # Each format vm.snapshot writes, from an idle VM's instance (within a job on the VM).
+        self._writers: dict[str, Callable[[Vm, Isolate, Instrumented], snapshot_file.Encoded]] = {
+            "state": lambda vm, isolate, instrumented: snapshot_file.encode_parts(
+                self.state_of(vm, isolate, instrumented)),
+            "wasm": lambda _, isolate, instrumented: snapshot_file.Encoded.of(
+                snapshots.to_wasm(instrumented, *snapshots.capture(isolate, instrumented, borrow=True))),
         }
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
@@ -97,33 +100,13 @@ class SnapshotService:
 
     def vm_snapshot(self, params: VmSnapshotParams, reply: Completion) -> None:
         vm = self._vms.find(params.vm_id)
-        if vm.mode != "stateful" or vm.compiled.command:
-            raise InvalidParamsError("only stateful VMs that keep an instance hold state to snapshot", path="$.vm_id")
-        if vm.in_guest:
-            raise InvalidParamsError(
-                "the VM has guest frames on its stack (a call is running or waits on the host); "
-                "snapshot it when it is idle", path="$.vm_id", state="busy",
-            )
-        try:
-            instrumented = self.instrumented(vm.compiled)
-        except WasmFormatError as exc:
-            raise InvalidParamsError(f"this VM's module cannot be snapshotted: {exc}", path="$.vm_id") from None
-        snapshots.require_snapshottable(instrumented)
+        instrumented = self.snapshottable(vm)
         path = Path(params.path)
 
         def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmSnapshotResult:
             assert isolate is not None
-            # A state file stores what differs from the module's own image (a bake's state once): the
-            # memory a fresh instance starts with, mapped copy-on-write, compared where it lies.
-            fresh = vm.isolate_for(start=False) if params.format == "state" else None
-            try:
-                baseline = snapshots.memory_views(fresh, instrumented) if fresh is not None else None
-                memories, globals_ = snapshots.capture(isolate, instrumented, baseline, borrow=True)  # written here
-            finally:
-                if fresh is not None:
-                    fresh.close()
-            self._runtime.reader.yield_reading()  # encoding and writing a big memory takes a while
-            encoded = self._writers[params.format](vm, instrumented, memories, globals_)
+            self._runtime.reader.yield_reading()  # capturing and writing a big memory takes a while
+            encoded = self._writers[params.format](vm, isolate, instrumented)
             size = encoded.size
             if size > vm.limits.runner_snapshot_bytes:
                 raise vm.limits.exceeded("runner_snapshot_bytes", size, vm_id=vm.vm_id)
@@ -136,6 +119,38 @@ class SnapshotService:
 
         vm.submit(Job(reply, work))
 
+    def snapshottable(self, vm: Vm) -> Instrumented:
+        """The instrumentation facts of a VM whose state can be captured now; -32602 if it cannot."""
+        if vm.mode != "stateful" or vm.compiled.command:
+            raise InvalidParamsError("only stateful VMs that keep an instance hold state to snapshot", path="$.vm_id")
+        if vm.in_guest:
+            raise InvalidParamsError(
+                "the VM has guest frames on its stack (a call is running or waits on the host); "
+                "snapshot it when it is idle", path="$.vm_id", state="busy",
+            )
+        try:
+            instrumented = self.instrumented(vm.compiled)
+        except WasmFormatError as exc:
+            raise InvalidParamsError(f"this VM's module cannot be snapshotted: {exc}", path="$.vm_id") from None
+        snapshots.require_snapshottable(instrumented)
+        return instrumented
+
+    def state_of(self, vm: Vm, isolate: Isolate, instrumented: Instrumented, *,
+                 embed_module: bool = True) -> SnapshotState:
+        """The `state` of an idle VM, as a job on the VM that is done with it before the job ends (its
+        memories are views into the instance's). Memories are stored as what differs from the memory
+        a fresh instance of the module starts with (a bake's state is stored once, in the module),
+        compared where it lies, mapped copy-on-write. Without `embed_module`, the module is named by
+        its id alone and the reader must find it (`snapshot_file.parse`)."""
+        fresh = vm.isolate_for(start=False)
+        try:
+            baseline = snapshots.memory_views(fresh, instrumented)
+            memories, globals_ = snapshots.capture(isolate, instrumented, baseline, borrow=True)
+        finally:
+            fresh.close()
+        state = self._state(vm, memories, globals_)
+        return state if embed_module else msgspec.structs.replace(state, module=b"")
+
     def vm_restore(self, params: VmRestoreParams, reply: Completion) -> None:
         self._runtime.reader.yield_reading()  # reading a file and maybe compiling: let another thread read input
         with self._vms.starting() as slot:
@@ -143,13 +158,24 @@ class SnapshotService:
 
     def _restore(self, params: VmRestoreParams, slot: Starting, reply: Completion) -> None:
         state = snapshot_file.read(Path(params.path), self._limits.runner_snapshot_bytes)
+        vm = self.resume(state, slot, reply, wasi=params.wasi, limits=params.limits or None)
+        if vm is not None:
+            log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
+
+    def resume(self, state: SnapshotState, slot: Starting, reply: Completion, *,
+               wasi: WasiSettings | msgspec.UnsetType = msgspec.UNSET, limits: dict | None = None,
+               vm_id: str | None = None, revive: Callable[[Vm], Isolate] | None = None) -> Vm | None:
+        """A live VM holding `state`, answered on `reply` (None: cancelled meanwhile). `wasi` and
+        `limits` as `vm.restore` takes them. With `revive`, the VM (of an earlier process, under its
+        old `vm_id`) starts hibernated: no instance until a job needs one, which `revive` makes."""
+        overrides = limits
         try:
-            limits = self._limits.tightened(state.limits)
-            wasi = _restored_wasi(state.wasi, params.wasi)
+            limits = self._limits.tightened(state.limits) if state.limits else self._limits
+            wasi = _restored_wasi(state.wasi, wasi)
         except (RpcError, msgspec.ValidationError) as exc:
             raise InvalidSnapshotError(f"snapshot settings do not fit this sidecar: {exc}", stage="bounds") from None
-        if params.limits:
-            limits = limits.tightened(params.limits)
+        if overrides:
+            limits = limits.tightened(overrides)
         if state.runtime is not None:
             wasi = self._runtime_view(state.runtime, wasi)
         if len(state.pending_host_calls) > limits.vm_host_calls_in_flight:
@@ -172,14 +198,12 @@ class SnapshotService:
         try:
             # As in vm.create: the engine the module is compiled for stays until the VM holds it.
             with self._engines.lease(EngineSettings.from_limits(limits)) as lease:
-                vm = self._build(slot, lease, state, limits, wasi, reply)
+                return self._build(slot, lease, state, limits, wasi, reply, vm_id, revive)
         except RpcError as exc:
             raise _as_invalid_snapshot(exc, self._limits) from None
-        if vm is not None:
-            log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
 
     def _build(self, slot: Starting, lease: EngineLease, state: SnapshotState, limits: Limits, wasi: WasiSettings,
-               reply: Completion) -> Vm | None:
+               reply: Completion, vm_id: str | None, revive: Callable[[Vm], Isolate] | None) -> Vm | None:
         """A live VM holding the snapshot's state, answered on `reply` (None: cancelled meanwhile).
         What goes wrong is told in the sidecar's own errors (an import that does not resolve, a trap
         at instantiation, a budget), which the caller turns into the file's fault."""
@@ -198,10 +222,12 @@ class SnapshotService:
                                        reasons=list(instrumented.reasons))
 
         def build(vm: Vm) -> None:
-            isolate = vm.idle_instance()
-            snapshots.apply(isolate, instrumented, state.memories, state.globals, limits,
-                            diffed=state.baseline is not None)
-            isolate.refresh_memory()
+            if revive is None:
+                isolate = vm.idle_instance()
+                snapshots.apply(isolate, instrumented, state.memories, state.globals, limits,
+                                diffed=state.baseline is not None)
+                isolate.refresh_memory()
+            vm.revive = revive
             vm.next_ticket = state.next_ticket
             for call in state.pending_host_calls:
                 if not vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, call.params)):
@@ -218,7 +244,7 @@ class SnapshotService:
             )
 
         return self._vms.add_vm(slot, lease, compiled, limits, state.mode, wasi, reply, answer, restore=build,
-                                runtime_name=state.runtime)
+                                runtime_name=state.runtime, vm_id=vm_id, asleep=revive is not None)
 
     def _module_of(self, state: SnapshotState, limits: Limits) -> CompiledModule:
         """The snapshot's module: the one it embeds, or (a runtime VM's) the runtime's bake, which

@@ -54,6 +54,7 @@ from .limits import Limits
 from .modules import INSTRUMENT_ID, CompiledModule, ModuleStore, content_id, instrument_or_keep, read_source
 from .payloads import call_timeout, payload, text_or_base64
 from .preinit import Preinit, PreinitRuns, stoppable
+from .residency import NoResidency, Residency, resident, rfc3339
 from .runtime import Runtime
 from .vm import Job, Mode, Vm
 from .wasmbin import PREFIX
@@ -80,6 +81,7 @@ class VmService:
         self._preinits = PreinitRuns()  # `close` stops them while the ticker still runs
         self._ids = itertools.count(1)
         self._compiles = anyio.CapacityLimiter(limits.runner_worker_threads)
+        self.residency: Residency = NoResidency()
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
         return [
@@ -238,22 +240,27 @@ class VmService:
         answer: Callable[[Vm], object],
         restore: Callable[[Vm], None] | None = None,
         runtime_name: str | None = None,
+        vm_id: str | None = None,
+        asleep: bool = False,
     ) -> Vm | None:
-        """A new VM in the `runner_vms` slot held for it; `restore` fills in a snapshot's state.
+        """A new VM in the `runner_vms` slot held for it; `restore` fills in a snapshot's state
+        (into its instance, or, `asleep`, into what revives it: see `sidecar.hibernation`).
         `request_lease` is the request's hold on `compiled`'s engine (see `sidecar.engines`): once
         the VM holds its own, it is released, before the host can hear of the VM and ask for more.
 
         The VM goes live and `answer(vm)` answers `reply` as one decision against a cancel. A
         request cancelled while its VM was built (a compile or a start function cannot always be
         stopped) gets none: the VM is disposed before anyone could list, count or call it (None).
+        `vm_id`: the id of a VM found hibernated by an earlier process, kept for life.
         """
         check_preopens(wasi)
-        with self._lock:
-            vm_id = f"vm-{next(self._ids)}"
+        if vm_id is None:
+            with self._lock:
+                vm_id = f"vm-{next(self._ids)}"
         lease = self.engines.hold(compiled.settings, compiled.engine)
         request_lease.release()
         try:
-            vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None,
+            vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None, asleep=asleep,
                     runtime_name=runtime_name, prepare=runtime_warm_up(runtime_name))
         except BaseException as exc:
             lease.release()  # no VM exists to release it
@@ -280,6 +287,7 @@ class VmService:
             log.info("vm_discarded", vm_id=vm_id, reason="request cancelled")
             return None
         log.info("vm_created", vm_id=vm_id, module_id=compiled.module_id, mode=mode)
+        self.residency.went_live(vm)
         return vm
 
     def vm_call(self, params: VmCallParams, reply: Completion) -> None:
@@ -318,12 +326,14 @@ class VmService:
         if vm is None:
             raise VmNotFoundError(params.vm_id)
         vm.dispose()
+        self.residency.disposed(vm)
         log.info("vm_disposed", vm_id=params.vm_id, calls=vm.calls)
         return Empty()
 
     def vm_list(self, _: Empty) -> VmListResult:
         with self._lock:
             vms = list(self._vms.values())
+        now, wall = time.monotonic(), time.time()
         return VmListResult(
             vms=[
                 VmInfo(
@@ -336,6 +346,8 @@ class VmService:
                     instances=vm.instances,
                     host_calls_pending=self.runtime.hostcalls.pending_for(vm.vm_id),
                     recycles=Recycles.of(vm.recycles),
+                    resident=resident(vm),
+                    last_used=rfc3339(wall - (now - vm.last_used)),
                 )
                 for vm in vms
             ]
@@ -356,6 +368,12 @@ class VmService:
         if vm is None:
             raise VmNotFoundError(vm_id)
         return vm
+
+    def claim_ids(self, vm_ids: list[str]) -> None:
+        """Issue new ids past these (VMs of an earlier process), so that none collides with them."""
+        numbers = [int(vm_id[3:]) for vm_id in vm_ids if vm_id.startswith("vm-") and vm_id[3:].isdigit()]
+        with self._lock:
+            self._ids = itertools.count(max([*numbers, next(self._ids) - 1]) + 1)
 
     def _load(self, params: ModuleLoadParams) -> CompiledModule:
         return self.compile(read_source(params, self.limits), self.limits)
