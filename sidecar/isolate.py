@@ -33,6 +33,7 @@ from protocol.errors import (
     env_var_for,
 )
 
+from . import guest_abi
 from .guest_abi import CallState, GuestAbi
 from .limits import Limits
 from .modules import CompiledModule
@@ -85,8 +86,9 @@ class Isolate:
         self._fuel = limits.vm_fuel if fuel is None else fuel  # read on every call: kept out of the limits lookup
         self._timeout_limit = timeout_limit
         timeout_ms = getattr(limits, timeout_limit)
-        engine = compiled.engine
-        self.store = wasmtime.Store(engine)
+        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, self._wait_for_host, issue_async,
+                            refuse_host_calls or runtime.refuse_host_calls)
+        self.store = self.abi.new_store(compiled.engine)
         # An isolate dropped without close() still frees its store, callbacks and guest memory
         # when collected. Not at interpreter exit (atexit=False): a guest may still be running in
         # it on a daemon thread then, and the process returns the memory anyway.
@@ -100,18 +102,14 @@ class Isolate:
             tables=limits.vm_tables,
             memories=limits.vm_memories,
         )
-        linker = wasmtime.Linker(engine)
         if compiled.wasi:  # a WASI guest in a store without WASI aborts the process
-            linker.define_wasi()
             self.store.set_wasi(wasi if wasi is not None else wasmtime.WasiConfig())
         self._wait_serving = runtime.reader.wait_serving
-        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, self._wait_for_host, issue_async,
-                            refuse_host_calls or runtime.refuse_host_calls)
-        self.abi.define(linker)
         set_deadline_callback(self.store, self._decide)
         try:
+            pre = _instance_pre(compiled)
             self.instance = self._guarded(
-                lambda _: _link(linker, self.store, compiled.module),
+                lambda _: pre.instantiate(self.store),
                 (),
                 CallState(deadline=time.monotonic() + timeout_ms / 1000),
                 timeout_ms,
@@ -129,11 +127,6 @@ class Isolate:
         except BaseException:
             self._free_store()
             raise
-        finally:
-            # Its definitions hold references (each GuestIo one, host functions a registry slot)
-            # that the store holds too if it needs them. Dropped now, not whenever a traceback
-            # that keeps this frame alive is collected: at exit that is too late to free them.
-            linker.close()
         self._refresh_memory()
 
     def call(self, export: str, args: Sequence[int | float], state: CallState, timeout_ms: int) -> list[int | float]:
@@ -257,10 +250,24 @@ class Isolate:
         self.memory_bytes = total
 
 
-def _link(linker: wasmtime.Linker, store: wasmtime.Store, module: wasmtime.Module) -> wasmtime.Instance:
-    """Instantiate; an import that does not resolve is the module's fault (-32005), not a trap."""
+# Each module's imports resolved once against one linker with WASI and the guest ABI: an
+# instance is then only a store and an instantiation. Their host functions find the instance's
+# state through its store, so nothing in here belongs to any one instance.
+_PREPARED: weakref.WeakKeyDictionary[wasmtime.Module, wasmtime.InstancePre] = weakref.WeakKeyDictionary()
+
+
+def _instance_pre(compiled: CompiledModule) -> wasmtime.InstancePre:
+    """The module's imports resolved, once; one that does not resolve is the module's fault
+    (-32005), not a trap."""
+    pre = _PREPARED.get(compiled.module)
+    if pre is not None:
+        return pre
+    linker = wasmtime.Linker(compiled.engine)
     try:
-        return linker.instantiate(store, module)
+        if compiled.wasi:
+            linker.define_wasi()
+        guest_abi.define(linker)
+        pre = linker.instantiate_pre(compiled.module)
     except wasmtime.WasmtimeError as exc:
         text = str(exc)
         if "unknown import" in text or "incompatible import type" in text:
@@ -268,6 +275,9 @@ def _link(linker: wasmtime.Linker, store: wasmtime.Store, module: wasmtime.Modul
             raise InvalidModuleError(f"the module's imports cannot be satisfied: {summary}", stage="imports",
                                      detail=trap_message(exc)) from None
         raise
+    finally:
+        linker.close()  # the InstancePre holds what it needs of the definitions
+    return _PREPARED.setdefault(compiled.module, pre)
 
 
 class Exited(Exception):

@@ -17,7 +17,8 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
   (`GuestFault`), never through wasmtime-py's process-global exception slot, and `GuestMemory`,
   the caller's memory with bounds-checked reads and writes, found through a `MemorySlot`;
   `define_native_func` for host functions written in C, such as the guest ABI's data calls
-  (`native`, our one C extension).
+  (`native`, our one C extension), and `define_store_func` for Python ones whose object is found
+  through the caller's store, so that one linker serves every instance of a module.
 - `capi`: our own prototypes of the C functions on those per-call paths (plain addresses).
 - `changed_runs(memory, chunk_bytes, baseline)`: the native scan behind a snapshot (which
   chunks of a memory differ from a baseline), at memory bandwidth without the GIL.
@@ -30,7 +31,15 @@ what a trap means. Pinned to wasmtime-py 50.x (the private `_ffi`/`_bindings` la
 
 from .deadline import EpochDeadline, live_deadline_callbacks, set_deadline_callback, trap_message
 from .fastcall import FastCall, instance_export, store_id
-from .hostfunc import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
+from .hostfunc import (
+    GuestFault,
+    GuestMemory,
+    MemorySlot,
+    StoreHost,
+    define_host_func,
+    define_native_func,
+    define_store_func,
+)
 from .native import changed_runs
 from .pooling import enable_pooling
 from .valtypes import value_type_names
@@ -42,9 +51,11 @@ __all__ = [
     "GuestFault",
     "GuestMemory",
     "MemorySlot",
+    "StoreHost",
     "changed_runs",
     "define_host_func",
     "define_native_func",
+    "define_store_func",
     "enable_pooling",
     "instance_export",
     "live_deadline_callbacks",
