@@ -16,12 +16,12 @@ import ctypes
 import re
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import wasmtime
-from wasmtime._exportable import AsExtern
 
 from protocol.errors import (
     CallTimeoutError,
@@ -39,7 +39,15 @@ from .limits import Limits
 from .modules import CompiledModule
 from .runtime import Runtime
 from .wasmbin import PREFIX, START_EXPORT
-from .wasmffi import EpochDeadline, FastCall, MemorySlot, instance_export, set_deadline_callback, trap_message
+from .wasmffi import (
+    EpochDeadline,
+    FastCall,
+    MemorySlot,
+    instance_export,
+    instantiate,
+    set_deadline_callback,
+    trap_message,
+)
 
 log = structlog.get_logger()
 _ARGUMENT = re.compile(r"argument (\d+)")
@@ -107,20 +115,18 @@ class Isolate:
         self._wait_serving = runtime.reader.wait_serving
         set_deadline_callback(self.store, self._decide)
         try:
-            pre = _instance_pre(compiled)
+            prepared = _prepared(compiled)
             self.instance = self._guarded(
-                lambda _: pre.instantiate(self.store),
+                lambda _: instantiate(prepared.pre, self.store),
                 (),
                 CallState(deadline=time.monotonic() + timeout_ms / 1000),
                 timeout_ms,
             )
-            exported = {export.name: instance_export(self.store, self.instance, export.name)
-                        for export in compiled.exports if export.kind == "memory"}
-            self._memories = self._distinct_memories(exported.values())
-            abi_memory = exported.get("memory")
-            if isinstance(abi_memory, wasmtime.Memory):
+            memories = self._exported_memories(prepared)
+            abi_memory = memories.get("memory")
+            if abi_memory is not None:
                 self.abi.bind_memory(self.store, abi_memory)
-            self._memory_slots = [MemorySlot().bind(self.store, memory) for memory in self._memories]
+            self._memory_slots = [MemorySlot().bind(self.store, memory) for memory in memories.values()]
             if start and any(export.name == START_EXPORT for export in compiled.exports):
                 # Instrumentation moved the start function here so that it runs under the budgets.
                 self.call(START_EXPORT, [], CallState(deadline=time.monotonic() + timeout_ms / 1000), timeout_ms)
@@ -231,13 +237,22 @@ class Isolate:
         self.limits.exhausted(budget, capacity, capacity=capacity, vm_id=self.vm_id)
         return GuestTrapError(code, message, vm_id=self.vm_id, limit=budget, env=env_var_for(budget), capacity=capacity)
 
-    def _distinct_memories(self, exported: Iterable[AsExtern | None]) -> list[wasmtime.Memory]:
-        """Each exported memory once: instrumentation exports a memory under a second name."""
-        found: dict[int, wasmtime.Memory] = {}
-        for item in exported:
+    def _exported_memories(self, prepared: _Prepared) -> dict[str, wasmtime.Memory]:
+        """Each exported memory once, by name (`memory` first): instrumentation exports a memory
+        under a second name. Which names are distinct is the module's to say, so only its first
+        instance looks them all up and compares."""
+        if prepared.memory_names is not None:
+            return {name: instance_export(self.store, self.instance, name)  # type: ignore[misc]
+                    for name in prepared.memory_names}
+        names = sorted((e.name for e in self.compiled.exports if e.kind == "memory"), key=lambda n: n != "memory")
+        found: dict[int, tuple[str, wasmtime.Memory]] = {}
+        for name in names:
+            item = instance_export(self.store, self.instance, name)
             if isinstance(item, wasmtime.Memory):
-                found.setdefault(ctypes.addressof(item.data_ptr(self.store).contents), item)
-        return list(found.values())
+                found.setdefault(ctypes.addressof(item.data_ptr(self.store).contents), (name, item))
+        memories = dict(found.values())
+        prepared.memory_names = tuple(memories)
+        return memories
 
     def refresh_memory(self) -> None:
         """Re-read the retained memory figure (after a restore wrote memory from outside a call)."""
@@ -250,18 +265,26 @@ class Isolate:
         self.memory_bytes = total
 
 
-# Each module's imports resolved once against one linker with WASI and the guest ABI: an
-# instance is then only a store and an instantiation. Their host functions find the instance's
-# state through its store, so nothing in here belongs to any one instance.
-_PREPARED: weakref.WeakKeyDictionary[wasmtime.Module, wasmtime.InstancePre] = weakref.WeakKeyDictionary()
+@dataclass
+class _Prepared:
+    """What every instance of one module shares: its imports resolved once against one linker
+    with WASI and the guest ABI (an instance is then only a store and an instantiation; the
+    host functions find the instance's state through its store, so nothing here belongs to any
+    one instance), and the names of its distinct exported memories once an instance told them."""
+
+    pre: wasmtime.InstancePre
+    memory_names: tuple[str, ...] | None = None
 
 
-def _instance_pre(compiled: CompiledModule) -> wasmtime.InstancePre:
-    """The module's imports resolved, once; one that does not resolve is the module's fault
-    (-32005), not a trap."""
-    pre = _PREPARED.get(compiled.module)
-    if pre is not None:
-        return pre
+_PREPARED: weakref.WeakKeyDictionary[wasmtime.Module, _Prepared] = weakref.WeakKeyDictionary()
+
+
+def _prepared(compiled: CompiledModule) -> _Prepared:
+    """The module's shared part, made once; an import that does not resolve is the module's
+    fault (-32005), not a trap."""
+    prepared = _PREPARED.get(compiled.module)
+    if prepared is not None:
+        return prepared
     linker = wasmtime.Linker(compiled.engine)
     try:
         if compiled.wasi:
@@ -277,7 +300,7 @@ def _instance_pre(compiled: CompiledModule) -> wasmtime.InstancePre:
         raise
     finally:
         linker.close()  # the InstancePre holds what it needs of the definitions
-    return _PREPARED.setdefault(compiled.module, pre)
+    return _PREPARED.setdefault(compiled.module, _Prepared(pre))
 
 
 class Exited(Exception):

@@ -9,7 +9,8 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
 - `set_wasi_stdin_bytes(config, data)`: WASI stdin from a byte string.
 - `FastCall(store, func)`: the host->guest call path for numeric exports, ~1 µs of Python per
   call instead of ~20; `store_id(store)` to check an object belongs to a store before use;
-  `instance_export(store, instance, name)`: one export by name, without wrapping them all.
+  `instance_export(store, instance, name)`: one export by name, without wrapping them all;
+  `instantiate(pre, store)`, which learns the store's id from the instance it makes.
 - `value_type_names(engine, valtypes)`: "i32".."v128"/"ref" without the C call that aborts
   the process on v128 and GC reference types (which `str(ValType)`, `ValType ==` and
   `Func.__call__` all make).
@@ -30,7 +31,7 @@ what a trap means. Pinned to wasmtime-py 50.x (the private `_ffi`/`_bindings` la
 """
 
 from .deadline import EpochDeadline, live_deadline_callbacks, set_deadline_callback, trap_message
-from .fastcall import FastCall, instance_export, store_id
+from .fastcall import FastCall, instance_export, instantiate, store_id
 from .hostfunc import (
     GuestFault,
     GuestMemory,
@@ -58,6 +59,7 @@ __all__ = [
     "define_store_func",
     "enable_pooling",
     "instance_export",
+    "instantiate",
     "live_deadline_callbacks",
     "set_deadline_callback",
     "set_wasi_stdin_bytes",
