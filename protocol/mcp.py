@@ -214,11 +214,17 @@ class ResetSessionOutput(Args):
 
 
 class SessionInfo(Args):
+    """One session. `resident` is false while its VM is hibernated (its interpreter's state on disk;
+    the session's next call wakes it with its variables); `last_used` (RFC 3339, UTC) is when a call
+    last reached it."""
+
     session: str
     vm_id: VmId
     state: Literal["idle", "busy"]
     calls: Count
     memory_bytes: Count
+    resident: bool
+    last_used: str
 
 
 class ListSessionsOutput(Args):
