@@ -180,7 +180,8 @@ class NoArgs(Args):
 class Failure(Args):
     """Why the code did not finish: a timeout or a limit (named, with the variable that raises it),
     a crashed interpreter, a runtime that is not installed. `session_lost`: the session's
-    interpreter was replaced by a fresh one, so its names are gone."""
+    interpreter was replaced by a fresh one, or its hibernated state failed validation on waking
+    (the next call starts the session afresh), so its names are gone."""
 
     kind: str
     message: str

@@ -25,7 +25,7 @@ import msgspec
 import structlog
 
 from protocol.decoding import decode_params
-from protocol.errors import InvalidParamsError, InvalidRequestError, RpcError, VmNotFoundError
+from protocol.errors import InvalidParamsError, InvalidRequestError, InvalidSnapshotError, RpcError, VmNotFoundError
 from protocol.mcp import (
     ARGUMENT_ERRORS_AS_RESULTS_SINCE,
     STRUCTURED_SINCE,
@@ -284,7 +284,8 @@ class _EvalOutcome(_Made):
             kind=error.kind, message=f"{error.message}: {detail}" if isinstance(detail, str) else error.message,
             limit=details.get("limit", msgspec.UNSET), env=details.get("env", msgspec.UNSET),
             capacity=details.get("capacity", msgspec.UNSET), observed=details.get("observed", msgspec.UNSET),
-            session_lost=details.get("session") == "lost",
+            # A session's hibernated state that failed validation on waking took its VM with it.
+            session_lost=details.get("session") == "lost" or isinstance(error, InvalidSnapshotError),
         ))
 
     def failed(self, failure: Failure) -> None:

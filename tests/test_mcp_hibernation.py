@@ -194,3 +194,25 @@ async def test_a_damaged_session_table_is_quarantined_and_its_vms_leave_the_disk
     [event] = events(log, "state_quarantined")
     assert event["table"] == "mcp_sessions.json" and "not a session table" in event["error"]
     assert len(events(log, "state_vm_unclaimed")) == 1
+
+
+async def test_a_session_whose_hibernated_state_is_damaged_is_lost_and_its_name_starts_afresh(tmp_path: Path) -> None:
+    state, log = tmp_path / "state", tmp_path / "log"
+    async with server(log, state, {"SIDECAR_RUNNER_RESIDENT_VMS": "1"}) as client:
+        await run(client, "x = 1", "damaged")
+        await run(client, "y = 2", "other")  # past the cap: `damaged` hibernates
+        with anyio.fail_after(WAIT):
+            while (await resident(client)) != {"damaged": False, "other": True}:
+                await anyio.sleep(0.01)
+        vm_id = (await sessions(client))["damaged"]["vm_id"]
+        (state / "vms" / f"{vm_id}.state").write_bytes(b"not a snapshot")
+        lost = await run(client, "x", "damaged")
+        listed = await sessions(client)
+        afresh = await run(client, "x = 'new'\nx", "damaged")
+        other = await run(client, "y", "other")
+    assert lost["status"] == "failed" and lost["failure"]["session_lost"] is True
+    assert "quarantined" in lost["failure"]["message"]
+    assert set(listed) == {"other"}  # a session whose VM is gone is not listed
+    assert afresh["value"] == "'new'" and other["value"] == "2"
+    [event] = events(log, "state_quarantined")
+    assert event["vm_id"] == vm_id
