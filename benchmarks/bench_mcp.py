@@ -10,12 +10,17 @@ Measured, per round:
 1. a session turn, `x += 1`: `vm.eval` on a stateful VM vs `run_python {session}`;
 2. a fresh sandbox, `print(1+1)`: `vm.eval` on a stateless VM vs `run_python` without a session;
 3. once: a session's first use (`run_python {session}` on a new name: a stateful VM made) vs
-   `vm.create {runtime: "python"}` followed by its first `vm.eval`.
+   `vm.create {runtime: "python"}` followed by its first `vm.eval`;
+4. hibernation, against the MCP front without a state directory: a session's first use on a server
+   with `--state-dir` (its session table written durably) vs without; and a turn that wakes a
+   hibernated session (two sessions taking turns under `runner_resident_vms` 1, so each call wakes
+   one and the other goes to disk) vs a resident session's turn.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -43,9 +48,13 @@ def main() -> None:
     args = parser.parse_args()
     cache_dir = tempfile.mkdtemp(prefix="bench-mcp-cache-")
     daemon, mcp = peer(cache_dir), peer(cache_dir, "mcp")
+    kept = Peer([*SIDECAR, "mcp", "--state-dir", tempfile.mkdtemp(prefix="bench-mcp-state-")],
+                env={"SIDECAR_LOG_LEVEL": "warning", "SIDECAR_CACHE_DIR": cache_dir,
+                     "SIDECAR_RUNNER_RESIDENT_VMS": "1"})
     try:
         daemon.result("initialize")
         mcp.result("initialize", MCP_INIT)
+        kept.result("initialize", MCP_INIT)
 
         started = time.perf_counter()
         session_vm = daemon.result("vm.create", {"runtime": "python"})["vm_id"]  # the bake, first time
@@ -53,8 +62,8 @@ def main() -> None:
         print(f"daemon: first Python VM (bake included) + eval   {(time.perf_counter() - started) * 1000:8.1f} ms")
         fresh_vm = daemon.result("vm.create", {"runtime": "python", "mode": "stateless"})["vm_id"]
 
-        def mcp_call(arguments: dict) -> float:
-            elapsed, result = mcp.timed_result("tools/call", {"name": "run_python", "arguments": arguments})
+        def mcp_call(arguments: dict, front: Peer = mcp) -> float:
+            elapsed, result = front.timed_result("tools/call", {"name": "run_python", "arguments": arguments})
             assert not result.get("isError"), result
             return elapsed
 
@@ -73,14 +82,27 @@ def main() -> None:
         print(f"first use of a session: vm.create+vm.eval p50 {statistics.median(first_daemon) / 1000:7.2f} ms, "
               f"run_python p50 {statistics.median(first_mcp) / 1000:7.2f} ms ({FIRST_USES} each, interleaved)")
 
+        first_kept = [mcp_call({"code": "x = 0", "session": f"first{n}"}, kept) for n in range(FIRST_USES)]
+        print(f"first use of a session with a state directory: run_python p50 "
+              f"{statistics.median(first_kept) / 1000:7.2f} ms (ratio to none: "
+              f"{statistics.median(first_kept) / statistics.median(first_mcp):.2f})")
+        for name in ("a", "b"):
+            mcp_call({"code": "x = 0", "session": name}, kept)
+        turns = itertools.cycle(["a", "b"])
+
+        def wake_turn() -> float:
+            return mcp_call({"code": "x += 1", "session": next(turns)}, kept)
+
         mcp_call({"code": "x = 0", "session": "s"})
-        kinds = {
-            "session turn (x += 1)": (lambda: daemon_eval(session_vm, "x += 1"),
-                                      lambda: mcp_call({"code": "x += 1", "session": "s"})),
-            "fresh sandbox (print(1+1))": (lambda: daemon_eval(fresh_vm, "print(1+1)"),
-                                           lambda: mcp_call({"code": "print(1+1)"})),
+        kinds = {  # name: (baseline's label, baseline, label, measured)
+            "session turn (x += 1)": ("vm.eval", lambda: daemon_eval(session_vm, "x += 1"),
+                                      "run_python", lambda: mcp_call({"code": "x += 1", "session": "s"})),
+            "fresh sandbox (print(1+1))": ("vm.eval", lambda: daemon_eval(fresh_vm, "print(1+1)"),
+                                           "run_python", lambda: mcp_call({"code": "print(1+1)"})),
+            "session turn that wakes a hibernated session (x += 1)": (
+                "resident", lambda: mcp_call({"code": "x += 1", "session": "s"}), "waking", wake_turn),
         }
-        for name, (baseline, front) in kinds.items():
+        for name, (base_label, baseline, label, front) in kinds.items():
             ratios, all_base, all_front = [], [], []
             for _ in range(args.rounds):
                 base, over = series(baseline, args.evals), series(front, args.evals)
@@ -88,13 +110,14 @@ def main() -> None:
                 all_base += base
                 all_front += over
             print(f"{name}:")
-            print(f"  vm.eval     p50 {statistics.median(all_base):8.1f}  p90 {percentile(all_base, 0.9):8.1f} us")
-            print(f"  run_python  p50 {statistics.median(all_front):8.1f}  p90 {percentile(all_front, 0.9):8.1f} us")
+            for what, values in ((base_label, all_base), (label, all_front)):
+                print(f"  {what:<10}  p50 {statistics.median(values):8.1f}  p90 {percentile(values, 0.9):8.1f} us")
             print(f"  ratio of p50s per round: {' '.join(f'{r:.2f}' for r in ratios)} "
                   f"(median {statistics.median(ratios):.2f}, {args.rounds} rounds of {args.evals})")
     finally:
         daemon.close()
         mcp.close()
+        kept.close()
 
 
 if __name__ == "__main__":
