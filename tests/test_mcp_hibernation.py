@@ -125,9 +125,12 @@ async def test_an_orderly_restart_brings_sessions_back_by_name(tmp_path: Path) -
         await run(client, "y = 'scratch'", "scratch")
         await run(client, "z = 'gone'", "gone")
         await client.call_tool("reset_session", {"session": "gone"})
+        with anyio.fail_after(WAIT):
+            await client.call_tool("run_python", {"code": "1"})  # the session-less VM: nothing of it persists
         before = await sessions(client)
     [event] = events(log, "vms_hibernated_at_exit")
     assert event["vms"] == 2
+    assert sorted(path.stem for path in (state / "vms").iterdir()) == sorted(row["vm_id"] for row in before.values())
 
     async with server(log, state) as client:
         listed = await sessions(client)
