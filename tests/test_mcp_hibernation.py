@@ -80,9 +80,10 @@ async def kill(state: Path) -> None:
 async def test_a_session_idle_past_vm_hibernate_idle_ms_hibernates_and_keeps_its_names(tmp_path: Path) -> None:
     idle_ms = 1000
     async with server(tmp_path / "log", env={"SIDECAR_VM_HIBERNATE_IDLE_MS": str(idle_ms)}) as client:
-        await run(client, "names = {'ada': 36}", "idle")
-        used = time.monotonic()
         await run(client, "x = 1", "busy")  # kept in use below: never idle long enough
+        await run(client, "names = {}", "idle")  # made (a VM's making is not its use)
+        used = time.monotonic()  # before the call reaches the VM, so the idle time is at least the timer's
+        await run(client, "names['ada'] = 36", "idle")
 
         async def awake() -> bool:
             await run(client, "x += 1", "busy")
