@@ -4,7 +4,8 @@ Owns which services the sidecar serves and what each is given: one set of engine
 ticker), one module store, the VM registry, WASI runs, Python evals and snapshots, all sharing one
 `Runtime` whose input reader is the server's intake. The CLI and the tests build the daemon here,
 so they run the same thing. `wasm-sidecar mcp` is the same daemon with another front
-(`sidecar.mcp_server`) whose one service, the MCP tools, drives the same registry and evals.
+(`sidecar.mcp_server`) whose one service, the MCP tools, drives the same registry, evals and
+hibernation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .evals import PythonEvals
 from .hibernation import Hibernation
 from .limits import Limits
 from .mcp_server import McpServer
+from .mcp_sessions import SessionTable
 from .mcp_tools import McpTools
 from .modules import ModuleStore
 from .runs import WasiRuns
@@ -37,13 +39,21 @@ def build_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: boo
 NO_HOST_CALLS = "no host answers host calls under wasm-sidecar mcp"
 
 
-def build_mcp_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False) -> McpServer:
-    """The same daemon serving MCP: its tools are the one service, on the same VM registry and evals."""
+def build_mcp_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False,
+                     state_dir: StateDir | None = None) -> McpServer:
+    """The same daemon serving MCP: its tools are the one service, on the same VM registry, evals
+    and hibernation; its session table lives in the state directory with the VMs (`state_dir`: as
+    `build_server`'s). Of the VMs found there, only those a session names come back."""
     server = McpServer(in_fd, out_fd, limits, handle_signals=handle_signals)
 
     def tools(_: Server) -> list[Service]:
         vms = _registry(server, refuse_host_calls=NO_HOST_CALLS)
-        return [McpTools(server.session, vms, PythonEvals(vms.find), beneath=[vms])]
+        directory = state_dir or StateDir(None, server.limits)
+        sessions = SessionTable(directory, server.limits)
+        snapshots = SnapshotService(vms, vms.runtime, vms.engines, server.limits)
+        hibernation = Hibernation(vms, snapshots, vms.runtime, server.limits, directory,
+                                  claimed=sessions.vm_ids().__contains__)
+        return [McpTools(server.session, vms, PythonEvals(vms.find), sessions, beneath=[hibernation, vms])]
 
     server.add_services(tools)
     return server

@@ -11,10 +11,11 @@ Layout:
 - `modules/<hex>.wasm`: each module once, named by its SHA-256, however many VMs of it hibernate
   (10,000 VMs of one module write it once); removed when the last of them is gone. A runtime's
   bake is not stored: a restore makes or finds it from the installation, as for any snapshot;
-- `quarantine/`: state files that failed validation, moved aside, never read again;
+- `quarantine/`: files that failed validation, moved aside, never read again;
 - `trash/`: files on their way out. A VM that wakes renames its file here and the watcher thread
   unlinks it later: on ext4, unlinking a file just written and fsynced costs 0.1-1 ms (freeing its
   blocks goes through the journal), a rename 13 µs, and a wake should not pay for the former;
+- `mcp_sessions.json`: under `wasm-sidecar mcp`, its session names and their VMs (`sidecar.mcp_sessions`);
 - `lock`: the lock, holding the owner's pid.
 Every file is written atomically (a temporary file, fsync, rename), so a crash leaves the old file
 or the new one, never half of one; temporaries a crash left behind are removed at start. A private
@@ -35,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -107,7 +109,7 @@ class StateDir:
     def scan(self) -> list[Found]:
         """The VMs an earlier process left here, each file checked in full; a file that fails is
         quarantined, never fatal. Leftover temporaries and unreferenced modules are removed."""
-        for stray in [*self.path.glob("vms/.*"), *self.path.glob("modules/.*")]:
+        for stray in [*self.path.glob(".*"), *self.path.glob("vms/.*"), *self.path.glob("modules/.*")]:
             stray.unlink(missing_ok=True)
         self.empty_trash()
         found = []
@@ -183,16 +185,20 @@ class StateDir:
             pass
 
     def quarantine(self, vm_id: str, error: RpcError) -> None:
-        """Move a state file that failed validation aside (logged and counted): never read again."""
-        target = self.path / "quarantine" / f"{vm_id}{_SUFFIX}.{time.time_ns()}"
+        """Move a state file that failed validation aside: never read again."""
+        self.set_aside(self._state_path(vm_id), error.message, vm_id=vm_id, **error.details)
+        self.delete(vm_id)
+
+    def set_aside(self, path: Path, reason: str, **details: Any) -> None:
+        """Move a file of this directory that failed validation to `quarantine/` (logged and counted)."""
+        target: Path | None = self.path / "quarantine" / f"{path.name}.{time.time_ns()}"
         try:
-            os.replace(self._state_path(vm_id), target)
+            os.replace(path, target)
         except OSError:
             target = None  # already gone: nothing left to keep
-        self.delete(vm_id)
         with self._mutex:
             self.quarantined += 1
-        log.warning("state_quarantined", vm_id=vm_id, moved_to=str(target), error=error.message, **error.details)
+        log.warning("state_quarantined", moved_to=str(target), error=reason, **details)
 
     def close(self) -> None:
         """Release the lock; a private directory goes with it."""
