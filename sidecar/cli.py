@@ -84,7 +84,7 @@ def serve(*, mcp: bool = False, state_path: Path | None = None) -> int:
     state_dir = None
     if state_path is not None:
         try:
-            state_dir = StateDir(state_path, limits)
+            state_dir = StateDir(state_path, limits, "mcp" if mcp else "jsonrpc")
         except (StateDirBusy, OSError) as exc:
             structlog.get_logger().error("state_dir_unusable", state_dir=str(state_path), error=str(exc))
             return 2

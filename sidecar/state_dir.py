@@ -17,6 +17,7 @@ Layout:
   blocks goes through the journal), a rename 13 µs, and a wake should not pay for the former;
 - `mcp_sessions.json`: under `wasm-sidecar mcp`, its session names and their VMs (`sidecar.mcp_sessions`);
 - `lock`: the lock, holding the owner's pid.
+- `front`: which front made a named directory (`jsonrpc`, the daemon, or `mcp`); the other is refused.
 Every file is written atomically (a temporary file, fsync, rename), so a crash leaves the old file
 or the new one, never half of one; temporaries a crash left behind are removed at start. A private
 directory dies with the process, so its files skip the fsync: it made a hibernation cost ~1.3 ms
@@ -54,7 +55,11 @@ _PRIVATE_PREFIX = "wasm-sidecar-state-"
 
 
 class StateDirBusy(Exception):
-    """Another process holds the directory's lock."""
+    """Another process holds the directory's lock, or the directory is another front's."""
+
+
+# What each front is called in the refusal of another's directory (`Server.front`).
+_FRONTS = {"jsonrpc": "the daemon (wasm-sidecar)", "mcp": "wasm-sidecar mcp"}
 
 
 class StateFull(Exception):
@@ -75,8 +80,10 @@ class Found:
 
 
 class StateDir:
-    def __init__(self, path: Path | None, limits: Limits) -> None:
-        """`path` None: a private directory, removed by `close`. Raises `StateDirBusy`."""
+    def __init__(self, path: Path | None, limits: Limits, front: str = "jsonrpc") -> None:
+        """`path` None: a private directory, removed by `close`. Raises `StateDirBusy`. A named
+        directory serves the `front` that made it only: the MCP front removes at start the VMs no
+        session names, which would be every VM of the daemon's."""
         self.private = path is None
         if path is None:
             _remove_orphans()
@@ -92,6 +99,8 @@ class StateDir:
             os.close(self._lock_fd)
             raise StateDirBusy(f"the state directory {self.path} is in use by another wasm-sidecar "
                                f"(pid {owner}); give each sidecar its own {STATE_DIR_ENV}") from None
+        if path is not None:
+            self._claim_for(front)
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         self._mutex = threading.Lock()
@@ -199,6 +208,17 @@ class StateDir:
         with self._mutex:
             self.quarantined += 1
         log.warning("state_quarantined", moved_to=str(target), error=reason, **details)
+
+    def _claim_for(self, front: str) -> None:
+        """Mark the directory as `front`'s (the lock is held), or refuse it if another front's."""
+        marker = self.path / "front"
+        made_by = marker.read_text().strip() if marker.exists() else ""
+        if made_by and made_by != front:
+            os.close(self._lock_fd)
+            raise StateDirBusy(f"the state directory {self.path} holds the VMs of {_FRONTS.get(made_by, made_by)}, "
+                               f"so {_FRONTS[front]} cannot use it; give each its own {STATE_DIR_ENV}")
+        if not made_by:
+            marker.write_text(f"{front}\n")
 
     def close(self) -> None:
         """Release the lock; a private directory goes with it."""

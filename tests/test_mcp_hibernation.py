@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -220,3 +221,34 @@ async def test_a_session_whose_hibernated_state_is_damaged_is_lost_and_its_name_
     assert afresh["value"] == "'new'" and other["value"] == "2"
     [event] = events(log, "state_quarantined")
     assert event["vm_id"] == vm_id
+
+
+@pytest.mark.parametrize("first", ["daemon", "mcp"])
+async def test_a_state_directory_serves_the_front_that_made_it_and_refuses_the_other(tmp_path: Path,
+                                                                                      first: str) -> None:
+    """The MCP front removes at start every VM no session names, which would be all of a daemon's:
+    a directory keeps the front that made it, and the other front exits 2 leaving it untouched."""
+    state = tmp_path / "state"
+    daemon = [sys.executable, "-m", "sidecar", "--state-dir", str(state)]
+    mcp = [*mcp_command(), "--state-dir", str(state)]
+    if first == "daemon":
+        with subprocess.Popen(daemon, env=mcp_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as made:
+            assert made.stdin is not None and made.stdout is not None
+            made.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"vm.create","params":{"wat":"(module (memory 1))"}}\n')
+            made.stdin.flush()
+            assert b'"vm_id"' in made.stdout.readline()
+            made.stdin.close()  # end of input: the exit hibernates the VM
+            assert made.wait(WAIT) == 0
+    else:
+        async with server(tmp_path / "log", state) as client:
+            await run(client, "x = 1", "s")
+    kept = sorted(path.name for path in (state / "vms").iterdir())
+    assert kept  # the exit hibernated what the first front made
+    other = subprocess.run(mcp if first == "daemon" else daemon, env=mcp_env(), input=b"",
+                           capture_output=True, timeout=WAIT)
+    assert other.returncode == 2 and other.stdout == b""
+    line = json.loads(other.stderr.decode().strip().splitlines()[-1])
+    assert line["event"] == "state_dir_unusable" and str(state) in line["error"]
+    assert ("wasm-sidecar mcp" if first == "mcp" else "the daemon") in line["error"]
+    assert sorted(path.name for path in (state / "vms").iterdir()) == kept
