@@ -61,6 +61,14 @@ async def resident(client: Client) -> dict[str, bool]:
     return {name: row["resident"] for name, row in (await sessions(client)).items()}
 
 
+async def until_resident(client: Client, expected: dict[str, bool]) -> None:
+    """Until the sessions' residency is `expected`: the cap hibernates off the request's path, and
+    the front tells of it only in `list_sessions`."""
+    with anyio.fail_after(WAIT):
+        while (await resident(client)) != expected:
+            await anyio.sleep(0.01)
+
+
 def events(log: Path, name: str) -> list[dict[str, Any]]:
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     return [line for line in lines if line.get("event") == name]
@@ -109,13 +117,9 @@ async def test_past_runner_resident_vms_the_least_recently_used_session_hibernat
     async with server(tmp_path / "log", env={"SIDECAR_RUNNER_RESIDENT_VMS": "1"}) as client:
         await run(client, "a = 'first'", "a")
         await run(client, "b = 'second'", "b")  # past the cap: `a` makes room
-        with anyio.fail_after(WAIT):
-            while (await resident(client)) != {"a": False, "b": True}:
-                await anyio.sleep(0.01)
+        await until_resident(client, {"a": False, "b": True})
         first = await run(client, "a", "a")  # wakes `a`; `b` makes room
-        with anyio.fail_after(WAIT):
-            while (await resident(client)) != {"a": True, "b": False}:
-                await anyio.sleep(0.01)
+        await until_resident(client, {"a": True, "b": False})
         second = await run(client, "b", "b")
     assert first["value"] == "'first'" and second["value"] == "'second'"
 
@@ -151,9 +155,7 @@ async def test_after_a_sigkill_hibernated_sessions_come_back_and_resident_ones_a
     async with server(log, state, {"SIDECAR_RUNNER_RESIDENT_VMS": "1"}) as client:
         await run(client, "kept = [1, 2, 3]", "kept")
         await run(client, "lost = True", "lost")  # past the cap: `kept` hibernates
-        with anyio.fail_after(WAIT):
-            while (await resident(client)) != {"kept": False, "lost": True}:
-                await anyio.sleep(0.01)
+        await until_resident(client, {"kept": False, "lost": True})
         await kill(state)
 
     async with server(log, state) as client:
@@ -206,9 +208,7 @@ async def test_a_session_whose_hibernated_state_is_damaged_is_lost_and_its_name_
     async with server(log, state, {"SIDECAR_RUNNER_RESIDENT_VMS": "1"}) as client:
         await run(client, "x = 1", "damaged")
         await run(client, "y = 2", "other")  # past the cap: `damaged` hibernates
-        with anyio.fail_after(WAIT):
-            while (await resident(client)) != {"damaged": False, "other": True}:
-                await anyio.sleep(0.01)
+        await until_resident(client, {"damaged": False, "other": True})
         vm_id = (await sessions(client))["damaged"]["vm_id"]
         (state / "vms" / f"{vm_id}.state").write_bytes(b"not a snapshot")
         lost = await run(client, "x", "damaged")
