@@ -30,7 +30,6 @@ from .wasmffi.native import CALLBACKS, RELEASE, GuestIo
 
 log = structlog.get_logger()
 
-VERSION = 1  # guest ABI v1 (DESIGN.md); extensions add imports without breaking v1 guests
 MODULE = "sidecar"
 # name -> (params, results): the signatures a guest must import them with.
 SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
