@@ -109,6 +109,11 @@ class StatsResult(Wire):
     `vm_calls`, `vm_memory_bytes` (linear memory retained by live instances) and
     `instances_recycled` sum over the live VMs; `engines` counts the wasmtime engines kept (one
     per engine setting in use or kept for reuse, at most `runner_engines`).
+
+    `hibernations` and `wakes` count VMs that left memory and came back since start (a stateless
+    VM's dropped instances included); `state_bytes` is what the state directory holds (hibernated
+    VMs' state and their modules, each module once); `state_quarantined` counts state files that
+    failed validation and were moved aside.
     """
 
     requests_served: Count
@@ -121,6 +126,10 @@ class StatsResult(Wire):
     vm_calls: Count
     vm_memory_bytes: Count
     instances_recycled: Recycles
+    hibernations: Count
+    wakes: Count
+    state_bytes: Count
+    state_quarantined: Count
     uptime_ms: Count
 
 

@@ -219,9 +219,15 @@ class VmDisposeParams(Wire):
     vm_id: VmId
 
 
+class VmHibernateParams(Wire):
+    vm_id: VmId
+
+
 class VmInfo(Wire):
-    """One live VM. `memory_bytes` sums linear memory over its live instances; `recycles` counts
-    the instances a stateless VM retired, by reason."""
+    """One VM. `memory_bytes` sums linear memory over its live instances; `recycles` counts
+    the instances a stateless VM retired, by reason. `resident` is false for a VM that hibernated
+    (its state on disk; the next request naming it wakes it) and for a stateless one holding no
+    instance; `last_used` (RFC 3339, UTC) is when a request or a host answer last reached it."""
 
     vm_id: VmId
     mode: Literal["stateful", "stateless"]
@@ -232,6 +238,8 @@ class VmInfo(Wire):
     instances: Count
     host_calls_pending: Count
     recycles: Recycles
+    resident: bool
+    last_used: str
 
 
 class VmListResult(Wire):

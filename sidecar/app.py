@@ -28,11 +28,16 @@ from .server import Server
 
 if TYPE_CHECKING:
     from .mcp_server import McpServer
+    from .state_dir import StateDir
 
 
-def build_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False) -> Server:
+def build_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False,
+                 state_dir: StateDir | None = None) -> Server:
+    """`state_dir`: where VMs hibernate, already locked (the CLI opens it to refuse a directory in
+    use before serving); without one, a private directory made when the services start."""
     server = Server(in_fd, out_fd, limits, handle_signals=handle_signals)
-    server.add_services(lambda built: _wiring().vm_services(built), load=_wiring, capabilities=vm_capabilities)
+    server.add_services(lambda built: _wiring().vm_services(built, state_dir), load=_wiring,
+                        capabilities=vm_capabilities)
     return server
 
 

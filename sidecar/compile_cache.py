@@ -14,17 +14,32 @@ memory-unsafe, so an entry is mapped only after its trailer and checksum match, 
 same open file; anything else is logged as `compile_cache_rejected` and treated as a miss, and
 the caller's rewrite replaces it. A cache that cannot be used logs why and is off; it never
 fails a load.
+
+An entry is hashed in full once per file per boot: the process that writes it, or the first that
+reads it, sets its mtime to the nanosecond and leaves a seal (a note naming the boot, the file's
+device, inode, size, mtime and ctime, and its digest); a later read whose open file matches the
+seal checks the trailer but skips the hash, and touches and seals the file again. Any write to
+the file, in place or by rename, changes what the seal names (the kernel stamps a write with its
+coarse clock, never our nanosecond mtime), and a crash invalidates every seal through the boot id
+(pages that were never written back); what it does not catch is the disk changing bytes
+underneath a file the kernel still has cached.
+
+A note `<key>.note` is a small derived fact about a module that is dear to compute (what the
+instrumentation found in it: a CPython's code takes ~180 ms to scan), its sha256 over key and
+content first; it is never executed, and a note that does not check is a miss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import mmap
 import os
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +50,11 @@ from .engines import EngineSettings
 
 _CACHE_DIR_ENV = "SIDECAR_CACHE_DIR"
 _ENTRY_SUFFIX = ".cwasm"
+_NOTE_SUFFIX = ".note"
 _TRAILER = struct.Struct("<8sIQQ32s32s")  # magic, format version, module length, extra length, key, sha256
 _TRAILER_MAGIC = b"wsidecar"
 _FORMAT_VERSION = 1
+_DIGEST_LENGTH = 32
 
 
 def _log() -> Any:
@@ -73,12 +90,15 @@ class CompileCache:
     def path(self, key: str) -> Path:
         return self.directory / (key + _ENTRY_SUFFIX)
 
-    def read(self, key: str, engine: wasmtime.Engine) -> tuple[wasmtime.Module, bytes] | None:
-        """The module and `extra` of a verified entry; None on a miss or a rejected entry."""
+    def read(self, key: str, engine: wasmtime.Engine, head: int = 0) -> tuple[wasmtime.Module, bytes, bytes] | None:
+        """The module, the first `head` bytes of `extra` and the rest of it, of a verified entry; None
+        on a miss or a rejected entry. Read in parts rather than sliced after: a copy of a bake's
+        12 MB costs ~10 ms here (fresh pages)."""
         path = self.path(key)
         try:
             with open(path, "rb") as file:
-                size = os.fstat(file.fileno()).st_size
+                info = os.fstat(file.fileno())
+                size = info.st_size
                 if size <= _TRAILER.size:
                     return _reject(path, "truncated")
                 file.seek(size - _TRAILER.size)
@@ -88,26 +108,29 @@ class CompileCache:
                     else f"format version {version}" if version != _FORMAT_VERSION
                     else "foreign key" if entry_key != bytes.fromhex(key)
                     else "length mismatch" if module_len == 0 or module_len + extra_len + _TRAILER.size != size
+                    else "no head" if extra_len < head
                     else None
                 )
                 if reason:
                     return _reject(path, reason)
-                # Hashed in place: a 25 MB artifact is not copied to be checked.
-                with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-                    if hashlib.sha256(view[: size - _TRAILER.size]).digest() != digest:
-                        return _reject(path, "checksum mismatch")
-                    extra = bytes(view[module_len : module_len + extra_len])
+                if not self._sealed(key, info, digest):
+                    # Hashed in place: a 25 MB artifact is not copied to be checked.
+                    with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+                        if hashlib.sha256(view[: size - _TRAILER.size]).digest() != digest:
+                            return _reject(path, "checksum mismatch")
+                first = os.pread(file.fileno(), head, module_len)
+                rest = os.pread(file.fileno(), extra_len - head, module_len + head)
                 # The verified open file, not the path: a concurrent replace cannot swap the bytes between.
                 module = wasmtime.Module.deserialize_file(engine, f"/dev/fd/{file.fileno()}")
+                with contextlib.suppress(OSError):  # a read-only cache still serves hits, hashing each
+                    self._touch_and_seal(key, file.fileno(), digest)  # recently used: evicted last
         except FileNotFoundError:
             return None
         except OSError as exc:
             return _reject(path, f"unreadable: {exc.strerror or exc}")
         except wasmtime.WasmtimeError as exc:  # another wasmtime build or CPU: wasmtime's own check
             return _reject(path, f"incompatible: {str(exc).strip().splitlines()[-1].strip()}")  # the root cause
-        with contextlib.suppress(OSError):  # a read-only cache still serves hits
-            os.utime(path)  # recently used: evicted last
-        return module, extra
+        return module, first, rest
 
     def write(self, key: str, module: wasmtime.Module, extra: bytes = b"") -> None:
         """Store an entry atomically (temp file + rename), then evict down to capacity; failures only log."""
@@ -121,25 +144,65 @@ class CompileCache:
         trailer = _TRAILER.pack(
             _TRAILER_MAGIC, _FORMAT_VERSION, len(payload), len(extra), bytes.fromhex(key), digest.digest()
         )
+        if self._write_atomically(self.path(key), payload, extra, trailer):
+            with contextlib.suppress(OSError), open(self.path(key), "rb") as file:  # it holds what was just hashed
+                self._touch_and_seal(key, file.fileno(), digest.digest())
+            self._evict()
+
+    def _sealed(self, key: str, info: os.stat_result, digest: bytes) -> bool:
+        """Whether this very file, unchanged since (same inode, size, and times that any write
+        changes), was checked in full since the machine booted: hashing a 34 MB entry on every hit
+        costs more than the rest of a restore."""
+        boot = _boot_id()
+        return boot is not None and self.read_note(_seal_key(key)) == _seal_of(boot, info, digest)
+
+    def _touch_and_seal(self, key: str, fd: int, digest: bytes) -> None:
+        """Mark the file recently used, with an mtime to the nanosecond (a write by anyone gets the
+        kernel's coarse clock instead), and seal it as it is now."""
+        now = time.time_ns()
+        os.utime(fd, ns=(now, now))
+        if (boot := _boot_id()) is not None:
+            self.write_note(_seal_key(key), _seal_of(boot, os.fstat(fd), digest))
+
+    def read_note(self, key: str) -> bytes | None:
+        """The content of a note whose checksum matches; None otherwise (a rejected one is logged)."""
+        path = self.directory / (key + _NOTE_SUFFIX)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return _reject(path, f"unreadable: {exc.strerror or exc}")
+        content = blob[_DIGEST_LENGTH:]
+        if hashlib.sha256(bytes.fromhex(key) + content).digest() != blob[:_DIGEST_LENGTH]:
+            return _reject(path, "checksum mismatch")
+        return content
+
+    def write_note(self, key: str, content: bytes) -> None:
+        """Store a note atomically; failures only log (the fact is computed again next time)."""
+        digest = hashlib.sha256(bytes.fromhex(key) + content).digest()
+        self._write_atomically(self.directory / (key + _NOTE_SUFFIX), digest, content)
+
+    def _write_atomically(self, path: Path, *parts: bytes) -> bool:
+        """A temporary file renamed over `path`, so readers never see half of it; False if that failed."""
         temp = None
         try:
             fd, temp = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
             with os.fdopen(fd, "wb") as file:
-                file.write(payload)
-                file.write(extra)
-                file.write(trailer)
-            os.replace(temp, self.path(key))
+                for part in parts:
+                    file.write(part)
+            os.replace(temp, path)
         except OSError as exc:
             _log().warning("compile_cache_write_failed", directory=str(self.directory), reason=str(exc))
             if temp is not None:
                 Path(temp).unlink(missing_ok=True)
-            return
-        self._evict()
+            return False
+        return True
 
     def _evict(self) -> None:
         """Least recently used first; another process may be evicting too, so vanished files are fine."""
         entries = []
-        for path in self.directory.glob("*" + _ENTRY_SUFFIX):
+        for path in [*self.directory.glob("*" + _ENTRY_SUFFIX), *self.directory.glob("*" + _NOTE_SUFFIX)]:
             with contextlib.suppress(OSError):
                 info = path.stat()
                 entries.append((info.st_mtime_ns, path.name, info.st_size, path))
@@ -155,6 +218,25 @@ class CompileCache:
 
 def _reject(path: Path, reason: str) -> None:
     _log().warning("compile_cache_rejected", path=str(path), reason=reason)
+
+
+def _seal_key(key: str) -> str:
+    return hashlib.sha256(b"sealed:" + bytes.fromhex(key)).hexdigest()
+
+
+def _seal_of(boot: str, info: os.stat_result, digest: bytes) -> bytes:
+    return (f"{boot} {info.st_dev} {info.st_ino} {info.st_size} {info.st_mtime_ns} {info.st_ctime_ns} "
+            f"{digest.hex()}").encode()
+
+
+@functools.cache
+def _boot_id() -> str | None:
+    """This boot's id (Linux): a seal made before a crash does not vouch for what the disk kept
+    of a file whose pages were not yet written back. Elsewhere nothing is sealed: every hit hashes."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
 
 def _default_directory() -> Path:

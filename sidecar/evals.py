@@ -60,8 +60,9 @@ _result_decoder = msgspec.json.Decoder(_DriverResult)
 _WARM_UP = _request_encoder.encode({"code": "print(end='')\n0"})
 
 
-def runtime_create_params(params: VmCreateParams) -> VmCreateParams:
-    """`vm.create {runtime}` as the module-and-preinit request it stands for."""
+def runtime_create_params(params: VmCreateParams) -> tuple[VmCreateParams, str]:
+    """`vm.create {runtime}` as the module-and-preinit request it stands for, and the id of that
+    module as the runtime's manifest records it."""
     if not isinstance(params.preinit, msgspec.UnsetType):
         raise InvalidParamsError("a runtime's VMs are pre-initialized by the sidecar", path="$.preinit")
     runtime = runtimes.find(params.runtime)  # type: ignore[arg-type]
@@ -82,7 +83,7 @@ def runtime_create_params(params: VmCreateParams) -> VmCreateParams:
         preinit=PreinitSpec(export=INIT_EXPORT, wasi=WasiSettings(
             env={"SIDECAR_RUNTIME_FILES": runtime.files_id}, preopens=[_own_files(runtime)])),
         wasi=runtime_view(runtime, given),
-    )
+    ), runtime.module_id
 
 
 def runtime_view(runtime: runtimes.InstalledRuntime, given: WasiSettings) -> WasiSettings:

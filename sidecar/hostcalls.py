@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 import structlog
@@ -32,6 +33,15 @@ STATUS_OK = 0
 STATUS_HOST_ERROR = -1
 STATUS_TIMEOUT = -2
 STATUS_REFUSED = -3
+
+
+@dataclass(frozen=True)
+class AsyncCall:
+    """A `host_call_async` the VM waits on; it outlives calls, instances and even processes."""
+
+    request_id: str
+    method: str
+    params: bytes
 
 
 class HostAnswer(msgspec.Struct, frozen=True):

@@ -358,3 +358,16 @@ def load_limits(environ: Mapping[str, str] | None = None) -> Limits:
 def process_limits() -> Limits:
     """The running process's limits, read from the environment once (warnings logged once)."""
     return load_limits()
+
+
+@dataclass(frozen=True, slots=True)
+class CallBudget:
+    """The guest limits every call reads, looked up once per VM instead of once per call."""
+
+    input_bytes: int
+    output_bytes: int
+    fuel: int
+
+    @classmethod
+    def of(cls, limits: Limits) -> CallBudget:
+        return cls(limits.vm_input_bytes, limits.vm_output_bytes, limits.vm_fuel)

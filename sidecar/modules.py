@@ -169,7 +169,7 @@ class ModuleStore:
         self._known: OrderedDict[str, _Known] = OrderedDict()  # by module id, for `get`
         self._pending: dict[_Key, Future[CompiledModule]] = {}
         self._lock = threading.Lock()
-        self._cache = CompileCache.open(cache_dir, limits.runner_cache_bytes)
+        self.cache = CompileCache.open(cache_dir, limits.runner_cache_bytes)
         engines.on_evicted(self._forget)
 
     @property
@@ -211,19 +211,19 @@ class ModuleStore:
         def build(lease: EngineLease) -> CompiledModule:
             key_hex = cache_key(base_id, derivation_id, lease.settings)
             started = time.perf_counter()
-            found = self._cache.read(key_hex, lease.engine) if self._cache else None
-            if found is not None and len(found[1]) > _DIGEST:  # the bytes' id, then the bytes: no second hash
-                module, stored = found
-                module_id, wasm = "sha256:" + stored[:_DIGEST].hex(), stored[_DIGEST:]
+            found = self.cache.read(key_hex, lease.engine, _DIGEST) if self.cache else None
+            if found is not None and found[2]:  # the bytes' id, then the bytes: no second hash
+                module, stored_id, wasm = found
+                module_id = "sha256:" + stored_id.hex()
             else:
                 wasm = make()
                 started = time.perf_counter()
                 module_id, module = content_id(wasm), _compile(lease.engine, wasm, _layout(wasm), None)[2]
             compiled = self._compiled(module_id, wasm, wasm, module, lease, _layout(wasm), found is not None, started)
-            if not compiled.cached and self._cache:
-                self._cache.write(key_hex, module, bytes.fromhex(module_id.removeprefix("sha256:")) + wasm)
+            if not compiled.cached and self.cache:
+                self.cache.write(key_hex, module, bytes.fromhex(module_id.removeprefix("sha256:")) + wasm)
                 # Also where a load of these bytes (in `form_id`'s form already) looks: a restore elsewhere.
-                self._cache.write(cache_key(module_id, form_id, lease.settings), module, wasm)
+                self.cache.write(cache_key(module_id, form_id, lease.settings), module, wasm)
             _log().info("module_derived", base_id=base_id, derivation=derivation_id, module_id=compiled.module_id,
                         cached=compiled.cached, compile_ms=round(compiled.compile_ms, 3))
             return compiled
@@ -289,16 +289,16 @@ class ModuleStore:
         layout = _layout(source)
         key_hex = cache_key(module_id, transform_id, settings)
         started = time.perf_counter()
-        found = self._cache.read(key_hex, engine) if self._cache else None
+        found = self.cache.read(key_hex, engine) if self.cache else None
         if found is None:
             wasm, layout, module = _compile(engine, source, layout, transform)
         else:
-            module, stored = found
+            module, _, stored = found
             wasm = stored if transform_id else source
             layout = _layout(wasm) if transform_id else layout
         compiled = self._compiled(module_id, original, wasm, module, lease, layout, found is not None, started)
-        if found is None and self._cache:
-            self._cache.write(key_hex, module, wasm if transform_id else b"")
+        if found is None and self.cache:
+            self.cache.write(key_hex, module, wasm if transform_id else b"")
         compile_ms = round(compiled.compile_ms, 3)
         _log().info("module_compiled", module_id=module_id, size=len(original), compile_ms=compile_ms,
                     cached=compiled.cached, fingerprint=settings.fingerprint())

@@ -25,7 +25,8 @@ preopened directories by real path, lists and env in the order given, since the 
 order), this code's version and the load-time rewrite. Files under preopened directories are not
 part of it: a host that changes what an export reads uses another path or spec. Knows nothing
 about requests or where modules are kept: the caller gives the base module and keeps the result
-(`ModuleStore.derive`, which caches it).
+(`ModuleStore.derive`, which caches it). `stoppable` runs one in a worker thread for a task (a
+`module.load`) whose cancel must stop it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
+import anyio
 import msgspec
 import structlog
 
@@ -60,10 +63,12 @@ from .wasi_view import wasi_config
 from .wasmbin import PREFIX, START_EXPORT, Instrumented, WasmFormatError, instrument
 
 log = structlog.get_logger()
+T = TypeVar("T")
 PREINIT_ID = "sidecar-preinit-1"  # names the bake in cache keys: change it when baked output changes
 _UNMETERED = 2**64 - 1  # a run on a fuel-metering engine: the time limit bounds it, not fuel
 _REFUSED = "host calls are refused during pre-initialization"
 _WHERE = "$.preinit.export"
+T = TypeVar("T")
 
 
 def canonical(spec: PreinitSpec) -> PreinitSpec:
@@ -274,3 +279,34 @@ class _Kept:
         self.seen += len(chunk)
         if room > 0:
             self.data += chunk[:room]
+
+
+async def stoppable(work: Callable[[], T], stop: Callable[[], None], limiter: anyio.CapacityLimiter) -> T:
+    """`work()` in a worker thread; a cancel of the awaiting task calls `stop()` at once, and the
+    task still waits for the thread to end (a stopped guest ends at its next epoch tick), so the
+    worker slot stays taken until then."""
+    finished = False
+
+    async def stop_on_cancel() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if not finished:
+                stop()
+
+    def attempt() -> tuple[Any, Exception | None]:
+        try:
+            return work(), None
+        except Exception as exc:  # carried out of the task group, which would wrap it in an ExceptionGroup
+            return None, exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_cancel)
+        try:
+            value, error = await anyio.to_thread.run_sync(attempt, limiter=limiter)
+        finally:
+            finished = True
+            tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return value  # type: ignore[no-any-return]

@@ -40,6 +40,7 @@ class InstalledRuntime:
     guest_path: str
     module: Path
     manifest: dict[str, Any]
+    module_id: str  # the module's id as the manifest records it: a bake found by it skips reading the module
 
     @property
     def files_id(self) -> str:
@@ -78,9 +79,10 @@ def find(name: str, root: Path | None = None) -> InstalledRuntime | None:
         outputs: dict[str, Any] = manifest["outputs"]
         # Sizes, not hashes: a half-written install is what this must catch, cheaply, at every start.
         complete = all((directory / path).stat().st_size == output["bytes"] for path, output in outputs.items())
-        module = directory / next(path for path in outputs if path.endswith(".wasm"))
+        module_path = next(path for path in outputs if path.endswith(".wasm"))
         runtime = InstalledRuntime(name, str(manifest[f"{name}_version"]), list(manifest.get("preimported", [])),
-                                   directory, str(manifest["guest"]["preopen"]), module, manifest)
+                                   directory, str(manifest["guest"]["preopen"]), directory / module_path, manifest,
+                                   "sha256:" + str(outputs[module_path]["sha256"]))
     except (OSError, ValueError, KeyError, TypeError, StopIteration):
         return None
     return runtime if complete else None

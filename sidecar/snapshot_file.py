@@ -9,7 +9,11 @@ Layout: `MAGIC` (8 bytes), format version (u32 LE), body length (u64 LE), body (
 `SnapshotState`), checksum (32 bytes): in version 2 the SHA-256 of everything before it, so the
 one pass that makes it also gives the file's own SHA-256 (`vm.snapshot` reports it) by hashing on
 over the checksum; in version 1, still read, the SHA-256 of the body alone. Memories are stored
-sparsely as runs of non-zero `SNAPSHOT_CHUNK_BYTES` chunks, so zero pages cost nothing.
+sparsely as runs of `SNAPSHOT_CHUNK_BYTES` chunks: in versions 1 and 2, the non-zero ones; in
+version 3 (the version 2 container), those that differ from the memory a fresh instance of the
+module named by `baseline` starts with (its data segments), so a pre-initialized module's baked
+state is not stored again. A file without a baseline is written as version 2, which sidecars
+before version 3 read too.
 
 Writing is built for big memories (issue 15): the scan is native, the runs are views into linear
 memory that go to the file uncopied (the writer frames them in msgpack itself, byte for byte what
@@ -37,8 +41,9 @@ from .wasmffi import changed_runs
 Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"WSIDECAR"
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)  # 1: the checksum covers the body only
+FORMAT_VERSION = 3  # memories diffed against the module's image (`baseline`)
+ZERO_BASED_VERSION = 2  # memories diffed against zero: what a file without a baseline is written as
+READ_VERSIONS = (1, 2, 3)  # 1: the checksum covers the body only
 SNAPSHOT_CHUNK_BYTES = 4096  # invariant of the format: all-zero chunks of this size are not stored
 _HEADER = struct.Struct("<8sIQ")
 _DIGEST_LENGTH = 32
@@ -96,6 +101,9 @@ class SnapshotState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A runtime VM's: its files come from this sidecar's installation, never from the file; only a
     # name this sidecar knows decodes (a path-like name must not pick a directory to preopen).
     runtime: Literal["python"] | None = None
+    # The module (its `module_id`, the only one allowed) whose fresh instance's memory the runs are
+    # changes to; None: changes to zero (versions 1 and 2).
+    baseline: str | None = None
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -177,12 +185,12 @@ def encode_parts(state: SnapshotState) -> Encoded:
     (views into linear memory are not copied), hashed once."""
     parts = _Parts()
     parts.struct(state, "memories", parts.memories)
-    return seal(parts.done())
+    return seal(parts.done(), FORMAT_VERSION if state.baseline is not None else ZERO_BASED_VERSION)
 
 
-def seal(body: list[Buffer]) -> Encoded:
+def seal(body: list[Buffer], version: int = FORMAT_VERSION) -> Encoded:
     """A body in the container: header, body, checksum of both (one SHA-256 pass over the body)."""
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, sum(len(buffer) for buffer in body))
+    header = _HEADER.pack(MAGIC, version, sum(len(buffer) for buffer in body))
     digest = hashlib.sha256(header)
     for buffer in body:
         digest.update(buffer)
@@ -195,9 +203,10 @@ def encode(state: SnapshotState) -> bytes:
     return b"".join(encode_parts(state).parts)
 
 
-def write_atomically(path: Path, parts: list[Buffer]) -> None:
-    """`parts` written to a temporary file in the same directory, synced, and renamed over `path`:
-    readers never see half a file."""
+def write_atomically(path: Path, parts: list[Buffer], *, durable: bool = True) -> None:
+    """`parts` written to a temporary file in the same directory and renamed over `path`: readers
+    never see half a file. `durable`: synced before the rename, so that a crash of the machine
+    leaves the old file or the new one whole (a file that dies with the process needs no sync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -206,7 +215,8 @@ def write_atomically(path: Path, parts: list[Buffer]) -> None:
                 view = memoryview(part)
                 while view:
                     view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temporary, path)
@@ -215,8 +225,12 @@ def write_atomically(path: Path, parts: list[Buffer]) -> None:
         raise
 
 
-def read(path: Path, capacity: int) -> SnapshotState:
-    """Read and check a snapshot file; any problem is -32006 with the failing `stage`."""
+ModuleSource = Callable[[str], bytes]  # a module's bytes by its module_id, from where the caller keeps them
+
+
+def read(path: Path, capacity: int, module_of: ModuleSource | None = None) -> SnapshotState:
+    """Read and check a snapshot file; any problem is -32006 with the failing `stage`.
+    `module_of`: where a file that names its module without embedding it finds it (see `parse`)."""
     try:
         blob = read_bounded(path, capacity)
     except TooLarge as exc:
@@ -228,10 +242,13 @@ def read(path: Path, capacity: int) -> SnapshotState:
     except OSError as exc:
         raise InvalidSnapshotError(f"cannot read snapshot {str(path)!r}: {exc.strerror or exc}", stage="read",
                                    path=str(path)) from None
-    return parse(blob)
+    return parse(blob, module_of)
 
 
-def parse(blob: bytes) -> SnapshotState:
+def parse(blob: bytes, module_of: ModuleSource | None = None) -> SnapshotState:
+    """The file's state, checked. A module left out of the file is a runtime's bake (which the
+    restore finds), or, given `module_of`, one kept apart (the state directory keeps each module
+    once, however many VMs of it hibernate): it is read there and checked against `module_id`."""
     if len(blob) < _HEADER.size + _DIGEST_LENGTH:
         raise InvalidSnapshotError("file too short to be a snapshot", stage="format", size=len(blob))
     magic, version, body_length = _HEADER.unpack_from(blob)
@@ -254,11 +271,19 @@ def parse(blob: bytes) -> SnapshotState:
         raise InvalidSnapshotError(f"snapshot body is malformed: {exc}", stage="format") from None
     except RecursionError:  # `wasi`, say, nested deeper than the decoder can follow
         raise InvalidSnapshotError("snapshot body is nested too deeply to decode", stage="format") from None
+    if not state.module and state.runtime is None and module_of is not None:
+        state = msgspec.structs.replace(state, module=module_of(state.module_id))
     # A runtime VM's module is its runtime's bake, named by `module_id` alone (the restore makes or
     # finds it and checks that id); any other module is embedded.
     by_reference = state.runtime is not None and not state.module
     if not by_reference and "sha256:" + hashlib.sha256(state.module).hexdigest() != state.module_id:
         raise InvalidSnapshotError("embedded module does not match its module_id", stage="module")
+    if (state.baseline is not None) != (version == FORMAT_VERSION):
+        raise InvalidSnapshotError(f"a version {version} snapshot {'must' if version == FORMAT_VERSION else 'cannot'} "
+                                   "name the module its memories are diffed against", stage="format")
+    if state.baseline not in (None, state.module_id):
+        raise InvalidSnapshotError("the memories are diffed against another module than the snapshot's",
+                                   stage="module", baseline=state.baseline, module_id=state.module_id)
     _check_consistent(state)
     return state
 

@@ -11,6 +11,8 @@ function, and makes its pending async host calls live again under their ids.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,16 +45,18 @@ from .completion import Completion
 from .engines import EngineLease, Engines, EngineSettings
 from .evals import runtime_view
 from .guest_abi import CallState
+from .hostcalls import AsyncCall
 from .isolate import Isolate
 from .limits import Limits
-from .modules import CompiledModule
+from .modules import INSTRUMENT_ID, CompiledModule
 from .runtime import Runtime
 from .snapshot_file import PendingCall, SnapshotState
-from .vm import AsyncCall, Job, Vm
+from .vm import Job, Vm
 from .vms import Starting, VmService
 from .wasmbin import Instrumented, WasmFormatError, instrument
 
 log = structlog.get_logger()
+_FACTS_ID = "sidecar-facts-1"  # names the form of `Instrumented` kept in compile-cache notes
 
 
 def _restored_wasi(saved: dict, given: WasiSettings | msgspec.UnsetType) -> WasiSettings:
@@ -74,10 +78,12 @@ class SnapshotService:
         self._limits = limits
         self._instrumented: OrderedDict[str, Instrumented] = OrderedDict()
         self._lock = threading.Lock()
-        self._writers: dict[str, Callable[[Vm, Instrumented, list, list], snapshot_file.Encoded]] = {
-            "state": lambda vm, _, memories, globals_: snapshot_file.encode_parts(self._state(vm, memories, globals_)),
-            "wasm": lambda _, instrumented, memories, globals_: snapshot_file.Encoded.of(
-                snapshots.to_wasm(instrumented, memories, globals_)),
+        # Each format vm.snapshot writes, from an idle VM's instance (within a job on the VM).
+        self._writers: dict[str, Callable[[Vm, Isolate, Instrumented], snapshot_file.Encoded]] = {
+            "state": lambda vm, isolate, instrumented: snapshot_file.encode_parts(
+                self.state_of(vm, isolate, instrumented)),
+            "wasm": lambda _, isolate, instrumented: snapshot_file.Encoded.of(
+                snapshots.to_wasm(instrumented, *snapshots.capture(isolate, instrumented, borrow=True))),
         }
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
@@ -91,25 +97,13 @@ class SnapshotService:
 
     def vm_snapshot(self, params: VmSnapshotParams, reply: Completion) -> None:
         vm = self._vms.find(params.vm_id)
-        if vm.mode != "stateful" or vm.compiled.command:
-            raise InvalidParamsError("only stateful VMs that keep an instance hold state to snapshot", path="$.vm_id")
-        if vm.in_guest:
-            raise InvalidParamsError(
-                "the VM has guest frames on its stack (a call is running or waits on the host); "
-                "snapshot it when it is idle", path="$.vm_id", state="busy",
-            )
-        try:
-            instrumented = self.instrumented(vm.compiled)
-        except WasmFormatError as exc:
-            raise InvalidParamsError(f"this VM's module cannot be snapshotted: {exc}", path="$.vm_id") from None
-        snapshots.require_snapshottable(instrumented)
+        instrumented = self.snapshottable(vm)
         path = Path(params.path)
 
         def work(vm: Vm, isolate: Isolate | None, state: CallState) -> VmSnapshotResult:
             assert isolate is not None
-            memories, globals_ = snapshots.capture(isolate, instrumented, borrow=True)  # written in this job
-            self._runtime.reader.yield_reading()  # encoding and writing a big memory takes a while
-            encoded = self._writers[params.format](vm, instrumented, memories, globals_)
+            self._runtime.reader.yield_reading()  # capturing and writing a big memory takes a while
+            encoded = self._writers[params.format](vm, isolate, instrumented)
             size = encoded.size
             if size > vm.limits.runner_snapshot_bytes:
                 raise vm.limits.exceeded("runner_snapshot_bytes", size, vm_id=vm.vm_id)
@@ -122,6 +116,38 @@ class SnapshotService:
 
         vm.submit(Job(reply, work))
 
+    def snapshottable(self, vm: Vm) -> Instrumented:
+        """The instrumentation facts of a VM whose state can be captured now; -32602 if it cannot."""
+        if vm.mode != "stateful" or vm.compiled.command:
+            raise InvalidParamsError("only stateful VMs that keep an instance hold state to snapshot", path="$.vm_id")
+        if vm.in_guest:
+            raise InvalidParamsError(
+                "the VM has guest frames on its stack (a call is running or waits on the host); "
+                "snapshot it when it is idle", path="$.vm_id", state="busy",
+            )
+        try:
+            instrumented = self.instrumented(vm.compiled)
+        except WasmFormatError as exc:
+            raise InvalidParamsError(f"this VM's module cannot be snapshotted: {exc}", path="$.vm_id") from None
+        snapshots.require_snapshottable(instrumented)
+        return instrumented
+
+    def state_of(self, vm: Vm, isolate: Isolate, instrumented: Instrumented, *,
+                 embed_module: bool = True) -> SnapshotState:
+        """The `state` of an idle VM, as a job on the VM that is done with it before the job ends (its
+        memories are views into the instance's). Memories are stored as what differs from the memory
+        a fresh instance of the module starts with (a bake's state is stored once, in the module),
+        compared where it lies, mapped copy-on-write. Without `embed_module`, the module is named by
+        its id alone and the reader must find it (`snapshot_file.parse`)."""
+        fresh = vm.isolate_for(start=False)
+        try:
+            baseline = snapshots.memory_views(fresh, instrumented)
+            memories, globals_ = snapshots.capture(isolate, instrumented, baseline, borrow=True)
+        finally:
+            fresh.close()
+        state = self._state(vm, memories, globals_)
+        return state if embed_module else msgspec.structs.replace(state, module=b"")
+
     def vm_restore(self, params: VmRestoreParams, reply: Completion) -> None:
         self._runtime.reader.yield_reading()  # reading a file and maybe compiling: let another thread read input
         with self._vms.starting() as slot:
@@ -129,13 +155,24 @@ class SnapshotService:
 
     def _restore(self, params: VmRestoreParams, slot: Starting, reply: Completion) -> None:
         state = snapshot_file.read(Path(params.path), self._limits.runner_snapshot_bytes)
+        vm = self.resume(state, slot, reply, wasi=params.wasi, limits=params.limits or None)
+        if vm is not None:
+            log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
+
+    def resume(self, state: SnapshotState, slot: Starting, reply: Completion, *,
+               wasi: WasiSettings | msgspec.UnsetType = msgspec.UNSET, limits: dict | None = None,
+               vm_id: str | None = None, revive: Callable[[Vm], Isolate] | None = None) -> Vm | None:
+        """A live VM holding `state`, answered on `reply` (None: cancelled meanwhile). `wasi` and
+        `limits` as `vm.restore` takes them. With `revive`, the VM (of an earlier process, under its
+        old `vm_id`) starts hibernated: no instance until a job needs one, which `revive` makes."""
+        overrides = limits
         try:
-            limits = self._limits.tightened(state.limits)
-            wasi = _restored_wasi(state.wasi, params.wasi)
+            limits = self._limits.tightened(state.limits) if state.limits else self._limits
+            wasi = _restored_wasi(state.wasi, wasi)
         except (RpcError, msgspec.ValidationError) as exc:
             raise InvalidSnapshotError(f"snapshot settings do not fit this sidecar: {exc}", stage="bounds") from None
-        if params.limits:
-            limits = limits.tightened(params.limits)
+        if overrides:
+            limits = limits.tightened(overrides)
         if state.runtime is not None:
             wasi = self._runtime_view(state.runtime, wasi)
         if len(state.pending_host_calls) > limits.vm_host_calls_in_flight:
@@ -158,14 +195,12 @@ class SnapshotService:
         try:
             # As in vm.create: the engine the module is compiled for stays until the VM holds it.
             with self._engines.lease(EngineSettings.from_limits(limits)) as lease:
-                vm = self._build(slot, lease, state, limits, wasi, reply)
+                return self._build(slot, lease, state, limits, wasi, reply, vm_id, revive)
         except RpcError as exc:
             raise _as_invalid_snapshot(exc, self._limits) from None
-        if vm is not None:
-            log.info("vm_restored", vm_id=vm.vm_id, path=params.path, pending=len(state.pending_host_calls))
 
     def _build(self, slot: Starting, lease: EngineLease, state: SnapshotState, limits: Limits, wasi: WasiSettings,
-               reply: Completion) -> Vm | None:
+               reply: Completion, vm_id: str | None, revive: Callable[[Vm], Isolate] | None) -> Vm | None:
         """A live VM holding the snapshot's state, answered on `reply` (None: cancelled meanwhile).
         What goes wrong is told in the sidecar's own errors (an import that does not resolve, a trap
         at instantiation, a budget), which the caller turns into the file's fault."""
@@ -184,9 +219,12 @@ class SnapshotService:
                                        reasons=list(instrumented.reasons))
 
         def build(vm: Vm) -> None:
-            isolate = vm.idle_instance()
-            snapshots.apply(isolate, instrumented, state.memories, state.globals, limits)
-            isolate.refresh_memory()
+            if revive is None:
+                isolate = vm.idle_instance()
+                snapshots.apply(isolate, instrumented, state.memories, state.globals, limits,
+                                diffed=state.baseline is not None)
+                isolate.refresh_memory()
+            vm.revive = revive
             vm.next_ticket = state.next_ticket
             for call in state.pending_host_calls:
                 if not vm.adopt_async(call.ticket, AsyncCall(call.id, call.method, call.params)):
@@ -203,7 +241,7 @@ class SnapshotService:
             )
 
         return self._vms.add_vm(slot, lease, compiled, limits, state.mode, wasi, reply, answer, restore=build,
-                                runtime_name=state.runtime)
+                                runtime_name=state.runtime, vm_id=vm_id, asleep=revive is not None)
 
     def _module_of(self, state: SnapshotState, limits: Limits) -> CompiledModule:
         """The snapshot's module: the one it embeds, or (a runtime VM's) the runtime's bake, which
@@ -212,8 +250,9 @@ class SnapshotService:
             return self._vms.compile(state.module, limits)
         compiled = self._vms.runtime_module(state.runtime, limits)
         if compiled.module_id != state.module_id:
+            stored = " (its memory is stored as changes to that build's state)" if state.baseline else ""
             raise InvalidSnapshotError(
-                f"the snapshot is of another build of the {state.runtime} runtime than this sidecar has",
+                f"the snapshot is of another build of the {state.runtime} runtime than this sidecar has{stored}",
                 stage="module", expected=state.module_id, found=compiled.module_id,
             )
         return compiled
@@ -231,11 +270,21 @@ class SnapshotService:
 
     def instrumented(self, compiled: CompiledModule) -> Instrumented:
         """The instrumentation facts of a loaded module (instrumenting is idempotent); a module our
-        rewriter cannot read (kept uninstrumented at load) raises WasmFormatError."""
+        rewriter cannot read (kept uninstrumented at load) raises WasmFormatError. Kept here and as
+        a note in the compile cache: a restore in a fresh process does not scan a CPython again."""
         with self._lock:
             found = self._instrumented.get(compiled.module_id)
         if found is None:
-            found = instrument(compiled.wasm)
+            cache = self._vms.modules.cache
+            # Every module is loaded through the same rewrite, so its id and that rewrite name its bytes.
+            key = hashlib.sha256(f"{_FACTS_ID}:{INSTRUMENT_ID}:{compiled.module_id}".encode()).hexdigest()
+            note = cache.read_note(key) if cache else None
+            try:
+                found = dataclasses.replace(msgspec.msgpack.decode(note, type=Instrumented), wasm=compiled.wasm)
+            except (TypeError, msgspec.DecodeError):  # no note (None), or one of another shape
+                found = instrument(compiled.wasm)
+                if cache:
+                    cache.write_note(key, msgspec.msgpack.encode(dataclasses.replace(found, wasm=b"")))
             with self._lock:
                 self._instrumented[compiled.module_id] = found
                 while len(self._instrumented) > self._limits.runner_modules:
@@ -260,6 +309,7 @@ class SnapshotService:
             next_ticket=vm.next_ticket,
             sidecar_version=__version__,
             runtime=vm.runtime_name,
+            baseline=vm.compiled.module_id,
         )
 
 

@@ -37,24 +37,33 @@ def require_snapshottable(instrumented: Instrumented) -> None:
         raise InvalidParamsError(f"mutable globals of type {', '.join(odd)} cannot be snapshotted", path="$.vm_id")
 
 
-def capture(isolate: Isolate, instrumented: Instrumented, *, borrow: bool = False
-            ) -> tuple[list[MemoryImage], list[GlobalValue]]:
+def memory_views(isolate: Isolate, instrumented: Instrumented) -> dict[int, memoryview]:
+    """Each defined memory of an instance, by index, as a view (valid while it is idle and open)."""
+    exports = isolate.instance.exports(isolate.store)
+    views = {}
+    for index, name in instrumented.memories:
+        memory = exports[name]
+        assert isinstance(memory, wasmtime.Memory)
+        views[index] = memoryview(memory.get_buffer_ptr(isolate.store)).cast("B")
+    return views
+
+
+def capture(isolate: Isolate, instrumented: Instrumented, baseline: dict[int, memoryview] | None = None, *,
+            borrow: bool = False) -> tuple[list[MemoryImage], list[GlobalValue]]:
     """Memories (sparse) and mutable globals of an idle instance: no guest frames on its stack.
+    A memory's runs are what differs from zero, or from its `baseline` contents when given.
 
     With `borrow`, the memories' runs are views into the linear memories instead of copies (a
     dense 64 MiB memory goes to its file without one): only for a caller done with them before
     the instance runs again or is closed, as the snapshot writer is within its job.
     """
-    exports = isolate.instance.exports(isolate.store)
     memories = []
-    for index, name in instrumented.memories:
-        memory = exports[name]
-        assert isinstance(memory, wasmtime.Memory)
-        view = memoryview(memory.get_buffer_ptr(isolate.store)).cast("B")
-        runs: list = sparse_runs(view)
+    for index, view in memory_views(isolate, instrumented).items():
+        runs: list = sparse_runs(view, baseline[index] if baseline is not None else None)
         if not borrow:
             runs = [(offset, bytes(run)) for offset, run in runs]
         memories.append(MemoryImage(index=index, size_bytes=len(view), runs=runs))
+    exports = isolate.instance.exports(isolate.store)
     globals_ = []
     for index, name, valtype in instrumented.globals:
         item = exports[name]
@@ -64,8 +73,9 @@ def capture(isolate: Isolate, instrumented: Instrumented, *, borrow: bool = Fals
 
 
 def apply(isolate: Isolate, instrumented: Instrumented, memories: list[MemoryImage], globals_: list[GlobalValue],
-          limits: Limits) -> None:
-    """Write a snapshot's state into a fresh instance; refuse anything that does not fit it."""
+          limits: Limits, *, diffed: bool = False) -> None:
+    """Write a snapshot's state into a fresh instance; refuse anything that does not fit it.
+    `diffed`: the runs are changes to the memory the instance starts with, not to zero."""
     by_index = {m.index: m for m in memories}
     expected = {index for index, _ in instrumented.memories}
     if set(by_index) != expected:
@@ -77,12 +87,12 @@ def apply(isolate: Isolate, instrumented: Instrumented, memories: list[MemoryIma
         image = by_index[index]
         memory = exports[name]
         assert isinstance(memory, wasmtime.Memory)
-        _restore_memory(isolate.store, memory, image, maximum, page, limits)
+        _restore_memory(isolate.store, memory, image, maximum, page, limits, diffed)
     _restore_globals(isolate, instrumented, exports, globals_)
 
 
 def _restore_memory(store: wasmtime.Store, memory: wasmtime.Memory, image: MemoryImage, maximum: int | None,
-                    page: int, limits: Limits) -> None:
+                    page: int, limits: Limits, diffed: bool) -> None:
     current = memory.data_len(store)
     if image.size_bytes % page or image.size_bytes < current:
         raise InvalidSnapshotError(f"memory {image.index} size {image.size_bytes} is not a valid size for it",
@@ -97,7 +107,8 @@ def _restore_memory(store: wasmtime.Store, memory: wasmtime.Memory, image: Memor
     if image.size_bytes > current:
         memory.grow(store, (image.size_bytes - current) // page)
     base = ctypes.addressof(memory.data_ptr(store).contents)
-    ctypes.memset(base, 0, current)  # what instantiation's data segments put there is not the state
+    if not diffed:
+        ctypes.memset(base, 0, current)  # what instantiation's data segments put there is not the state
     # No bounds check here: `snapshot_file.read` refused any run past its memory's `size_bytes`,
     # and the memory was just grown to exactly that size. A caller with images of other origin
     # must check the same before calling `apply`.

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import msgspec
@@ -52,13 +52,13 @@ from .isolate import Isolate
 from .limits import Limits
 from .modules import INSTRUMENT_ID, CompiledModule, ModuleStore, content_id, instrument_or_keep, read_source
 from .payloads import call_timeout, payload, text_or_base64
-from .preinit import Preinit, PreinitRuns
+from .preinit import Preinit, PreinitRuns, stoppable
+from .residency import NoResidency, Residency, resident, rfc3339
 from .runtime import Runtime
 from .vm import Job, Mode, Vm
 from .wasmbin import PREFIX
 
 log = structlog.get_logger()
-T = TypeVar("T")
 
 
 @dataclass
@@ -80,6 +80,7 @@ class VmService:
         self._preinits = PreinitRuns()  # `close` stops them while the ticker still runs
         self._ids = itertools.count(1)
         self._compiles = anyio.CapacityLimiter(limits.runner_worker_threads)
+        self.residency: Residency = NoResidency()
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
         return [
@@ -125,7 +126,7 @@ class VmService:
             compiled = await anyio.to_thread.run_sync(self._load, params, limiter=self._compiles)
         else:
             with self._preinits.tracked(run):
-                compiled = await _stoppable(partial(self._preinitialize, params, run), run.stop, self._compiles)
+                compiled = await stoppable(partial(self._preinitialize, params, run), run.stop, self._compiles)
         return ModuleLoadResult(
             module_id=compiled.module_id,
             size_bytes=compiled.size_bytes,
@@ -138,8 +139,7 @@ class VmService:
 
     def vm_create(self, params: VmCreateParams, reply: Completion) -> None:
         runtime_name = params.runtime if isinstance(params.runtime, str) else None
-        if runtime_name is not None:
-            params = runtime_create_params(params)
+        params, source_id = runtime_create_params(params) if runtime_name is not None else (params, None)
         limits = self.limits.tightened(params.limits) if params.limits else self.limits
         if runtime_name is not None and params.mode == "stateless":
             limits = limits.tightened({"vm_recycle_after_calls": 1})  # every eval a pristine interpreter
@@ -154,7 +154,7 @@ class VmService:
                 if reply.done:  # cancelled before the hook was in place
                     run.stop()
                 with self._preinits.tracked(run):
-                    compiled = self._preinitialize(params, run)
+                    compiled = self._preinitialize(params, run, source_id)
             elif params.module_id:
                 compiled = self.modules.get(params.module_id, settings)
                 check_module(compiled, limits)
@@ -165,10 +165,12 @@ class VmService:
                         lambda vm: VmCreateResult(vm_id=vm.vm_id, **_preinit_fields(compiled, run, module_id=True)),
                         runtime_name=runtime_name)
 
-    def _preinitialize(self, params: ModuleLoadParams | VmCreateParams, run: Preinit) -> CompiledModule:
+    def _preinitialize(self, params: ModuleLoadParams | VmCreateParams, run: Preinit,
+                       source_id: str | None = None) -> CompiledModule:
         """The module `params` names (a source, or a `module_id` loaded before), pre-initialized by
         `run` for VMs with `run.limits` and checked against them: from a cache when it has the bake,
-        in which case a source is not even compiled."""
+        in which case a source is not even compiled, nor read when its id is known (`source_id`: a
+        runtime's, from its manifest; the bytes must then have that id to be baked)."""
         limits = run.limits
         check_preopens(run.wasi, path="$.preinit.wasi")
         module_id = getattr(params, "module_id", None)
@@ -177,15 +179,25 @@ class VmService:
             check_module(base, limits)
             baked = run.obtain(self.modules, module_id, lambda: base)
         else:
-            source = read_source(params, self.limits)
-            baked = run.obtain(self.modules, content_id(source), lambda: self.compile(source, limits))
+            source = None if source_id else read_source(params, self.limits)
+            base_id = source_id or content_id(source)  # type: ignore[arg-type]
+
+            def base() -> CompiledModule:
+                wasm = source if source is not None else read_source(params, self.limits)
+                if content_id(wasm) != base_id:
+                    raise InvalidParamsError(f"the runtime's module is not the one its manifest names ({base_id}): "
+                                             "reinstall it (wasm-sidecar runtime install --force)", path="$.runtime")
+                return self.compile(wasm, limits)
+
+            baked = run.obtain(self.modules, base_id, base)
         check_module(baked, limits)
         return baked
 
     def runtime_module(self, name: str, limits: Limits) -> CompiledModule:
         """Runtime `name`'s baked module for VMs with these budgets (from the caches when it was made)."""
-        params = runtime_create_params(VmCreateParams(runtime=name))  # type: ignore[arg-type]
-        return self._preinitialize(params, Preinit(params.preinit, limits, self.runtime))  # type: ignore[arg-type]
+        params, source_id = runtime_create_params(VmCreateParams(runtime=name))  # type: ignore[arg-type]
+        return self._preinitialize(params, Preinit(params.preinit, limits, self.runtime),  # type: ignore[arg-type]
+                                   source_id)
 
     def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
         """Load a module for VMs with these budgets: instrumented, checked against them."""
@@ -224,22 +236,27 @@ class VmService:
         answer: Callable[[Vm], object],
         restore: Callable[[Vm], None] | None = None,
         runtime_name: str | None = None,
+        vm_id: str | None = None,
+        asleep: bool = False,
     ) -> Vm | None:
-        """A new VM in the `runner_vms` slot held for it; `restore` fills in a snapshot's state.
+        """A new VM in the `runner_vms` slot held for it; `restore` fills in a snapshot's state
+        (into its instance, or, `asleep`, into what revives it: see `sidecar.hibernation`).
         `request_lease` is the request's hold on `compiled`'s engine (see `sidecar.engines`): once
         the VM holds its own, it is released, before the host can hear of the VM and ask for more.
 
         The VM goes live and `answer(vm)` answers `reply` as one decision against a cancel. A
         request cancelled while its VM was built (a compile or a start function cannot always be
         stopped) gets none: the VM is disposed before anyone could list, count or call it (None).
+        `vm_id`: the id of a VM found hibernated by an earlier process, kept for life.
         """
         check_preopens(wasi)
-        with self._lock:
-            vm_id = f"vm-{next(self._ids)}"
+        if vm_id is None:
+            with self._lock:
+                vm_id = f"vm-{next(self._ids)}"
         lease = self.engines.hold(compiled.settings, compiled.engine)
         request_lease.release()
         try:
-            vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None,
+            vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None, asleep=asleep,
                     runtime_name=runtime_name, prepare=runtime_warm_up(runtime_name))
         except BaseException as exc:
             lease.release()  # no VM exists to release it
@@ -266,6 +283,7 @@ class VmService:
             log.info("vm_discarded", vm_id=vm_id, reason="request cancelled")
             return None
         log.info("vm_created", vm_id=vm_id, module_id=compiled.module_id, mode=mode)
+        self.residency.went_live(vm)
         return vm
 
     def vm_call(self, params: VmCallParams, reply: Completion) -> None:
@@ -304,12 +322,14 @@ class VmService:
         if vm is None:
             raise VmNotFoundError(params.vm_id)
         vm.dispose()
+        self.residency.disposed(vm)
         log.info("vm_disposed", vm_id=params.vm_id, calls=vm.calls)
         return Empty()
 
     def vm_list(self, _: Empty) -> VmListResult:
         with self._lock:
             vms = list(self._vms.values())
+        now, wall = time.monotonic(), time.time()
         return VmListResult(
             vms=[
                 VmInfo(
@@ -322,6 +342,8 @@ class VmService:
                     instances=vm.instances,
                     host_calls_pending=self.runtime.hostcalls.pending_for(vm.vm_id),
                     recycles=Recycles.of(vm.recycles),
+                    resident=resident(vm),
+                    last_used=rfc3339(wall - (now - vm.last_used)),
                 )
                 for vm in vms
             ]
@@ -343,39 +365,14 @@ class VmService:
             raise VmNotFoundError(vm_id)
         return vm
 
+    def claim_ids(self, vm_ids: list[str]) -> None:
+        """Issue new ids past these (VMs of an earlier process), so that none collides with them."""
+        numbers = [int(vm_id[3:]) for vm_id in vm_ids if vm_id.startswith("vm-") and vm_id[3:].isdigit()]
+        with self._lock:
+            self._ids = itertools.count(max([*numbers, next(self._ids) - 1]) + 1)
+
     def _load(self, params: ModuleLoadParams) -> CompiledModule:
         return self.compile(read_source(params, self.limits), self.limits)
-
-
-async def _stoppable(work: Callable[[], T], stop: Callable[[], None], limiter: anyio.CapacityLimiter) -> T:
-    """`work()` in a worker thread; a cancel of the awaiting task calls `stop()` at once, and the
-    task still waits for the thread to end (a stopped guest ends at its next epoch tick), so the
-    worker slot stays taken until then."""
-    finished = False
-
-    async def stop_on_cancel() -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            if not finished:
-                stop()
-
-    def attempt() -> tuple[Any, Exception | None]:
-        try:
-            return work(), None
-        except Exception as exc:  # carried out of the task group, which would wrap it in an ExceptionGroup
-            return None, exc
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(stop_on_cancel)
-        try:
-            value, error = await anyio.to_thread.run_sync(attempt, limiter=limiter)
-        finally:
-            finished = True
-            tg.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    return value  # type: ignore[no-any-return]
 
 
 def _preinit_fields(compiled: CompiledModule, run: Preinit | None, *, module_id: bool = False) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The VM services as the daemon wires them: what `sidecar.app` adds to a server once they are imported.
 
 Owns what each service is given: one set of engines (and its epoch ticker), one module store, the
-VM registry, WASI runs, Python evals and snapshots, all sharing one `Runtime` whose input reader is
-the server's intake; under `wasm-sidecar mcp`, the MCP tools on the same registry and evals. This
+VM registry, WASI runs, Python evals, snapshots and hibernation, all sharing one `Runtime` whose
+input reader is the server's intake; under `wasm-sidecar mcp`, the MCP tools on the same registry and evals. This
 module imports wasmtime and everything built on it, so `sidecar.app` imports it only once the
 session serves.
 """
@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING
 
 from .engines import Engines
 from .evals import PythonEvals
+from .hibernation import Hibernation
 from .mcp_tools import McpTools
 from .modules import ModuleStore
 from .runs import WasiRuns
 from .runtime import Runtime
 from .server import Server, Service
 from .snapshot_service import SnapshotService
+from .state_dir import StateDir
 from .vms import VmService
 
 if TYPE_CHECKING:
@@ -28,12 +30,14 @@ if TYPE_CHECKING:
 NO_HOST_CALLS = "no host answers host calls under wasm-sidecar mcp"
 
 
-def vm_services(server: Server) -> list[Service]:
-    """Built once the server's loop runs (its intake, outbox and host calls exist by then). The
-    registry comes first: it closes first at shutdown, and stops the engines' ticker last."""
+def vm_services(server: Server, state_dir: StateDir | None = None) -> list[Service]:
+    """Built once the server's loop runs (its intake, outbox and host calls exist by then).
+    Hibernation comes first: it closes first at shutdown, hibernating idle VMs while the registry
+    still holds them; the registry then disposes the rest and stops the engines' ticker last."""
     vms = _registry(server)
-    return [vms, WasiRuns(vms.find, vms.runtime), PythonEvals(vms.find),
-            SnapshotService(vms, vms.runtime, vms.engines, server.limits)]
+    snapshots = SnapshotService(vms, vms.runtime, vms.engines, server.limits)
+    hibernation = Hibernation(vms, snapshots, vms.runtime, server.limits, state_dir or StateDir(None, server.limits))
+    return [hibernation, vms, WasiRuns(vms.find, vms.runtime), PythonEvals(vms.find), snapshots]
 
 
 def mcp_tools(server: McpServer) -> list[Service]:

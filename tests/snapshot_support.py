@@ -24,6 +24,9 @@ import msgspec
 from protocol.client import SidecarClient
 from sidecar import snapshot_file
 from sidecar.snapshot_file import GlobalValue, MemoryImage, SnapshotState
+from sidecar.wasmbin import Module as WasmModule
+from sidecar.wasmbin.reader import Reader
+from sidecar.wasmbin.sections import decode
 
 from .guests import GUESTS, call, rpc
 from .support import WAIT
@@ -260,6 +263,25 @@ def write_state(path: Path, state: SnapshotState) -> Path:
 def sealed(body: bytes) -> bytes:
     """`body` in a file with a correct header and checksum, whatever it says."""
     return b"".join(snapshot_file.seal([body]).parts)
+
+
+def zero_based(state: SnapshotState) -> SnapshotState:
+    """`state` as a file before format 3 holds it: each memory's non-zero chunks, its module's image
+    (data segments, which must sit at constant offsets) overlaid with the changes the state holds."""
+    segments = decode(WasmModule.parse(state.module)).data
+    memories = []
+    for image in state.memories:
+        flat = bytearray(image.size_bytes)
+        for segment in segments:
+            reader = Reader(segment.offset or b"")
+            assert segment.memory == image.index and reader.u8() == 0x41, "a data segment at a constant offset"
+            start = reader.s32()
+            flat[start : start + len(segment.init)] = segment.init
+        for offset, data in image.runs:
+            flat[offset : offset + len(data)] = data
+        runs = [(offset, bytes(run)) for offset, run in snapshot_file.sparse_runs(memoryview(flat))]
+        memories.append(msgspec.structs.replace(image, runs=runs))
+    return msgspec.structs.replace(state, baseline=None, memories=memories)
 
 
 def replace(struct: Any, **changes: Any) -> Any:

@@ -48,20 +48,21 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # The method families: `module.load` and `vm.*` (vms), `vm.run` (runs), `vm.snapshot` /
     # `vm.restore`; and what they share: the checks before a VM exists, payload conventions.
     # The MCP front's tools (`mcp_tools`) are a service on top of `vms` and `evals`; the session
-    # state they share with the front (`mcp_session`) stands apart, light enough to load first.
-    ("services", frozenset({"vms", "runs", "evals", "snapshot_service", "admission", "payloads", "mcp_tools",
-                            "mcp_session"})),
+    # state they share with the front (`mcp_session`) stands apart, light enough to load first;
+    # `hibernation` decides which VMs stay in memory.
+    ("services", frozenset({"hibernation", "vms", "runs", "evals", "snapshot_service", "admission", "payloads",
+                            "mcp_tools", "mcp_session"})),
     # What works on isolates: the VM orders jobs on them (ending each through a `completion`, in
     # the WASI view of `wasi_view`), `snapshots` captures and restores one, `preinit` runs one
     # export in one and bakes the state into a module.
-    ("vm", frozenset({"vm", "completion", "wasi_view", "snapshots", "preinit"})),
+    ("vm", frozenset({"vm", "completion", "wasi_view", "snapshots", "preinit", "residency"})),
     # One store and instance; the guest ABI bound to it; `runtime`, the bundle an isolate is given.
     ("isolate", frozenset({"isolate", "guest_abi", "runtime"})),
     # What an isolate is built from and talks through, none of it aware of VMs. `modules` is the
     # module store, whose `CompiledModule` the VM and the isolate take: it sits here, below them,
     # while the `module.load` service that drives it is in `vms`.
     ("resources", frozenset({"hostcalls", "modules", "compile_cache", "engines", "snapshot_file", "hostfiles",
-                             "runtimes"})),
+                             "runtimes", "state_dir"})),
     ("wasm", frozenset({"wasmffi", "wasmbin"})),
     ("foundation", frozenset({"limits", "logs", "__init__"})),
 ]

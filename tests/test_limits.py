@@ -46,6 +46,7 @@ EXPECTED = {
     "vm_recycle_after_calls": ("guest", 512),
     "vm_recycle_memory_bytes": ("guest", 64 * MIB),
     "vm_pool_instances": ("guest", 4),
+    "vm_hibernate_idle_ms": ("guest", 0),
     "runner_module_bytes": ("runner", 64 * MIB),
     "runner_vms": ("runner", 1000),
     "runner_mcp_sessions": ("runner", 32),
@@ -57,13 +58,17 @@ EXPECTED = {
     "runner_snapshot_bytes": ("runner", 1 << 30),
     "runner_input_spin_us": ("runner", 50),
     "runner_epoch_tick_ms": ("runner", 1),
+    "runner_resident_vms": ("runner", 0),
+    "runner_state_bytes": ("runner", 8 << 30),
+    "runner_hibernate_exit_ms": ("runner", 10000),
     "wasm_page_bytes": ("invariant", 65536),
     "timer_max_ms": ("invariant", 2147483647),
     "snapshot_chunk_bytes": ("invariant", 4096),
     "snapshot_data_segments_max": ("invariant", 10000),
 }
 ZERO_MEANS_OFF = {
-    "vm_fuel", "vm_recycle_after_calls", "vm_recycle_memory_bytes", "runner_cache_bytes", "runner_input_spin_us"
+    "vm_fuel", "vm_recycle_after_calls", "vm_recycle_memory_bytes", "runner_cache_bytes", "runner_input_spin_us",
+    "vm_hibernate_idle_ms", "runner_resident_vms",
 }
 
 

@@ -431,6 +431,36 @@ def test_a_corrupt_entry_is_rejected_recompiled_and_rewritten(engines, tmp_path:
     assert ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS).cached
 
 
+def full_hashes(monkeypatch: pytest.MonkeyPatch, entry: Path) -> list[int]:
+    """The sizes of what is hashed from now on that could be the entry (notes are far smaller)."""
+    seen: list[int] = []
+    real = hashlib.sha256
+    floor = entry.stat().st_size // 2
+
+    def counting(data: Any = b"", *args: Any, **kwargs: Any) -> Any:
+        if len(data) >= floor:
+            seen.append(len(data))
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    return seen
+
+
+def test_an_entry_is_hashed_in_full_once_then_its_seal_vouches_for_it(engines, tmp_path: Path, monkeypatch) -> None:
+    """The writer seals what it wrote; a hit without a seal, or on a file written since, hashes it
+    all and seals it again; a sealed hit checks the trailer only."""
+    ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS)
+    [entry] = entries(tmp_path)
+    hashed = full_hashes(monkeypatch, entry)
+    assert ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS).cached and hashed == []
+    for seal in tmp_path.glob("*.note"):
+        seal.unlink()
+    assert ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS).cached and len(hashed) == 1
+    assert ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS).cached and len(hashed) == 1
+    entry.write_bytes(entry.read_bytes())  # written in place, even with the same bytes: not what was sealed
+    assert ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS).cached and len(hashed) == 2
+
+
 def test_an_entry_under_a_foreign_key_is_rejected(engines: Engines, tmp_path: Path) -> None:
     store = ModuleStore(load_limits({}), engines, tmp_path)
     store.load(small(1), SETTINGS)

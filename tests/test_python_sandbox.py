@@ -18,7 +18,7 @@ import pytest
 
 from protocol.client import HostError
 
-from .guests import call, new_vm, refused, rpc
+from .guests import call, new_vm, refused, rpc, vm_info
 from .snapshot_support import read_state, replace, write_state
 from .support import WAIT, process_session
 
@@ -60,6 +60,20 @@ async def test_every_stateless_eval_sees_a_pristine_interpreter(session) -> None
         await run(client, vm_id, "y = 5\nimport json\njson.marker = 1")
         left = await run(client, vm_id, "import json\n'y' in globals(), hasattr(json, 'marker')")
         assert left["value"] == "(False, False)"
+
+
+async def test_a_stateless_python_vm_keeps_a_warmed_spare_within_its_pool(session) -> None:
+    """The next request takes the spare while the last one's replacement is prepared; the spare is
+    one of the pool's instances (`vm_pool_instances`), and a session has none."""
+    async with session() as (client, _):
+        stateless = await python_vm(client, mode="stateless")
+        stateful = await python_vm(client)
+        assert (await vm_info(client, stateless))["instances"] == 2
+        assert (await vm_info(client, stateful))["instances"] == 1
+        one = await python_vm(client, mode="stateless", limits={"vm_pool_instances": 1})
+        assert (await vm_info(client, one))["instances"] == 1  # no room for a spare
+        draws = [(await run(client, stateless, "import random\nrandom.random()"))["value"] for _ in range(4)]
+        assert len(set(draws)) == 4  # spare or replacement, each a fresh interpreter of its own
 
 
 async def test_exceptions_and_exits_are_results(session) -> None:
@@ -199,9 +213,12 @@ async def test_a_session_snapshot_names_its_runtimes_module_instead_of_embedding
         await rpc(client, "vm.snapshot", {"vm_id": vm_id, "path": str(path)})
         state = read_state(path)
         assert state.runtime == "python" and state.module == b""
-        other_build = write_state(tmp_path / "other.snapshot", replace(state, module_id="sha256:" + "0" * 64))
+        assert state.baseline == state.module_id  # the memory is stored as changes to the bake's
+        other = "sha256:" + "0" * 64
+        other_build = write_state(tmp_path / "other.snapshot", replace(state, module_id=other, baseline=other))
         error = await refused(client, "vm.restore", {"path": str(other_build)}, code=-32006)
         assert error.data["stage"] == "module" and error.data["found"] == state.module_id
+        assert "another build" in error.message and "changes to that build" in error.message
         not_a_runtime = write_state(tmp_path / "plain.snapshot", replace(state, runtime=None))
         error = await refused(client, "vm.restore", {"path": str(not_a_runtime)}, code=-32006)
         assert error.data["stage"] == "module"

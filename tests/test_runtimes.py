@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from sidecar import runtimes
 
-from .support import installed_python_runtime
+from .guests import refused, rpc
+from .support import installed_python_runtime, process_session
 
 
 def cli(*args: str, data_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -23,15 +26,16 @@ def cli(*args: str, data_dir: Path | None = None) -> subprocess.CompletedProcess
 
 
 def fake_install(root: Path, *, module_bytes: bytes = b"\0asm", declared: int | None = None) -> Path:
-    """A runtime directory as the recipe leaves it: outputs, and a manifest naming their sizes."""
+    """A runtime directory as the recipe leaves it: outputs, and a manifest naming their sizes and hashes."""
     target = runtimes.install_dir("python", root)
     (target / "lib").mkdir(parents=True)
     (target / "python.wasm").write_bytes(module_bytes)
     (target / "lib" / "python311.zip").write_bytes(b"zip")
     manifest = {
         "runtime": "python", "python_version": "3.11.8+", "preimported": ["json"], "guest": {"preopen": "/python"},
-        "outputs": {"python.wasm": {"bytes": len(module_bytes) if declared is None else declared},
-                    "lib/python311.zip": {"bytes": 3}},
+        "outputs": {"python.wasm": {"bytes": len(module_bytes) if declared is None else declared,
+                                    "sha256": hashlib.sha256(module_bytes).hexdigest()},
+                    "lib/python311.zip": {"bytes": 3, "sha256": hashlib.sha256(b"zip").hexdigest()}},
     }
     (target / "manifest.json").write_text(json.dumps(manifest))
     return target
@@ -49,6 +53,7 @@ def test_a_complete_install_is_listed_with_its_manifest(tmp_path: Path) -> None:
     assert row == {"name": "python", "version": "3.11.8+", "preimported": ["json"], "directory": str(target)}
     found = runtimes.find("python", tmp_path)
     assert found is not None and found.module == target / "python.wasm" and found.guest_path == "/python"
+    assert found.module_id == "sha256:" + hashlib.sha256(b"\0asm").hexdigest()  # as the manifest records it
 
 
 def test_a_half_written_install_is_not_installed(tmp_path: Path) -> None:
@@ -84,6 +89,23 @@ def test_a_runtime_reinstalled_with_other_files_is_baked_anew(tmp_path: Path, mo
         manifest = json.loads((target / "manifest.json").read_text())
         manifest["outputs"]["python.wasm"]["sha256"] = content.hex()
         (target / "manifest.json").write_text(json.dumps(manifest))
-        specs.append(runtime_create_params(VmCreateParams(runtime="python")).preinit)
+        specs.append(runtime_create_params(VmCreateParams(runtime="python"))[0].preinit)
         shutil.rmtree(target)
     assert specs[0].wasi.preopens == specs[1].wasi.preopens and specs[0] != specs[1]
+
+
+def test_a_module_that_is_not_the_one_its_manifest_names_is_not_baked(tmp_path: Path) -> None:
+    """The manifest's hash names the runtime's module, so a bake found by it is used without
+    reading the module; the module is read, and must match, only when a bake is made."""
+    target = fake_install(tmp_path, module_bytes=b"\0asm\x01\0\0\0")
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["outputs"]["python.wasm"]["sha256"] = "0" * 64
+    (target / "manifest.json").write_text(json.dumps(manifest))
+
+    async def create() -> None:
+        async with process_session(env={**os.environ, runtimes.DATA_DIR_ENV: str(tmp_path)}) as (client, _):
+            error = await refused(client, "vm.create", {"runtime": "python"}, code=-32602)
+            assert "manifest" in error.message and "sha256:" + "0" * 64 in error.message, error.message
+            assert await rpc(client, "ping") == {}
+
+    anyio.run(create)

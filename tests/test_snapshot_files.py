@@ -24,10 +24,20 @@ import msgspec
 import pytest
 import wasmtime
 
+from sidecar import snapshot_file
 from sidecar.snapshot_file import MAGIC, GlobalValue, MemoryImage, SnapshotState
 
 from .guests import call, module_id, refused, rpc
-from .snapshot_support import hostile_file_guest, read_state, replace, restore, sealed, snapshot, write_state
+from .snapshot_support import (
+    hostile_file_guest,
+    read_state,
+    replace,
+    restore,
+    sealed,
+    snapshot,
+    write_state,
+    zero_based,
+)
 from .support import WAIT, memory_session
 
 pytestmark = pytest.mark.anyio
@@ -77,8 +87,9 @@ def _body(blob: bytes) -> bytes:
 
 
 async def test_a_version_1_file_still_restores(genuine, tmp_path) -> None:
-    """A file from before version 2 (its checksum covers the body alone) restores as it did."""
-    body = _body(genuine.read_bytes())
+    """A file from before version 2 (its checksum covers the body alone, its memories are against
+    zero) restores as it did."""
+    body = _body(snapshot_file.encode(zero_based(read_state(genuine))))
     old = tmp_path / "v1.state"
     old.write_bytes(struct.pack("<8sIQ", MAGIC, 1, len(body)) + body + hashlib.sha256(body).digest())
     async with memory_session() as (client, _):
@@ -103,7 +114,12 @@ BYTE_CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "random-with-header": (lambda b: b[:20] + random.Random(7).randbytes(len(b) - 20), "checksum"),
     "short-random": (lambda b: random.Random(8).randbytes(51), "format"),
     "wrong-magic": (lambda b: b"WSIDECAX" + b[8:], "format"),
-    "version-3": (lambda b: b[:8] + struct.pack("<I", 3) + b[12:], "version"),
+    "version-next": (lambda b: b[:8] + struct.pack("<I", snapshot_file.FORMAT_VERSION + 1) + b[12:], "version"),
+    "relabelled-version-2": (lambda b: b[:8] + struct.pack("<I", 2) + b[12:], "checksum"),
+    # A body diffed against its module's image, read as one diffed against zero, would restore wrong.
+    "diffed-body-as-version-2": (lambda b: b"".join(snapshot_file.seal([_body(b)], 2).parts), "format"),
+    "diffed-body-as-version-1": (lambda b: b[:8] + struct.pack("<I", 1) + b[12:-32] + hashlib.sha256(_body(b)).digest(),
+                                 "format"),
     "version-0": (lambda b: b[:8] + struct.pack("<I", 0) + b[12:], "version"),
     "version-max": (lambda b: b[:8] + b"\xff\xff\xff\xff" + b[12:], "version"),
     "length-huge": (lambda b: b[:12] + struct.pack("<Q", 2**63) + b[20:], "format"),
@@ -164,10 +180,11 @@ async def test_a_file_over_runner_snapshot_bytes_is_refused_before_it_is_read(ge
     # The writer holds to it too: a snapshot over the bound is -32002 and leaves no file.
     async with memory_session(env=env) as (client, _):
         vm_id = (await rpc(client, "vm.create", {"wat": BASE}))["vm_id"]
+        await call(client, vm_id, "bump")  # a page that differs from the module's image: > 1024 bytes
         error = await refused(client, "vm.snapshot", {"vm_id": vm_id, "path": str(tmp_path / "big")}, code=-32002)
         assert error.data["limit"] == "runner_snapshot_bytes"
         assert not list(tmp_path.iterdir())
-        assert (await call(client, vm_id, "bump"))["results"] == [1]
+        assert (await call(client, vm_id, "bump"))["results"] == [2]
 
 
 # -- valid checksums, lying bodies ------------------------------------------------------------
@@ -193,6 +210,8 @@ LIES: dict[str, tuple[Callable[[SnapshotState], SnapshotState], str]] = {
     "module-not-its-id": (lambda s: replace(s, module=OTHER), "module"),
     "id-not-its-module": (lambda s: replace(s, module_id="sha256:" + "0" * 64), "module"),
     "other-module-own-id": (lambda s: replace(s, module=OTHER, module_id=module_id(OTHER)), "module"),
+    # Changes to another module's image would restore as garbage on this one's.
+    "baseline-another-module": (lambda s: replace(s, baseline="sha256:" + "1" * 64), "module"),
     "run-past-size": (lambda s: _memory(s, runs=[(PAGE - 2, b"\x01\x02\x03\x04")]), "bounds"),
     "run-far-past-size": (lambda s: _memory(s, runs=[(2**40, b"\x01")]), "bounds"),
     "size-not-pages": (lambda s: _memory(s, size_bytes=PAGE + 1), "bounds"),

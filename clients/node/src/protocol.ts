@@ -270,19 +270,28 @@ export interface RuntimeInfo {
  * `vm_calls`, `vm_memory_bytes` (linear memory retained by live instances) and
  * `instances_recycled` sum over the live VMs; `engines` counts the wasmtime engines kept (one
  * per engine setting in use or kept for reuse, at most `runner_engines`).
+ *
+ * `hibernations` and `wakes` count VMs that left memory and came back since start (a stateless
+ * VM's dropped instances included); `state_bytes` is what the state directory holds (hibernated
+ * VMs' state and their modules, each module once); `state_quarantined` counts state files that
+ * failed validation and were moved aside.
  */
 export interface StatsResult {
   engines: number;
+  hibernations: number;
   host_calls_pending: number;
   instances_recycled: Recycles;
   requests_in_flight: number;
   requests_served: number;
   responses_dropped: DroppedResponses;
+  state_bytes: number;
+  state_quarantined: number;
   uptime_ms: number;
   vm_calls: number;
   vm_memory_bytes: number;
   vms: number;
   vms_starting: number;
+  wakes: number;
 }
 
 /**
@@ -362,14 +371,24 @@ export interface VmDisposeParams {
   vm_id: string;
 }
 
+export interface VmHibernateParams {
+  /**
+   * Opaque id chosen by the sidecar.
+   */
+  vm_id: string;
+}
+
 /**
- * One live VM. `memory_bytes` sums linear memory over its live instances; `recycles` counts
- * the instances a stateless VM retired, by reason.
+ * One VM. `memory_bytes` sums linear memory over its live instances; `recycles` counts
+ * the instances a stateless VM retired, by reason. `resident` is false for a VM that hibernated
+ * (its state on disk; the next request naming it wakes it) and for a stateless one holding no
+ * instance; `last_used` (RFC 3339, UTC) is when a request or a host answer last reached it.
  */
 export interface VmInfo {
   calls: number;
   host_calls_pending: number;
   instances: number;
+  last_used: string;
   memory_bytes: number;
   mode: "stateful" | "stateless";
   /**
@@ -377,6 +396,7 @@ export interface VmInfo {
    */
   module_id: string;
   recycles: Recycles;
+  resident: boolean;
   state: "busy" | "idle";
   /**
    * Opaque id chosen by the sidecar.
@@ -542,7 +562,11 @@ export interface HostRequests {
    */
   "vm.eval": { params: EvalParams; result: EvalResult };
   /**
-   * Describe every live VM.
+   * Move an idle VM's state to the state directory and free its memory; it wakes on demand.
+   */
+  "vm.hibernate": { params: VmHibernateParams; result: Empty };
+  /**
+   * Describe every VM, resident or hibernated.
    */
   "vm.list": { params: Empty; result: VmListResult };
   /**
