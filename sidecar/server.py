@@ -160,12 +160,13 @@ class Server:
             self._services.append(service)
 
     async def _add_late_services(self) -> None:
-        """Wait (on a worker thread) for the late services' imports, then add them on the loop,
-        unless the session is ending by then: a service built now would never be closed."""
+        """Wait (on a worker thread) for the late services' imports, then add them on the loop."""
         try:
             for factory, load in self._late:
                 await anyio.to_thread.run_sync(load, abandon_on_cancel=True)
-                if self._stop_reason is not None:
+                if self._stop_reason is not None:  # a service built now would never be closed
+                    ended = f"the session ended ({self._stop_reason})"
+                    self._late_failure = InternalError(f"the VM services were not added: {ended}", failed=ended)
                     return
                 self._add(factory)
             self.dispatcher.await_routes = None
@@ -184,11 +185,12 @@ class Server:
             await anyio.to_thread.run_sync(self._late_added.wait, abandon_on_cancel=True)
 
     def _await_late_services(self) -> None:
-        """The dispatcher's wait for a method nobody serves yet, on the thread that read it: a wait
-        of tens of ms, so the thread hands input reading over first (rule 4 of `sidecar.intake`)
-        and other requests (`ping`, `initialize`) are answered meanwhile."""
+        """The dispatcher's wait for a method nobody serves yet, on the thread that read it. It
+        keeps the reader role while it waits (tens of ms, once per process): frames after this one
+        are handled after it, as they would be had the services been there, so an end of input
+        read next cannot end the session under a request the host sent before it."""
         if not self._late_added.is_set():
-            self.intake.yield_reading()
+            self.intake.send_gathered()
             self._late_added.wait()
         if self._late_failure is not None:
             raise self._late_failure
