@@ -7,13 +7,16 @@ guest's pointers, lengths and budgets. The data calls (input, output, response) 
 A broken ABI contract (a bad pointer, a length past memory) traps that guest and nothing else; a
 budget that bites records which limit it was so the call's error can name it. An instance made
 for a pre-initialization refuses host calls itself (-3 and the reason), and the host never hears
-of them. Knows nothing about stores or threads: the isolate binds these functions to one
-instance and its call state.
+of them. `define` puts the functions in a linker once; each call reaches the state of the
+instance whose store it runs in (the store's data, see `wasmffi.native.store_for`), so one
+linker serves every instance of a module. Knows nothing about threads: the isolate makes each
+instance's store with `GuestAbi.new_store` and swaps in each call's state.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import msgspec
@@ -25,8 +28,8 @@ from protocol.errors import LimitExceededError, ParseError
 
 from .hostcalls import STATUS_TIMEOUT, HostAnswer, HostCalls, bounded, refusal
 from .limits import Limits
-from .wasmffi import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
-from .wasmffi.native import CALLBACKS, RELEASE, GuestIo
+from .wasmffi import GuestFault, GuestMemory, MemorySlot, define_native_func, define_store_func
+from .wasmffi.native import CALLBACKS, GuestIo, store_for
 
 log = structlog.get_logger()
 
@@ -62,8 +65,19 @@ class CallState(msgspec.Struct):
     trapped: bool = False  # the call ended in a trap: a stateless instance is not reused
 
 
+def define(linker: wasmtime.Linker) -> None:
+    """The ABI's functions in `linker`, for instances in stores made by `GuestAbi.new_store` only
+    (another store's data would be taken for a GuestIo)."""
+    handlers = {"host_call": GuestAbi.host_call, "host_call_async": GuestAbi.host_call_async}
+    for name, (params, results) in SIGNATURES.items():
+        if name in handlers:
+            define_store_func(linker, MODULE, name, params, results, handlers[name])
+        else:
+            define_native_func(linker, MODULE, name, params, results, CALLBACKS[name])
+
+
 class GuestAbi:
-    """The ABI functions of one instance: `state` is swapped in for each call."""
+    """The ABI state of one instance: `state` is swapped in for each call."""
 
     def __init__(
         self,
@@ -83,15 +97,12 @@ class GuestAbi:
         self.refusal = None if refuse_host_calls is None else refusal(refuse_host_calls)
         self.state = CallState()
         self.memory = MemorySlot()  # the instance fills it in once it exists (`bind_memory`)
-        self.io = GuestIo()  # the data calls' view of the call; each definition holds it too
+        self.io = GuestIo()  # the data calls' view of the call; the store holds it too
+        self.io.host = weakref.ref(self)  # whose host_call a call in that store is (weak: no cycle)
 
-    def define(self, linker: wasmtime.Linker) -> None:
-        handlers = {"host_call": self._host_call, "host_call_async": self._host_call_async}
-        for name, (params, results) in SIGNATURES.items():
-            if name in handlers:
-                define_host_func(linker, MODULE, name, params, results, handlers[name], self.memory, self._on_fault)
-            else:
-                define_native_func(linker, MODULE, name, params, results, CALLBACKS[name], self.io.lend(), RELEASE)
+    def new_store(self, engine: wasmtime.Engine) -> wasmtime.Store:
+        """The store for this instance: every ABI function called in it uses this state."""
+        return store_for(engine, self.io)
 
     def bind_memory(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
         """The instance's `memory` export, once it exists: every ABI function uses it from now on."""
@@ -117,7 +128,7 @@ class GuestAbi:
             else:
                 state.fault = self.io.fault
 
-    def _on_fault(self, fault: GuestFault) -> None:
+    def on_fault(self, fault: GuestFault) -> None:
         """Remember an ABI fault before it traps, so the call's error carries its trap code."""
         if self.state.fault is None and self.state.exceeded is None:
             self.state.fault = (fault.code, str(fault))
@@ -142,7 +153,7 @@ class GuestAbi:
             return self.refusal
         return method, params
 
-    def _host_call(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
+    def host_call(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
         if isinstance(request, HostAnswer):
             return self._answer(request)
@@ -155,7 +166,7 @@ class GuestAbi:
         state.host_call_id = None
         return self._answer(bounded(answer, self.limits, self.vm_id))
 
-    def _host_call_async(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
+    def host_call_async(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
         request = self._request(memory, args)
         if isinstance(request, HostAnswer):
             self.io.response = request.payload

@@ -16,12 +16,12 @@ import ctypes
 import re
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import wasmtime
-from wasmtime._exportable import AsExtern
 
 from protocol.errors import (
     CallTimeoutError,
@@ -33,12 +33,21 @@ from protocol.errors import (
     env_var_for,
 )
 
+from . import guest_abi
 from .guest_abi import CallState, GuestAbi
 from .limits import Limits
 from .modules import CompiledModule
 from .runtime import Runtime
 from .wasmbin import PREFIX, START_EXPORT
-from .wasmffi import EpochDeadline, FastCall, MemorySlot, instance_export, set_deadline_callback, trap_message
+from .wasmffi import (
+    EpochDeadline,
+    FastCall,
+    MemorySlot,
+    instance_export,
+    instantiate,
+    set_deadline_callback,
+    trap_message,
+)
 
 log = structlog.get_logger()
 _ARGUMENT = re.compile(r"argument (\d+)")
@@ -85,8 +94,9 @@ class Isolate:
         self._fuel = limits.vm_fuel if fuel is None else fuel  # read on every call: kept out of the limits lookup
         self._timeout_limit = timeout_limit
         timeout_ms = getattr(limits, timeout_limit)
-        engine = compiled.engine
-        self.store = wasmtime.Store(engine)
+        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, self._wait_for_host, issue_async,
+                            refuse_host_calls or runtime.refuse_host_calls)
+        self.store = self.abi.new_store(compiled.engine)
         # An isolate dropped without close() still frees its store, callbacks and guest memory
         # when collected. Not at interpreter exit (atexit=False): a guest may still be running in
         # it on a daemon thread then, and the process returns the memory anyway.
@@ -100,40 +110,29 @@ class Isolate:
             tables=limits.vm_tables,
             memories=limits.vm_memories,
         )
-        linker = wasmtime.Linker(engine)
         if compiled.wasi:  # a WASI guest in a store without WASI aborts the process
-            linker.define_wasi()
             self.store.set_wasi(wasi if wasi is not None else wasmtime.WasiConfig())
         self._wait_serving = runtime.reader.wait_serving
-        self.abi = GuestAbi(vm_id, limits, runtime.hostcalls, self._wait_for_host, issue_async,
-                            refuse_host_calls or runtime.refuse_host_calls)
-        self.abi.define(linker)
         set_deadline_callback(self.store, self._decide)
         try:
+            prepared = _prepared(compiled)
             self.instance = self._guarded(
-                lambda _: _link(linker, self.store, compiled.module),
+                lambda _: instantiate(prepared.pre, self.store),
                 (),
                 CallState(deadline=time.monotonic() + timeout_ms / 1000),
                 timeout_ms,
             )
-            exported = {export.name: instance_export(self.store, self.instance, export.name)
-                        for export in compiled.exports if export.kind == "memory"}
-            self._memories = self._distinct_memories(exported.values())
-            abi_memory = exported.get("memory")
-            if isinstance(abi_memory, wasmtime.Memory):
+            memories = self._exported_memories(prepared)
+            abi_memory = memories.get("memory")
+            if abi_memory is not None:
                 self.abi.bind_memory(self.store, abi_memory)
-            self._memory_slots = [MemorySlot().bind(self.store, memory) for memory in self._memories]
+            self._memory_slots = [MemorySlot().bind(self.store, memory) for memory in memories.values()]
             if start and any(export.name == START_EXPORT for export in compiled.exports):
                 # Instrumentation moved the start function here so that it runs under the budgets.
                 self.call(START_EXPORT, [], CallState(deadline=time.monotonic() + timeout_ms / 1000), timeout_ms)
         except BaseException:
             self._free_store()
             raise
-        finally:
-            # Its definitions hold references (each GuestIo one, host functions a registry slot)
-            # that the store holds too if it needs them. Dropped now, not whenever a traceback
-            # that keeps this frame alive is collected: at exit that is too late to free them.
-            linker.close()
         self._refresh_memory()
 
     def call(self, export: str, args: Sequence[int | float], state: CallState, timeout_ms: int) -> list[int | float]:
@@ -238,13 +237,22 @@ class Isolate:
         self.limits.exhausted(budget, capacity, capacity=capacity, vm_id=self.vm_id)
         return GuestTrapError(code, message, vm_id=self.vm_id, limit=budget, env=env_var_for(budget), capacity=capacity)
 
-    def _distinct_memories(self, exported: Iterable[AsExtern | None]) -> list[wasmtime.Memory]:
-        """Each exported memory once: instrumentation exports a memory under a second name."""
-        found: dict[int, wasmtime.Memory] = {}
-        for item in exported:
+    def _exported_memories(self, prepared: _Prepared) -> dict[str, wasmtime.Memory]:
+        """Each exported memory once, by name (`memory` first): instrumentation exports a memory
+        under a second name. Which names are distinct is the module's to say, so only its first
+        instance looks them all up and compares."""
+        if prepared.memory_names is not None:
+            return {name: instance_export(self.store, self.instance, name)  # type: ignore[misc]
+                    for name in prepared.memory_names}
+        names = sorted((e.name for e in self.compiled.exports if e.kind == "memory"), key=lambda n: n != "memory")
+        found: dict[int, tuple[str, wasmtime.Memory]] = {}
+        for name in names:
+            item = instance_export(self.store, self.instance, name)
             if isinstance(item, wasmtime.Memory):
-                found.setdefault(ctypes.addressof(item.data_ptr(self.store).contents), item)
-        return list(found.values())
+                found.setdefault(ctypes.addressof(item.data_ptr(self.store).contents), (name, item))
+        memories = dict(found.values())
+        prepared.memory_names = tuple(memories)
+        return memories
 
     def refresh_memory(self) -> None:
         """Re-read the retained memory figure (after a restore wrote memory from outside a call)."""
@@ -257,10 +265,32 @@ class Isolate:
         self.memory_bytes = total
 
 
-def _link(linker: wasmtime.Linker, store: wasmtime.Store, module: wasmtime.Module) -> wasmtime.Instance:
-    """Instantiate; an import that does not resolve is the module's fault (-32005), not a trap."""
+@dataclass
+class _Prepared:
+    """What every instance of one module shares: its imports resolved once against one linker
+    with WASI and the guest ABI (an instance is then only a store and an instantiation; the
+    host functions find the instance's state through its store, so nothing here belongs to any
+    one instance), and the names of its distinct exported memories once an instance told them."""
+
+    pre: wasmtime.InstancePre
+    memory_names: tuple[str, ...] | None = None
+
+
+_PREPARED: weakref.WeakKeyDictionary[wasmtime.Module, _Prepared] = weakref.WeakKeyDictionary()
+
+
+def _prepared(compiled: CompiledModule) -> _Prepared:
+    """The module's shared part, made once; an import that does not resolve is the module's
+    fault (-32005), not a trap."""
+    prepared = _PREPARED.get(compiled.module)
+    if prepared is not None:
+        return prepared
+    linker = wasmtime.Linker(compiled.engine)
     try:
-        return linker.instantiate(store, module)
+        if compiled.wasi:
+            linker.define_wasi()
+        guest_abi.define(linker)
+        pre = linker.instantiate_pre(compiled.module)
     except wasmtime.WasmtimeError as exc:
         text = str(exc)
         if "unknown import" in text or "incompatible import type" in text:
@@ -268,6 +298,9 @@ def _link(linker: wasmtime.Linker, store: wasmtime.Store, module: wasmtime.Modul
             raise InvalidModuleError(f"the module's imports cannot be satisfied: {summary}", stage="imports",
                                      detail=trap_message(exc)) from None
         raise
+    finally:
+        linker.close()  # the InstancePre holds what it needs of the definitions
+    return _PREPARED.setdefault(compiled.module, _Prepared(pre))
 
 
 class Exited(Exception):

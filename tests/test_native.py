@@ -37,7 +37,7 @@ from sidecar.wasmffi import (
     trap_message,
 )
 from sidecar.wasmffi.capi import address
-from sidecar.wasmffi.native import CALLBACKS, RELEASE, EpochTicker, GuestIo, check_build
+from sidecar.wasmffi.native import CALLBACKS, EpochTicker, GuestIo, check_build, host_of, store_for
 
 WAIT = 10.0  # seconds: the ceiling on any wait, never an expected duration
 
@@ -66,12 +66,12 @@ GUEST = """
 
 class Guest:
     def __init__(self, bind: bool) -> None:
-        self.store = wasmtime.Store(wasmtime.Engine())
         self.io = GuestIo()
+        self.store = store_for(wasmtime.Engine(), self.io)
         linker = wasmtime.Linker(self.store.engine)
         for name, callback in CALLBACKS.items():
             params, results = SIGNATURES[name]
-            define_native_func(linker, "sidecar", name, params, results, callback, self.io.lend(), RELEASE)
+            define_native_func(linker, "sidecar", name, params, results, callback)
         instance = linker.instantiate(self.store, wasmtime.Module(self.store.engine, GUEST))
         if bind:
             memory = instance_export(self.store, instance, "memory")
@@ -162,10 +162,10 @@ def test_a_range_outside_memory_traps_and_is_remembered(guest: Guest, export: st
 
 def reader(memory: str) -> tuple[wasmtime.Store, GuestIo, FastCall]:
     """A guest whose `f` calls `input_read(0)`, with `memory` its memory declaration."""
-    store = wasmtime.Store(wasmtime.Engine())
     io = GuestIo()
+    store = store_for(wasmtime.Engine(), io)
     linker = wasmtime.Linker(store.engine)
-    define_native_func(linker, "sidecar", "input_read", ("i32",), (), CALLBACKS["input_read"], io.lend(), RELEASE)
+    define_native_func(linker, "sidecar", "input_read", ("i32",), (), CALLBACKS["input_read"])
     text = f"""(module (import "sidecar" "input_read" (func $r (param i32)))
                  {memory} (func (export "f") (call $r (i32.const 0))))"""
     instance = linker.instantiate(store, wasmtime.Module(store.engine, text))
@@ -236,34 +236,61 @@ def test_misuse_is_a_python_error() -> None:
 def test_setup_refuses_what_is_not_an_address_or_a_size(first: object, memory_bytes: int, error: type,
                                                         message: str) -> None:
     with pytest.raises(error, match=message):  # refused before anything is set: the module still works
-        _native.setup(first, 1, 1, 1, 1, 1, 16, 8, 2, 16, memory_bytes)
+        _native.setup(first, 1, 1, 1, 1, 1, 1, 16, 8, 2, 16, memory_bytes)
 
 
 def test_a_guest_io_that_only_its_store_holds_lives_as_long_as_the_store() -> None:
     guest = Guest(bind=True)
     io = weakref.ref(guest.io)
-    del guest.io  # the store's host functions are all that hold it now
+    del guest.io  # the store is all that holds it now
     gc.collect()
     assert io() is not None
     io().begin(b"still here", 1 << 10, b"")  # type: ignore[union-attr]
     assert guest.calls["echo"]([]) == [10] and io().output() == b"still here"  # type: ignore[union-attr]
-    guest.store.close()  # the definitions go, and with them the last references
+    guest.store.close()  # the store's data goes, and with it the last reference
     assert io() is None
 
 
-def test_each_definition_gives_its_reference_back_exactly_once() -> None:
+def test_a_store_gives_its_reference_back_exactly_once_and_a_linker_holds_none() -> None:
     io = GuestIo()
     baseline = sys.getrefcount(io)
-    linker = wasmtime.Linker(wasmtime.Engine())
-    define_native_func(linker, "sidecar", "input_len", (), ("i32",), CALLBACKS["input_len"], io.lend(), RELEASE)
-    assert sys.getrefcount(io) == baseline + 1
-    with pytest.raises(wasmtime.WasmtimeError, match="defined twice"):  # wasmtime refuses it, then releases
-        define_native_func(linker, "sidecar", "input_len", (), ("i32",), CALLBACKS["input_len"], io.lend(), RELEASE)
-    with pytest.raises(KeyError):  # refused before wasmtime saw it: released by define_native_func
-        define_native_func(linker, "sidecar", "x", ("f32",), (), CALLBACKS["input_len"], io.lend(), RELEASE)
-    assert sys.getrefcount(io) == baseline + 1
-    linker.close()
+    engine = wasmtime.Engine()
+    linker = wasmtime.Linker(engine)
+    define_native_func(linker, "sidecar", "input_len", (), ("i32",), CALLBACKS["input_len"])
     assert sys.getrefcount(io) == baseline
+    store = store_for(engine, io)
+    assert sys.getrefcount(io) == baseline + 1
+    module = wasmtime.Module(engine, '(module (import "sidecar" "input_len" (func (result i32))))')
+    linker.instantiate(store, module)
+    store.close()
+    store.close()
+    assert sys.getrefcount(io) == baseline
+    linker.instantiate(store_for(engine, io), module)  # the linker lives on, usable by another store
+    gc.collect()
+    assert sys.getrefcount(io) == baseline
+
+
+def test_a_store_not_made_for_a_guest_io_traps_its_caller_instead_of_crashing() -> None:
+    store = wasmtime.Store(wasmtime.Engine())
+    linker = wasmtime.Linker(store.engine)
+    define_native_func(linker, "sidecar", "input_len", (), ("i32",), CALLBACKS["input_len"])
+    text = '(module (import "sidecar" "input_len" (func $l (result i32))) (func (export "f") (result i32) call $l))'
+    instance = linker.instantiate(store, wasmtime.Module(store.engine, text))
+    with pytest.raises(wasmtime.WasmtimeError, match="no guest ABI state"):
+        FastCall(store, instance_export(store, instance, "f"))([])
+    store.close()
+
+
+def test_host_of_is_the_guest_io_host_of_the_callers_store() -> None:
+    io, owner = GuestIo(), GuestIo()  # any object with weak references will do as the host
+    assert io.host is None
+    io.host = weakref.ref(owner)
+    with pytest.raises(AttributeError):
+        del io.host
+    with pytest.raises(ValueError, match="caller address is 0"):
+        host_of(0)
+    with pytest.raises(TypeError, match="caller must be an int"):
+        host_of("1")
 
 
 ISOLATE_GUEST = """

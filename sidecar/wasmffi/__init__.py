@@ -9,7 +9,8 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
 - `set_wasi_stdin_bytes(config, data)`: WASI stdin from a byte string.
 - `FastCall(store, func)`: the host->guest call path for numeric exports, ~1 µs of Python per
   call instead of ~20; `store_id(store)` to check an object belongs to a store before use;
-  `instance_export(store, instance, name)`: one export by name, without wrapping them all.
+  `instance_export(store, instance, name)`: one export by name, without wrapping them all;
+  `instantiate(pre, store)`, which learns the store's id from the instance it makes.
 - `value_type_names(engine, valtypes)`: "i32".."v128"/"ref" without the C call that aborts
   the process on v128 and GC reference types (which `str(ValType)`, `ValType ==` and
   `Func.__call__` all make).
@@ -17,7 +18,8 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
   (`GuestFault`), never through wasmtime-py's process-global exception slot, and `GuestMemory`,
   the caller's memory with bounds-checked reads and writes, found through a `MemorySlot`;
   `define_native_func` for host functions written in C, such as the guest ABI's data calls
-  (`native`, our one C extension).
+  (`native`, our one C extension), and `define_store_func` for Python ones whose object is found
+  through the caller's store, so that one linker serves every instance of a module.
 - `capi`: our own prototypes of the C functions on those per-call paths (plain addresses).
 - `changed_runs(memory, chunk_bytes, baseline)`: the native scan behind a snapshot (which
   chunks of a memory differ from a baseline), at memory bandwidth without the GIL.
@@ -29,8 +31,16 @@ what a trap means. Pinned to wasmtime-py 50.x (the private `_ffi`/`_bindings` la
 """
 
 from .deadline import EpochDeadline, live_deadline_callbacks, set_deadline_callback, trap_message
-from .fastcall import FastCall, instance_export, store_id
-from .hostfunc import GuestFault, GuestMemory, MemorySlot, define_host_func, define_native_func
+from .fastcall import FastCall, instance_export, instantiate, store_id
+from .hostfunc import (
+    GuestFault,
+    GuestMemory,
+    MemorySlot,
+    StoreHost,
+    define_host_func,
+    define_native_func,
+    define_store_func,
+)
 from .native import changed_runs
 from .pooling import enable_pooling
 from .valtypes import value_type_names
@@ -42,11 +52,14 @@ __all__ = [
     "GuestFault",
     "GuestMemory",
     "MemorySlot",
+    "StoreHost",
     "changed_runs",
     "define_host_func",
     "define_native_func",
+    "define_store_func",
     "enable_pooling",
     "instance_export",
+    "instantiate",
     "live_deadline_callbacks",
     "set_deadline_callback",
     "set_wasi_stdin_bytes",

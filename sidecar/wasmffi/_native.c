@@ -12,18 +12,23 @@
  *    from a baseline (zeros, or an image such as the module's data). In Python a 64 MiB scan is
  *    13 ms of slicing and comparing chunk by chunk; here it runs at memory bandwidth without the GIL.
  *
- * A `GuestIo` belongs to one instance and is the `env` of its five host functions. Its owner
- * thread fills it before a call (`begin`: the input, the output budget, the response) and reads
- * it after (`output`, `fault`, `output_overflow`); while the guest runs, only these functions
- * touch it, on that same thread. They read the input and response through the `bytes` objects
- * it holds references to (immutable, alive while held) and never call into Python, so they run
- * without the GIL. A fault traps the calling guest and is remembered for the call's error.
+ * A `GuestIo` belongs to one instance and is the data of its store: the host functions take no
+ * `env` of their own, so one linker (one definition of each) serves every instance of a module,
+ * and each call finds its instance's GuestIo through the caller's store
+ * (`wasmtime_context_get_data`). Its owner thread fills it before a call (`begin`: the input, the
+ * output budget, the response) and reads it after (`output`, `fault`, `output_overflow`); while
+ * the guest runs, only these functions touch it, on that same thread. They read the input and
+ * response through the `bytes` objects it holds references to (immutable, alive while held) and
+ * never call into Python, so they run without the GIL. A fault traps the calling guest and is
+ * remembered for the call's error. A store without a GuestIo (made some other way) traps its
+ * caller instead.
  *
- * Ownership: every definition of a host function holds its own reference to the GuestIo (`lend`
- * makes it, the definition's finalizer `release` drops it), so a GuestIo lives as long as any
- * linker or store that can call it, whoever else forgets it. It holds nothing of the store's in
- * return (the memory handle is copied, the context is a plain address, valid while the store
- * that calls is): a reference back would be a cycle through wasmtime that no collector sees.
+ * Ownership: the store holds a reference to its GuestIo (`lend` makes it when the store is made,
+ * the store's finalizer `release` drops it), so a GuestIo lives exactly as long as the store that
+ * can call it, whoever else forgets it, and a linker that outlives the store holds nothing of
+ * either. It holds nothing of the store's in return (the memory handle is copied, the context is
+ * a plain address, valid while the store that calls is; `host` is meant to be a weak reference):
+ * a reference back would be a cycle through wasmtime that no collector sees.
  *
  * The wasmtime functions come from the library wasmtime-py loaded, handed over once by
  * `setup`, so this module does not link against wasmtime. Build: the `hatch_build.py` hook.
@@ -52,6 +57,7 @@ typedef void *(*trap_new_fn)(const char *message, size_t length);
 typedef void *(*caller_context_fn)(void *caller);
 typedef bool (*caller_export_get_fn)(void *caller, const char *name, size_t length, void *item);
 typedef void (*increment_epoch_fn)(void *engine);
+typedef void *(*context_get_data_fn)(void *context);
 
 #define EXTERN_BYTES_MAX 64
 #define MEMORY_BYTES_MAX 32
@@ -70,6 +76,7 @@ static struct {
     caller_context_fn caller_context;
     caller_export_get_fn caller_export_get;
     increment_epoch_fn increment_epoch;
+    context_get_data_fn context_get_data;
     size_t extern_bytes;     /* sizeof(wasmtime_extern_t) */
     size_t extern_of_offset; /* offsetof(wasmtime_extern_t, of) */
     uint8_t extern_memory;   /* WASMTIME_EXTERN_MEMORY */
@@ -98,6 +105,7 @@ typedef struct {
     uint64_t output_overflow; /* the size a refused output_write would have reached */
     enum fault_kind fault;
     char message[MESSAGE_BYTES];
+    PyObject *host;     /* what `host_of` gives the Python host functions: None, or a weak reference */
     PyObject *weakrefs; /* so a test can watch its lifetime without holding it */
 } GuestIo;
 
@@ -154,29 +162,41 @@ static void *copy_out(GuestIo *io, void *caller, uint32_t pointer, PyObject *dat
     return NULL;
 }
 
+/* The GuestIo of the store `caller` runs in: its data, when `store_for` made it. */
+static GuestIo *caller_io(void *caller) { return api.context_get_data(api.caller_context(caller)); }
+
+static void *no_io(void) { return trap("this store has no guest ABI state (it was not made for a guest ABI instance)"); }
+
 /* The casts cannot truncate: nothing longer than ABI_LENGTH_MAX gets in (`abi_length`). */
 static void *input_len(void *env, void *caller, raw_value *values, size_t count) {
-    values[0].i32 = (int32_t)PyBytes_GET_SIZE(((GuestIo *)env)->input);
+    GuestIo *io = caller_io(caller);
+    if (io == NULL) return no_io();
+    values[0].i32 = (int32_t)PyBytes_GET_SIZE(io->input);
     return NULL;
 }
 
 static void *input_read(void *env, void *caller, raw_value *values, size_t count) {
-    GuestIo *io = env;
+    GuestIo *io = caller_io(caller);
+    if (io == NULL) return no_io();
     return copy_out(io, caller, (uint32_t)values[0].i32, io->input);
 }
 
 static void *response_len(void *env, void *caller, raw_value *values, size_t count) {
-    values[0].i32 = (int32_t)PyBytes_GET_SIZE(((GuestIo *)env)->response);
+    GuestIo *io = caller_io(caller);
+    if (io == NULL) return no_io();
+    values[0].i32 = (int32_t)PyBytes_GET_SIZE(io->response);
     return NULL;
 }
 
 static void *response_read(void *env, void *caller, raw_value *values, size_t count) {
-    GuestIo *io = env;
+    GuestIo *io = caller_io(caller);
+    if (io == NULL) return no_io();
     return copy_out(io, caller, (uint32_t)values[0].i32, io->response);
 }
 
 static void *output_write(void *env, void *caller, raw_value *values, size_t count) {
-    GuestIo *io = env;
+    GuestIo *io = caller_io(caller);
+    if (io == NULL) return no_io();
     uint32_t pointer = (uint32_t)values[0].i32;
     int32_t length = values[1].i32;
     size_t size;
@@ -239,6 +259,7 @@ static PyObject *GuestIo_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
         return NULL;
     }
     io->response = Py_NewRef(io->input);
+    io->host = Py_NewRef(Py_None);
     return (PyObject *)io;
 }
 
@@ -246,6 +267,7 @@ static void GuestIo_dealloc(GuestIo *io) {
     if (io->weakrefs != NULL) PyObject_ClearWeakRefs((PyObject *)io);
     Py_XDECREF(io->input);
     Py_XDECREF(io->response);
+    Py_XDECREF(io->host);
     PyMem_RawFree(io->output);
     Py_TYPE(io)->tp_free((PyObject *)io);
 }
@@ -321,8 +343,8 @@ static PyObject *GuestIo_bind(GuestIo *io, PyObject *const *args, Py_ssize_t nar
 }
 
 PyDoc_STRVAR(lend_doc, "lend()\n--\n\n"
-                       "A new reference to this GuestIo, as an address: the `env` of one host function "
-                       "definition, whose finalizer must be RELEASE, which drops it.");
+                       "A new reference to this GuestIo, as an address: the data of one store, whose "
+                       "finalizer must be RELEASE, which drops it.");
 
 static PyObject *GuestIo_lend(GuestIo *io, PyObject *unused) {
     PyObject *address = PyLong_FromVoidPtr(io);
@@ -336,8 +358,7 @@ static PyObject *GuestIo_lend(GuestIo *io, PyObject *unused) {
 #define interpreter_finalizing _Py_IsFinalizing
 #endif
 
-/* The finalizer of a host function's env (`lend`): wasmtime runs it when it drops the last
- * linker or store holding that definition. That is a Python thread closing or collecting one,
+/* The finalizer of a store's data (`lend`): wasmtime runs it when it drops the store. That is a Python thread closing or collecting one,
  * in practice, but wasmtime promises no thread, so the GIL is taken here (PyGILState_Ensure is
  * reentrant on a thread that holds it already). Once the interpreter is finalizing, the
  * reference is leaked on purpose: CPython ends a thread other than the finalizing one that asks
@@ -357,6 +378,17 @@ static int GuestIo_set_response(GuestIo *io, PyObject *value, void *closure) {
         return -1;
     }
     Py_SETREF(io->response, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *GuestIo_get_host(GuestIo *io, void *closure) { return Py_NewRef(io->host); }
+
+static int GuestIo_set_host(GuestIo *io, PyObject *value, void *closure) {
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "host cannot be deleted");
+        return -1;
+    }
+    Py_SETREF(io->host, Py_NewRef(value));
     return 0;
 }
 
@@ -383,6 +415,9 @@ static PyMethodDef GuestIo_methods[] = {
 static PyGetSetDef GuestIo_getset[] = {
     {"response", (getter)GuestIo_get_response, (setter)GuestIo_set_response,
      "What response_len/response_read give the guest: the last host answer (bytes).", NULL},
+    {"host", (getter)GuestIo_get_host, (setter)GuestIo_set_host,
+     "What host_of gives for a call in this GuestIo's store; a weak reference to the owner, so as not to "
+     "make a cycle no collector sees.", NULL},
     {"fault", (getter)GuestIo_get_fault, NULL,
      "(trap code, message) of the ABI violation that trapped the call, or None.", NULL},
     {"output_overflow", (getter)GuestIo_get_overflow, NULL,
@@ -705,25 +740,42 @@ static PyObject *changed_runs(PyObject *module, PyObject *const *args, Py_ssize_
     return result;
 }
 
+PyDoc_STRVAR(host_of_doc, "host_of(caller)\n--\n\n"
+                          "The `host` of the GuestIo of the store a host function's caller (a wasmtime_caller_t "
+                          "address, valid during that call only) runs in; None if that store has none.");
+
+static PyObject *host_of(PyObject *module, PyObject *caller_address) {
+    void *caller;
+    if (address_arg(caller_address, "caller", &caller) < 0) return NULL;
+    if (caller == NULL || api.context_get_data == NULL) {
+        PyErr_SetString(PyExc_ValueError, caller == NULL ? "the caller address is 0" : "setup() has not run");
+        return NULL;
+    }
+    GuestIo *io = caller_io(caller);
+    if (io == NULL) Py_RETURN_NONE;
+    return Py_NewRef(io->host);
+}
+
 /* -- the module ----------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(setup_doc,
              "setup(memory_data, memory_data_size, trap_new, caller_context, caller_export_get, increment_epoch, "
+             "context_get_data, "
              "extern_bytes, extern_of_offset, extern_memory, raw_value_bytes, memory_bytes)\n--\n\n"
              "The wasmtime C functions (addresses) and the layout of wasmtime_extern_t, wasmtime_val_raw_t and "
              "wasmtime_memory_t; once, before any call.");
 
 static PyObject *setup(PyObject *module, PyObject *args) {
-    PyObject *addresses[6];
-    void *pointers[6];
+    PyObject *addresses[7];
+    void *pointers[7];
     Py_ssize_t raw_value_bytes, memory_bytes, extern_bytes, extern_of_offset;
     unsigned char extern_memory;
     /* "n", not "K": K masks a negative or too wide value into some other number, silently. */
-    if (!PyArg_ParseTuple(args, "OOOOOOnnbnn", &addresses[0], &addresses[1], &addresses[2], &addresses[3],
-                          &addresses[4], &addresses[5], &extern_bytes, &extern_of_offset, &extern_memory,
+    if (!PyArg_ParseTuple(args, "OOOOOOOnnbnn", &addresses[0], &addresses[1], &addresses[2], &addresses[3],
+                          &addresses[4], &addresses[5], &addresses[6], &extern_bytes, &extern_of_offset, &extern_memory,
                           &raw_value_bytes, &memory_bytes))
         return NULL;
-    for (int i = 0; i < 6; i++) {
+    for (int i = 0; i < 7; i++) {
         if (address_arg(addresses[i], "a wasmtime function", &pointers[i]) < 0) return NULL;
         if (pointers[i] == NULL) {
             PyErr_SetString(PyExc_ValueError, "a wasmtime function address is 0");
@@ -742,6 +794,7 @@ static PyObject *setup(PyObject *module, PyObject *args) {
     api.caller_context = (caller_context_fn)(uintptr_t)pointers[3];
     api.caller_export_get = (caller_export_get_fn)(uintptr_t)pointers[4];
     api.increment_epoch = (increment_epoch_fn)(uintptr_t)pointers[5];
+    api.context_get_data = (context_get_data_fn)(uintptr_t)pointers[6];
     api.extern_bytes = (size_t)extern_bytes;
     api.extern_of_offset = (size_t)extern_of_offset;
     api.extern_memory = extern_memory;
@@ -752,6 +805,7 @@ static PyObject *setup(PyObject *module, PyObject *args) {
 static PyMethodDef module_methods[] = {
     {"setup", setup, METH_VARARGS, setup_doc},
     {"changed_runs", (PyCFunction)(void (*)(void))changed_runs, METH_FASTCALL, changed_runs_doc},
+    {"host_of", host_of, METH_O, host_of_doc},
     {NULL},
 };
 

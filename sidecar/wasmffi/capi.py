@@ -32,6 +32,7 @@ func_call_unchecked = c_function("wasmtime_func_call_unchecked", VOID_P, VOID_P,
 context_set_epoch_deadline = c_function("wasmtime_context_set_epoch_deadline", None, VOID_P, ctypes.c_uint64)
 memory_data = c_function("wasmtime_memory_data", SIZE, VOID_P, VOID_P)
 memory_data_size = c_function("wasmtime_memory_data_size", SIZE, VOID_P, VOID_P)
+context_get_data = c_function("wasmtime_context_get_data", VOID_P, VOID_P)
 caller_context = c_function("wasmtime_caller_context", VOID_P, VOID_P)
 caller_export_get = c_function("wasmtime_caller_export_get", ctypes.c_bool, VOID_P, ctypes.c_char_p, SIZE, VOID_P)
 trap_new = c_function("wasmtime_trap_new", SIZE, ctypes.c_char_p, SIZE)

@@ -7,6 +7,9 @@ Here a host function signals a fault by raising `GuestFault`, which becomes a tr
 straight to wasmtime for that call only; any other exception is a bug and traps the same way
 with a generic message. Values cross as raw i32/i64 (the guest ABI uses nothing else).
 `define_native_func` defines a function written in C (see `native`) through the same route.
+`define_store_func` defines one whose object is found per call through the caller's store
+(`native.host_of`), so a single definition in a linker shared by many stores reaches each
+store's own object and never another's.
 A definition lives as long as the linker and stores holding it; what it refers to must not keep
 those alive (see `slots`): bound methods are held by a weak reference to their object, and a
 `MemorySlot` refers to its store weakly. Knows nothing about what the functions do.
@@ -18,17 +21,19 @@ import ctypes
 import functools
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import wasmtime
 from wasmtime import _ffi
 
 from . import capi
+from .native import host_of
 from .slots import Slots, c_text, call_unbound, unbound
 from .valtypes import raw_layout
 
-__all__ = ["GuestFault", "GuestMemory", "MemorySlot", "define_host_func", "define_native_func"]
+__all__ = ["GuestFault", "GuestMemory", "MemorySlot", "StoreHost", "define_host_func", "define_native_func",
+           "define_store_func"]
 
 log = structlog.get_logger()
 
@@ -53,8 +58,10 @@ _Owner = weakref.ref[Any] | None
 _Entry = tuple[Callable[..., Sequence[int]], _Owner, "_RawValues", "_RawValues", "MemorySlot | None",
                Callable[..., None] | None, _Owner]
 # (function, its owner, params, results, memory, on_fault, its owner), the functions as `unbound`
-# gives them; freed by wasmtime when the last linker or instance using it goes.
+# gives them; freed by wasmtime when the last linker or instance using it goes. An owner of
+# `_BY_STORE` means the caller's store's `StoreHost`, found per call.
 _FUNCS: Slots[_Entry] = Slots(_FINALIZER_TYPE)
+_BY_STORE: _Owner = weakref.ref(_FUNCS)
 
 
 class GuestFault(Exception):
@@ -186,14 +193,35 @@ def define_host_func(
     _define(linker, module, name, params, results, _TRAMPOLINE_ADDRESS, slot, _FUNCS_FINALIZER_ADDRESS)
 
 
+class StoreHost(Protocol):
+    """The object a store's `define_store_func` functions run on: a `GuestIo`'s `host` refers to
+    it weakly (see `native.store_for`)."""
+
+    memory: MemorySlot  # the instance's memory once bound; until then it is looked up by name
+
+    def on_fault(self, fault: GuestFault) -> None: ...
+
+
+def define_store_func(
+    linker: wasmtime.Linker, module: str, name: str, params: Sequence[str], results: Sequence[str],
+    method: Callable[[Any, GuestMemory, Sequence[int]], Sequence[int]],
+) -> None:
+    """Define `module.name` in `linker` as `method(host, memory, args) -> results`, where `host` is
+    the `StoreHost` of the calling instance's store, found per call; the definition holds nothing
+    of any store, so the linker may serve all of them. A store without one traps its caller; a
+    `GuestFault` is told to `host.on_fault` and traps, as with `define_host_func`."""
+    slot = _FUNCS.add((method, _BY_STORE, _raw_values(tuple(params)), _raw_values(tuple(results)), None, None, None))
+    _define(linker, module, name, params, results, _TRAMPOLINE_ADDRESS, slot, _FUNCS_FINALIZER_ADDRESS)
+
+
 def define_native_func(
     linker: wasmtime.Linker, module: str, name: str, params: Sequence[str], results: Sequence[str], callback: int,
-    env: int, finalizer: int,
+    env: int = 0, finalizer: int = 0,
 ) -> None:
     """Define `module.name` in `linker` as a C function of wasmtime's unchecked callback type
     (address `callback`), called with `env` (an address). `finalizer(env)` (a C function's
-    address) runs once, when wasmtime drops the definition or here if defining fails, so `env`
-    may carry a reference that the definition owns."""
+    address, 0 for none) runs once, when wasmtime drops the definition or here if defining fails,
+    so `env` may carry a reference that the definition owns."""
     _define(linker, module, name, params, results, callback, env, finalizer)
 
 
@@ -207,7 +235,8 @@ def _define(linker: wasmtime.Linker, module: str, name: str, params: Sequence[st
         module_bytes, name_bytes = module.encode(), name.encode()
         linker_address = capi.address(linker.ptr())
     except BaseException:
-        _FINALIZER_TYPE(finalizer)(data)
+        if finalizer:
+            _FINALIZER_TYPE(finalizer)(data)
         raise
     error = _define_func_unchecked(
         linker_address, module_bytes, len(module_bytes), name_bytes, len(name_bytes),
@@ -245,14 +274,22 @@ def _trampoline(slot, caller, values, _count):  # type: ignore[no-untyped-def]
             return _trap("host function is not registered")
         function, owner, params, results, memory, on_fault, fault_owner = entry
         args = params.unpack_from(params.array.from_address(values)) if params.array else ()
-        memory = memory if memory is not None and memory.handle else _MemoryByName(caller)
-        if owner is None:
-            produced = function(memory, args)
-        else:  # `call_unbound`, inline: this runs on every host call
-            target = owner()
+        if owner is _BY_STORE:  # a shared definition: the caller's store says whose call it is
+            host = host_of(caller)
+            target = host() if host is not None else None
             if target is None:
-                return _trap("the host function's owner is gone")
-            produced = function(target, memory, args)
+                return _trap("this store has no host for its host functions")
+            on_fault, memory = target.on_fault, target.memory
+            produced = function(target, memory if memory.handle else _MemoryByName(caller), args)
+        else:
+            memory = memory if memory is not None and memory.handle else _MemoryByName(caller)
+            if owner is None:
+                produced = function(memory, args)
+            else:  # `call_unbound`, inline: this runs on every host call
+                target = owner()
+                if target is None:
+                    return _trap("the host function's owner is gone")
+                produced = function(target, memory, args)
         if results.array:
             results.pack_into(results.array.from_address(values), 0, *produced)
         return 0
