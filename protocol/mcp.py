@@ -180,7 +180,8 @@ class NoArgs(Args):
 class Failure(Args):
     """Why the code did not finish: a timeout or a limit (named, with the variable that raises it),
     a crashed interpreter, a runtime that is not installed. `session_lost`: the session's
-    interpreter was replaced by a fresh one, so its names are gone."""
+    interpreter was replaced by a fresh one, or its hibernated state failed validation on waking
+    (the next call starts the session afresh), so its names are gone."""
 
     kind: str
     message: str
@@ -214,11 +215,17 @@ class ResetSessionOutput(Args):
 
 
 class SessionInfo(Args):
+    """One session. `resident` is false while its VM is hibernated (its interpreter's state on disk;
+    the session's next call wakes it with its variables); `last_used` (RFC 3339, UTC) is when a call
+    last reached it."""
+
     session: str
     vm_id: VmId
     state: Literal["idle", "busy"]
     calls: Count
     memory_bytes: Count
+    resident: bool
+    last_used: str
 
 
 class ListSessionsOutput(Args):

@@ -10,7 +10,7 @@ share of the CPU halves. Measured here (15 interleaved runs): the first answer c
 256 ms that way against 172 ms this way, and a `vm.create` sent after it at 265 ms against 257.
 The CLI and the tests build the daemon here, so they run the same thing.
 `wasm-sidecar mcp` is the same daemon with another front (`sidecar.mcp_server`) whose one service,
-the MCP tools, drives the same registry and evals.
+the MCP tools, drives the same registry, evals and hibernation.
 """
 
 from __future__ import annotations
@@ -41,12 +41,15 @@ def build_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: boo
     return server
 
 
-def build_mcp_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False) -> McpServer:
-    """The same daemon serving MCP: its tools are the one service, on the same VM registry and evals."""
+def build_mcp_server(in_fd: int, out_fd: int, limits: Limits, *, handle_signals: bool = False,
+                     state_dir: StateDir | None = None) -> McpServer:
+    """The same daemon serving MCP: its tools are the one service, on the same VM registry, evals
+    and hibernation; its session table lives in the state directory with the VMs (`state_dir`: as
+    `build_server`'s). Of the VMs found there, only those a session names come back."""
     from .mcp_server import McpServer  # only this front pays for MCP's method table
 
     server = McpServer(in_fd, out_fd, limits, handle_signals=handle_signals)
-    server.add_services(lambda built: _wiring().mcp_tools(built), load=_wiring)
+    server.add_services(lambda built: _wiring().mcp_tools(built, state_dir), load=_wiring)
     return server
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import argparse
 
 USAGE = """wasm-sidecar [serve] [--state-dir DIR]  serve JSON-RPC 2.0 on stdin/stdout (the default)
-       wasm-sidecar mcp               serve the Model Context Protocol on stdin/stdout (Python tools)
+       wasm-sidecar mcp [--state-dir DIR]      serve the Model Context Protocol on stdin/stdout (Python tools)
        wasm-sidecar limits [--json | --markdown | --audit]
        wasm-sidecar runtime install NAME [--work-dir DIR] [--force] | runtime list [--json]
        wasm-sidecar --version | --help"""
@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command", nargs="?", default="serve", choices=["serve", "mcp", "limits", "runtime"], help=argparse.SUPPRESS
     )
-    parser.add_argument("--state-dir", help="where hibernated VMs live, kept across restarts and locked by one "
-                        f"process (default: ${STATE_DIR_ENV}, else a private directory removed at exit)")
+    parser.add_argument("--state-dir", help="where hibernated VMs (and mcp's sessions) live, kept across "
+                        "restarts and locked by one process "
+                        f"(default: ${STATE_DIR_ENV}, else a private directory removed at exit)")
     return parser
 
 
@@ -81,15 +82,15 @@ def serve(*, mcp: bool = False, state_path: Path | None = None) -> int:
     _return_big_blocks_to_the_os()
     limits = process_limits()
     state_dir = None
-    if state_path is not None and not mcp:
+    if state_path is not None:
         try:
-            state_dir = StateDir(state_path, limits)
+            state_dir = StateDir(state_path, limits, "mcp" if mcp else "jsonrpc")
         except (StateDirBusy, OSError) as exc:
             structlog.get_logger().error("state_dir_unusable", state_dir=str(state_path), error=str(exc))
             return 2
     in_fd, out_fd = claim_stdio()
     if mcp:
-        server = build_mcp_server(in_fd, out_fd, limits, handle_signals=True)
+        server = build_mcp_server(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
     else:
         server = build_server(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
     with nonblocking(out_fd):

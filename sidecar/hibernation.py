@@ -102,7 +102,9 @@ class Outcome:
 
 class Hibernation:
     def __init__(self, vms: VmService, snapshot_service: SnapshotService, runtime: Runtime, limits: Limits,
-                 state_dir: StateDir) -> None:
+                 state_dir: StateDir, claimed: Callable[[str], bool] | None = None) -> None:
+        """`claimed`: whether a VM found in the state directory still belongs to someone (the MCP
+        front's sessions); one that does not is removed instead of registered. None: all do."""
         self._vms = vms
         self._snapshots = snapshot_service
         self._runtime = runtime
@@ -118,7 +120,7 @@ class Hibernation:
         self._stopping = False
         self._look_again = threading.Event()
         vms.residency = self
-        self._register(state_dir.scan())
+        self._register([item for item in state_dir.scan() if claimed is None or self._claimed(item, claimed)])
         self._watcher = threading.Thread(target=self._watch, name="hibernation", daemon=True)
         self._watcher.start()
 
@@ -358,6 +360,13 @@ class Hibernation:
                 vm.last_used = time.monotonic() - max(0.0, time.time() - item.last_used)
         if found:
             log.info("state_found", vms=len(found), state_dir=str(self._dir.path))
+
+    def _claimed(self, item: Found, claimed: Callable[[str], bool]) -> bool:
+        if claimed(item.vm_id):
+            return True
+        self._dir.delete(item.vm_id)
+        log.info("state_vm_unclaimed", vm_id=item.vm_id)
+        return False
 
     def _hibernate_for_exit(self) -> None:
         """Hibernate every idle stateful VM within `runner_hibernate_exit_ms`."""

@@ -1,12 +1,14 @@
 """The MCP front's tools, `run_python`, `reset_session` and `list_sessions`, on the VM services.
 
 Owns the named sessions (a name and the id of an ordinary stateful Python VM in the registry,
-at most `runner_mcp_sessions` of them), the one stateless Python VM whose recycled instances give
+at most `runner_mcp_sessions` of them, in a `sidecar.mcp_sessions` table that outlives the process
+with a named state directory), the one stateless Python VM whose recycled instances give
 every session-less `run_python` a pristine interpreter, and turning what `vm.eval` ends with into a
 tool result: its result (`isError` when the code raised), or its error (a timeout, a limit, a lost
 interpreter) as a tool error that names the limit. A session holds nothing but its VM's id and
 reaches the VM only through the registry (`VmService.find` by way of `vm.eval`, `vm_list`,
-`vm_dispose`), so what the registry does to an idle VM applies to sessions without code here.
+`vm_dispose`), so what the registry does to an idle VM (hibernation) applies to sessions without
+code here.
 
 Session VMs are made on the thread that handles the call, as `vm.create` makes them (the thread
 first hands input reading on, per `sidecar.intake`), one at a time: two first uses of one name
@@ -23,7 +25,7 @@ import msgspec
 import structlog
 
 from protocol.decoding import decode_params
-from protocol.errors import InvalidParamsError, RpcError, VmNotFoundError
+from protocol.errors import InvalidParamsError, InvalidSnapshotError, RpcError, VmNotFoundError
 from protocol.mcp import (
     ARGUMENT_ERRORS_AS_RESULTS_SINCE,
     STRUCTURED_SINCE,
@@ -49,6 +51,7 @@ from . import runtimes
 from .completion import Completion
 from .evals import PythonEvals
 from .mcp_session import RUNTIME_MISSING, McpSession
+from .mcp_sessions import SessionTable
 from .runtimes import PYTHON
 from .vms import VmService
 
@@ -66,14 +69,19 @@ class McpTools:
     tools stand on (the registry among them), whose methods the front does not serve: closed in
     that order at shutdown, as the daemon closes its services."""
 
-    def __init__(self, session: McpSession, vms: VmService, evals: PythonEvals, beneath: Sequence[Closes]) -> None:
+    def __init__(self, session: McpSession, vms: VmService, evals: PythonEvals, sessions: SessionTable,
+                 beneath: Sequence[Closes]) -> None:
+        """`sessions`: the table as read at start; those whose VM the registry does not hold (it did
+        not come back from the state directory) are forgotten."""
         self._session = session
         self._vms = vms
         self._evals = evals
         self._beneath = beneath
-        self._lock = threading.Lock()  # the sessions table
         self._making = threading.Lock()  # one VM made at a time (see the module docstring)
-        self._sessions: dict[str, str] = {}  # name -> vm_id
+        self._sessions = sessions
+        self._sessions.retain(self._live())
+        if len(sessions):
+            log.info("mcp_sessions_restored", sessions=len(sessions))
         self._fresh: str | None = None  # the stateless VM of session-less calls, made on first use
         self._run: dict[str, Callable[[Any, Completion, str], None]] = {
             "run_python": self._run_python, "reset_session": self._reset_session,
@@ -129,8 +137,7 @@ class McpTools:
             outcome.error(exc)
 
     def _reset_session(self, args: SessionArgs, reply: Completion, revision: str) -> None:
-        with self._lock:
-            vm_id = self._sessions.pop(args.session, None)
+        vm_id = self._sessions.pop(args.session)  # the table first: a crash now leaves no session on the VM
         if vm_id is not None:
             try:
                 self._vms.vm_dispose(VmDisposeParams(vm_id=vm_id))
@@ -140,11 +147,11 @@ class McpTools:
         reply.result(_result(ResetSessionOutput(session=args.session, existed=vm_id is not None), revision))
 
     def _list_sessions(self, _: NoArgs, reply: Completion, revision: str) -> None:
-        with self._lock:
-            sessions = dict(self._sessions)
+        sessions = self._sessions.rows()
         rows = {row.vm_id: row for row in self._vms.vm_list(Empty()).vms}
         listed = [SessionInfo(session=name, vm_id=vm_id, state=rows[vm_id].state, calls=rows[vm_id].calls,
-                              memory_bytes=rows[vm_id].memory_bytes)
+                              memory_bytes=rows[vm_id].memory_bytes, resident=rows[vm_id].resident,
+                              last_used=rows[vm_id].last_used)
                   for name, vm_id in sorted(sessions.items()) if vm_id in rows]
         output = ListSessionsOutput(sessions=listed, capacity=self._vms.limits.runner_mcp_sessions)
         reply.result(_result(output, revision))
@@ -155,22 +162,27 @@ class McpTools:
         """The VM of session `name`, made on first use (None: the runtime is not installed)."""
         vm_id = self._sessions.get(name)
         if vm_id is not None:
-            return vm_id
+            try:
+                self._vms.find(vm_id)
+                return vm_id
+            except VmNotFoundError:  # its hibernated state failed validation on waking: the VM is gone
+                self._sessions.retain(self._live())
         self._vms.runtime.reader.yield_reading()  # waiting for another thread's VM, or making one
         with self._making:
-            with self._lock:
-                vm_id = self._sessions.get(name)
-                count = len(self._sessions) + 1
+            vm_id = self._sessions.get(name)
+            count = len(self._sessions) + 1
             if vm_id is not None:  # made while this thread waited
                 return vm_id
             if count > self._vms.limits.runner_mcp_sessions:
                 raise self._vms.limits.exceeded("runner_mcp_sessions", count, session=name)
             vm_id = self._make_vm("stateful", reply)
             if vm_id is not None:
-                with self._lock:
-                    self._sessions[name] = vm_id
+                self._sessions.add(name, vm_id)
                 log.info("mcp_session_created", session=name, vm_id=vm_id)
             return vm_id
+
+    def _live(self) -> set[str]:
+        return {row.vm_id for row in self._vms.vm_list(Empty()).vms}
 
     def _fresh_vm(self, reply: Completion) -> str | None:
         if self._fresh is not None:
@@ -247,7 +259,8 @@ class _EvalOutcome(_Made):
             kind=error.kind, message=f"{error.message}: {detail}" if isinstance(detail, str) else error.message,
             limit=details.get("limit", msgspec.UNSET), env=details.get("env", msgspec.UNSET),
             capacity=details.get("capacity", msgspec.UNSET), observed=details.get("observed", msgspec.UNSET),
-            session_lost=details.get("session") == "lost",
+            # A session's hibernated state that failed validation on waking took its VM with it.
+            session_lost=details.get("session") == "lost" or isinstance(error, InvalidSnapshotError),
         ))
 
     def failed(self, failure: Failure) -> None:

@@ -11,11 +11,13 @@ Layout:
 - `modules/<hex>.wasm`: each module once, named by its SHA-256, however many VMs of it hibernate
   (10,000 VMs of one module write it once); removed when the last of them is gone. A runtime's
   bake is not stored: a restore makes or finds it from the installation, as for any snapshot;
-- `quarantine/`: state files that failed validation, moved aside, never read again;
+- `quarantine/`: files that failed validation, moved aside, never read again;
 - `trash/`: files on their way out. A VM that wakes renames its file here and the watcher thread
   unlinks it later: on ext4, unlinking a file just written and fsynced costs 0.1-1 ms (freeing its
   blocks goes through the journal), a rename 13 µs, and a wake should not pay for the former;
+- `mcp_sessions.json`: under `wasm-sidecar mcp`, its session names and their VMs (`sidecar.mcp_sessions`);
 - `lock`: the lock, holding the owner's pid.
+- `front`: which front made a named directory (`jsonrpc`, the daemon, or `mcp`); the other is refused.
 Every file is written atomically (a temporary file, fsync, rename), so a crash leaves the old file
 or the new one, never half of one; temporaries a crash left behind are removed at start. A private
 directory dies with the process, so its files skip the fsync: it made a hibernation cost ~1.3 ms
@@ -35,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -54,7 +56,11 @@ _PRIVATE_PREFIX = "wasm-sidecar-state-"
 
 
 class StateDirBusy(Exception):
-    """Another process holds the directory's lock."""
+    """Another process holds the directory's lock, or the directory is another front's."""
+
+
+# What each front is called in the refusal of another's directory (`Server.front`).
+_FRONTS = {"jsonrpc": "the daemon (wasm-sidecar)", "mcp": "wasm-sidecar mcp"}
 
 
 class StateFull(Exception):
@@ -75,8 +81,10 @@ class Found:
 
 
 class StateDir:
-    def __init__(self, path: Path | None, limits: Limits) -> None:
-        """`path` None: a private directory, removed by `close`. Raises `StateDirBusy`."""
+    def __init__(self, path: Path | None, limits: Limits, front: str = "jsonrpc") -> None:
+        """`path` None: a private directory, removed by `close`. Raises `StateDirBusy`. A named
+        directory serves the `front` that made it only: the MCP front removes at start the VMs no
+        session names, which would be every VM of the daemon's."""
         self.private = path is None
         if path is None:
             _remove_orphans()
@@ -92,6 +100,8 @@ class StateDir:
             os.close(self._lock_fd)
             raise StateDirBusy(f"the state directory {self.path} is in use by another wasm-sidecar "
                                f"(pid {owner}); give each sidecar its own {STATE_DIR_ENV}") from None
+        if path is not None:
+            self._claim_for(front)
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         self._mutex = threading.Lock()
@@ -109,7 +119,7 @@ class StateDir:
     def scan(self) -> list[Found]:
         """The VMs an earlier process left here, each file checked in full; a file that fails is
         quarantined, never fatal. Leftover temporaries and unreferenced modules are removed."""
-        for stray in [*self.path.glob("vms/.*"), *self.path.glob("modules/.*")]:
+        for stray in [*self.path.glob(".*"), *self.path.glob("vms/.*"), *self.path.glob("modules/.*")]:
             stray.unlink(missing_ok=True)
         self.empty_trash()
         found = []
@@ -189,16 +199,31 @@ class StateDir:
             pass
 
     def quarantine(self, vm_id: str, error: RpcError) -> None:
-        """Move a state file that failed validation aside (logged and counted): never read again."""
-        target = self.path / "quarantine" / f"{vm_id}{_SUFFIX}.{time.time_ns()}"
+        """Move a state file that failed validation aside: never read again."""
+        self.set_aside(self._state_path(vm_id), error.message, vm_id=vm_id, **error.details)
+        self.delete(vm_id)
+
+    def set_aside(self, path: Path, reason: str, **details: Any) -> None:
+        """Move a file of this directory that failed validation to `quarantine/` (logged and counted)."""
+        target: Path | None = self.path / "quarantine" / f"{path.name}.{time.time_ns()}"
         try:
-            os.replace(self._state_path(vm_id), target)
+            os.replace(path, target)
         except OSError:
             target = None  # already gone: nothing left to keep
-        self.delete(vm_id)
         with self._mutex:
             self.quarantined += 1
-        log.warning("state_quarantined", vm_id=vm_id, moved_to=str(target), error=error.message, **error.details)
+        log.warning("state_quarantined", moved_to=str(target), error=reason, **details)
+
+    def _claim_for(self, front: str) -> None:
+        """Mark the directory as `front`'s (the lock is held), or refuse it if another front's."""
+        marker = self.path / "front"
+        made_by = marker.read_text().strip() if marker.exists() else ""
+        if made_by and made_by != front:
+            os.close(self._lock_fd)
+            raise StateDirBusy(f"the state directory {self.path} holds the VMs of {_FRONTS.get(made_by, made_by)}, "
+                               f"so {_FRONTS[front]} cannot use it; give each its own {STATE_DIR_ENV}")
+        if not made_by:
+            marker.write_text(f"{front}\n")
 
     def close(self) -> None:
         """Release the lock; a private directory goes with it."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .engines import Engines
 from .evals import PythonEvals
 from .hibernation import Hibernation
+from .mcp_sessions import SessionTable
 from .mcp_tools import McpTools
 from .modules import ModuleStore
 from .runs import WasiRuns
@@ -40,10 +41,17 @@ def vm_services(server: Server, state_dir: StateDir | None = None) -> list[Servi
     return [hibernation, vms, WasiRuns(vms.find, vms.runtime), PythonEvals(vms.find), snapshots]
 
 
-def mcp_tools(server: McpServer) -> list[Service]:
-    """The MCP front's one service, its tools, on the same VM registry and evals."""
+def mcp_tools(server: McpServer, state_dir: StateDir | None = None) -> list[Service]:
+    """The MCP front's one service, its tools, on the same VM registry, evals and hibernation; the
+    session table lives in the state directory with the VMs, and of the VMs found there only those
+    a session names come back."""
     vms = _registry(server, refuse_host_calls=NO_HOST_CALLS)
-    return [McpTools(server.session, vms, PythonEvals(vms.find), beneath=[vms])]
+    directory = state_dir or StateDir(None, server.limits)
+    sessions = SessionTable(directory, server.limits)
+    snapshots = SnapshotService(vms, vms.runtime, vms.engines, server.limits)
+    hibernation = Hibernation(vms, snapshots, vms.runtime, server.limits, directory,
+                              claimed=sessions.vm_ids().__contains__)
+    return [McpTools(server.session, vms, PythonEvals(vms.find), sessions, beneath=[hibernation, vms])]
 
 
 def _registry(server: Server, *, refuse_host_calls: str | None = None) -> VmService:

@@ -1,4 +1,5 @@
-"""Host functions through our own trampoline: faults trap only their caller, never the process."""
+"""Host functions through our own trampoline (`define_store_func`, the guest ABI's path): faults
+trap only their caller, never the process, and each call reaches its own store's host."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
 import wasmtime
 
-from sidecar.wasmffi import FastCall, GuestFault, MemorySlot, define_host_func, trap_message
+from sidecar.wasmffi import FastCall, GuestFault, GuestMemory, MemorySlot, define_store_func, trap_message
+from sidecar.wasmffi.native import GuestIo, store_for
 
 from .support import WAIT
 
@@ -26,41 +27,52 @@ GUEST = """(module
   (func (export "peek") (param i32) (result i32) (call $peek (local.get 0))))"""
 
 
-def double(memory, args):  # type: ignore[no-untyped-def]
-    if args[0] < 0:
-        raise GuestFault("negative input", "abi_violation")
-    return [args[0] * 2]
+class Host:
+    """A store's host, as the guest ABI's `GuestAbi` is: the store's `GuestIo` refers to it weakly."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self.memory = MemorySlot()  # unbound: the trampoline looks the memory up by name
+        self.faults: list[GuestFault] = []
+        self.io = GuestIo()
+        self.io.host = weakref.ref(self)
+        self.store = store_for(engine, self.io)
+
+    def double(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
+        if args[0] < 0:
+            raise GuestFault("negative input", "abi_violation")
+        return [args[0] * 2]
+
+    def peek(self, memory: GuestMemory, args: Sequence[int]) -> list[int]:
+        return [memory.read(args[0], 1)[0]]
+
+    def on_fault(self, fault: GuestFault) -> None:
+        self.faults.append(fault)
 
 
-def peek(memory, args):  # type: ignore[no-untyped-def]
-    return [memory.read(args[0], 1)[0]]
-
-
-def linked(wat: str, define: Callable[[wasmtime.Linker], object], engine: wasmtime.Engine | None = None) -> Any:
-    """(store, exports) of `wat` instantiated against the host functions `define` puts in a linker."""
-    engine = engine or wasmtime.Engine()
+def guest_abi(engine: wasmtime.Engine, double=Host.double) -> wasmtime.Linker:  # type: ignore[no-untyped-def]
+    """One linker with `double` and `peek` for GUEST, to serve every store of `engine`."""
     linker = wasmtime.Linker(engine)
-    define(linker)
-    store = wasmtime.Store(engine)
-    return store, linker.instantiate(store, wasmtime.Module(engine, wat)).exports(store)
+    define_store_func(linker, "sidecar", "double", ["i32"], ["i32"], double)
+    define_store_func(linker, "sidecar", "peek", ["i32"], ["i32"], Host.peek)
+    return linker
 
 
-def define_guest_abi(linker: wasmtime.Linker, **on_fault: Callable[[GuestFault], object]) -> None:
-    """`double` and `peek` for GUEST; `on_fault` by function name."""
-    define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], double, on_fault=on_fault.get("double"))
-    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek, on_fault=on_fault.get("peek"))
+def exports_of(host: Host, linker: wasmtime.Linker, wat: str = GUEST) -> wasmtime.InstanceExports:
+    return linker.instantiate(host.store, wasmtime.Module(linker.engine, wat)).exports(host.store)
 
 
-def instance(engine: wasmtime.Engine) -> tuple[wasmtime.Store, FastCall, FastCall]:
-    store, exports = linked(GUEST, define_guest_abi, engine)
-    return store, FastCall(store, exports["twice"]), FastCall(store, exports["peek"])
+def instance(linker: wasmtime.Linker, host: Host | None = None) -> tuple[Host, FastCall, FastCall]:
+    """(host, twice, peek) of a GUEST instance in a store of its own, linked by `linker`."""
+    host = host or Host(linker.engine)
+    exports = exports_of(host, linker)
+    return host, FastCall(host.store, exports["twice"]), FastCall(host.store, exports["peek"])
 
 
 def test_results_and_memory_reads() -> None:
-    store, twice, peek_at = instance(wasmtime.Engine())
+    host, twice, peek_at = instance(guest_abi(wasmtime.Engine()))
     assert twice([21]) == [42]
     assert peek_at([8]) == [42]
-    store.close()
+    host.store.close()
 
 
 @pytest.mark.parametrize(("call", "arg", "message"), [
@@ -69,21 +81,23 @@ def test_results_and_memory_reads() -> None:
     ("peek", -1, "guest range [4294967295, +1)"),
 ])  # fmt: skip
 def test_a_fault_traps_that_call_and_the_instance_serves_on(call: str, arg: int, message: str) -> None:
-    store, twice, peek_at = instance(wasmtime.Engine())
+    host, twice, peek_at = instance(guest_abi(wasmtime.Engine()))
     with pytest.raises(wasmtime.WasmtimeError) as caught:
         (twice if call == "twice" else peek_at)([arg])
     assert message in trap_message(caught.value)
     assert twice([5]) == [10]
-    store.close()
+    host.store.close()
 
 
 def test_faults_on_one_thread_never_surface_in_another() -> None:
-    """wasmtime-py's own route shares one exception slot between threads; ours shares nothing."""
-    engine = wasmtime.Engine()
+    """wasmtime-py's own route shares one exception slot between threads; ours shares nothing,
+    even with every instance linked by one linker, as the VMs of one module are."""
+    linker = guest_abi(wasmtime.Engine())
     errors: list[BaseException] = []
+    faults: dict[bool, list[int]] = {True: [], False: []}
 
     def hammer(faulty: bool) -> None:
-        store, twice, _ = instance(engine)
+        host, twice, _ = instance(linker)
         try:
             for _ in range(2000):
                 if faulty:
@@ -91,10 +105,11 @@ def test_faults_on_one_thread_never_surface_in_another() -> None:
                         twice([-1])
                 else:
                     assert twice([3]) == [6]
+            faults[faulty].append(len(host.faults))
         except BaseException as exc:  # collected and re-raised by the test thread
             errors.append(exc)
         finally:
-            store.close()
+            host.store.close()
 
     threads = [threading.Thread(target=hammer, args=(index % 2 == 0,)) for index in range(4)]
     for thread in threads:
@@ -102,17 +117,18 @@ def test_faults_on_one_thread_never_surface_in_another() -> None:
     for thread in threads:
         thread.join(WAIT)
     assert not errors
+    assert faults == {True: [2000, 2000], False: [0, 0]}  # each fault told to its own store's host only
 
 
 def test_host_functions_on_many_engines_never_abort() -> None:
     """A function type shared across engines aborts the process: run it where that would show."""
     code = (
         "import wasmtime\n"
-        "from tests.test_hostfunc import instance\n"
+        "from tests.test_hostfunc import guest_abi, instance\n"
         "for _ in range(3):\n"
-        "    store, twice, _ = instance(wasmtime.Engine())\n"
+        "    host, twice, _ = instance(guest_abi(wasmtime.Engine()))\n"
         "    assert twice([2]) == [4]\n"
-        "    store.close()\n"
+        "    host.store.close()\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
@@ -132,15 +148,15 @@ GROWING = """(module
 
 def test_a_bound_memory_slot_follows_growth() -> None:
     """The slot path locates memory on every call: bytes past the first page appear once grown."""
-    slot = MemorySlot()
-
-    def define(linker: wasmtime.Linker) -> None:
-        define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek, slot)
-        define_host_func(linker, "sidecar", "wide", ["i64", "i32"], ["i64"], lambda memory, args: [args[0] - args[1]])
-
-    store, exports = linked(GROWING, define)
-    slot.bind(store, exports["memory"])
-    peek_at, grow = FastCall(store, exports["peek"]), FastCall(store, exports["grow_and_poke"])
+    engine = wasmtime.Engine()
+    linker = wasmtime.Linker(engine)
+    define_store_func(linker, "sidecar", "peek", ["i32"], ["i32"], Host.peek)
+    define_store_func(linker, "sidecar", "wide", ["i64", "i32"], ["i64"],
+                      lambda host, memory, args: [args[0] - args[1]])
+    host = Host(engine)
+    exports = exports_of(host, linker, GROWING)
+    slot = host.memory.bind(host.store, exports["memory"])
+    peek_at, grow = FastCall(host.store, exports["peek"]), FastCall(host.store, exports["grow_and_poke"])
     with pytest.raises(wasmtime.WasmtimeError) as caught:
         peek_at([70_000])
     assert "outside its memory of 65536 bytes" in trap_message(caught.value)
@@ -148,42 +164,33 @@ def test_a_bound_memory_slot_follows_growth() -> None:
     grow([70_000])
     assert peek_at([70_000]) == [7]
     assert slot.data_size() == 2 * 65536
-    assert FastCall(store, exports["wide"])([2**40, 1]) == [2**40 - 1]  # i64 both ways, beside an i32
-    store.close()
+    assert FastCall(host.store, exports["wide"])([2**40, 1]) == [2**40 - 1]  # i64 both ways, beside an i32
+    host.store.close()
     with pytest.raises(ValueError, match="closed"):
         slot.data_size()  # the context is freed memory now: refused, never read
 
 
-def test_bound_methods_are_held_without_keeping_their_object_alive() -> None:
-    class Owner:  # in the sidecar, the guest ABI of an isolate, which owns the store
-        def __init__(self) -> None:
-            self.faults: list[str] = []
-
-        def double(self, memory: object, args: list[int]) -> list[int]:
-            return double(memory, args)
-
-        def on_fault(self, fault: GuestFault) -> None:
-            self.faults.append(str(fault))
-
-    owner, engine = Owner(), wasmtime.Engine()
-    linker = wasmtime.Linker(engine)
-    define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], owner.double, on_fault=owner.on_fault)
-    define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek)
-    store = wasmtime.Store(engine)
-    exports = linker.instantiate(store, wasmtime.Module(engine, GUEST)).exports(store)
-    twice = FastCall(store, exports["twice"])
+def test_neither_the_linker_nor_the_store_keeps_the_host_alive() -> None:
+    """The host (in the sidecar, an instance's `GuestAbi`) owns its store; once it is gone, a call
+    in that store traps, as it does in a store that never had one."""
+    engine = wasmtime.Engine()
+    linker = guest_abi(engine)
+    host, twice, _ = instance(linker)
     assert twice([2]) == [4]
-    with pytest.raises(wasmtime.WasmtimeError):
-        twice([-1])
-    assert owner.faults == ["negative input"]
-    gone = weakref.ref(owner)
-    del owner
+    store, gone = host.store, weakref.ref(host)
+    del host
     gc.collect()
     assert gone() is None
     with pytest.raises(wasmtime.WasmtimeError) as caught:
         twice([2])
-    assert "the host function's owner is gone" in trap_message(caught.value)
+    assert "this store has no host for its host functions" in trap_message(caught.value)
     store.close()
+    bare = wasmtime.Store(engine)  # no GuestIo at all
+    exports = linker.instantiate(bare, wasmtime.Module(engine, GUEST)).exports(bare)
+    with pytest.raises(wasmtime.WasmtimeError) as caught:
+        FastCall(bare, exports["twice"])([2])
+    assert "this store has no host for its host functions" in trap_message(caught.value)
+    bare.close()
 
 
 def test_a_guest_without_memory_traps_when_a_host_function_needs_it() -> None:
@@ -191,37 +198,39 @@ def test_a_guest_without_memory_traps_when_a_host_function_needs_it() -> None:
         '(module (import "sidecar" "peek" (func $p (param i32) (result i32)))'
         ' (func (export "f") (result i32) (call $p (i32.const 0))))'
     )
-    store, exports = linked(guest, lambda linker: define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek))
-    call = FastCall(store, exports["f"])
+    host = Host(wasmtime.Engine())
+    call = FastCall(host.store, exports_of(host, guest_abi(host.store.engine), guest)["f"])
     with pytest.raises(wasmtime.WasmtimeError) as caught:
         call([])
     assert "exports no memory named `memory`" in trap_message(caught.value)
-    store.close()
+    assert [fault.code for fault in host.faults] == ["abi_violation"]
+    host.store.close()
 
 
 def test_a_host_function_returning_the_wrong_results_traps_with_a_generic_message() -> None:
-    def define(linker: wasmtime.Linker) -> None:
-        define_host_func(linker, "sidecar", "double", ["i32"], ["i32"], lambda memory, args: [])
-        define_host_func(linker, "sidecar", "peek", ["i32"], ["i32"], peek)
-
-    store, exports = linked(GUEST, define)
-    call = FastCall(store, exports["twice"])
+    host, twice, _ = instance(guest_abi(wasmtime.Engine(), double=lambda host, memory, args: []))
     with pytest.raises(wasmtime.WasmtimeError) as caught:
-        call([1])
+        twice([1])
     assert "sidecar host function failed" in trap_message(caught.value)
-    store.close()
+    assert not host.faults  # a bug in the sidecar, not the guest's fault
+    host.store.close()
+
+
+class DeafHost(Host):
+    def on_fault(self, fault: GuestFault) -> None:
+        raise ZeroDivisionError
 
 
 def test_on_fault_hears_each_fault_before_the_trap_and_cannot_break_it() -> None:
-    heard: list[GuestFault] = []
-    faults = {"double": heard.append, "peek": lambda fault: 1 / 0}  # peek's hook raises
-    store, exports = linked(GUEST, lambda linker: define_guest_abi(linker, **faults))
-    twice, peek_at = FastCall(store, exports["twice"]), FastCall(store, exports["peek"])
-    assert twice([4]) == [8] and not heard
+    linker = guest_abi(wasmtime.Engine())
+    host, twice, _ = instance(linker)
+    assert twice([4]) == [8] and not host.faults
     with pytest.raises(wasmtime.WasmtimeError):
         twice([-1])
-    assert [(fault.code, str(fault)) for fault in heard] == [("abi_violation", "negative input")]
+    assert [(fault.code, str(fault)) for fault in host.faults] == [("abi_violation", "negative input")]
+    deaf, _, peek_at = instance(linker, DeafHost(linker.engine))
     with pytest.raises(wasmtime.WasmtimeError) as caught:
         peek_at([1 << 20])  # its on_fault raises: the guest still traps with the fault's own message
     assert "outside its memory" in trap_message(caught.value)
-    store.close()
+    host.store.close()
+    deaf.store.close()

@@ -47,11 +47,11 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("dispatch", frozenset({"dispatcher"})),
     # The method families: `module.load` and `vm.*` (vms), `vm.run` (runs), `vm.snapshot` /
     # `vm.restore`; and what they share: the checks before a VM exists, payload conventions.
-    # The MCP front's tools (`mcp_tools`) are a service on top of `vms` and `evals`; the session
-    # state they share with the front (`mcp_session`) stands apart, light enough to load first;
-    # `hibernation` decides which VMs stay in memory.
+    # The MCP front's tools (`mcp_tools`) are a service on top of `vms` and `evals`, their session
+    # table (`mcp_sessions`) kept in the state directory; the session state they share with the front
+    # (`mcp_session`) stands apart, light enough to load first; `hibernation` decides which VMs stay in memory.
     ("services", frozenset({"hibernation", "vms", "runs", "evals", "snapshot_service", "admission", "payloads",
-                            "mcp_tools", "mcp_session"})),
+                            "mcp_tools", "mcp_sessions", "mcp_session"})),
     # What works on isolates: the VM orders jobs on them (ending each through a `completion`, in
     # the WASI view of `wasi_view`), `snapshots` captures and restores one, `preinit` runs one
     # export in one and bakes the state into a module.

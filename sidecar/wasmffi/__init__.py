@@ -14,12 +14,12 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
 - `value_type_names(engine, valtypes)`: "i32".."v128"/"ref" without the C call that aborts
   the process on v128 and GC reference types (which `str(ValType)`, `ValType ==` and
   `Func.__call__` all make).
-- `define_host_func(linker, ...)`: host functions that trap only their own caller
-  (`GuestFault`), never through wasmtime-py's process-global exception slot, and `GuestMemory`,
-  the caller's memory with bounds-checked reads and writes, found through a `MemorySlot`;
-  `define_native_func` for host functions written in C, such as the guest ABI's data calls
-  (`native`, our one C extension), and `define_store_func` for Python ones whose object is found
-  through the caller's store, so that one linker serves every instance of a module.
+- `define_store_func(linker, ...)`: Python host functions whose object is found through the
+  caller's store, so that one linker serves every instance of a module, and that trap only their
+  own caller (`GuestFault`), never through wasmtime-py's process-global exception slot;
+  `GuestMemory`, the caller's memory with bounds-checked reads and writes, found through a
+  `MemorySlot`; `define_native_func` for host functions written in C, such as the guest ABI's
+  data calls (`native`, our one C extension).
 - `capi`: our own prototypes of the C functions on those per-call paths (plain addresses).
 - `changed_runs(memory, chunk_bytes, baseline)`: the native scan behind a snapshot (which
   chunks of a memory differ from a baseline), at memory bandwidth without the GIL.
@@ -37,7 +37,6 @@ from .hostfunc import (
     GuestMemory,
     MemorySlot,
     StoreHost,
-    define_host_func,
     define_native_func,
     define_store_func,
 )
@@ -54,7 +53,6 @@ __all__ = [
     "MemorySlot",
     "StoreHost",
     "changed_runs",
-    "define_host_func",
     "define_native_func",
     "define_store_func",
     "enable_pooling",

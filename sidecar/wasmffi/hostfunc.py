@@ -1,18 +1,18 @@
 """Host functions that can trap their caller safely, and the caller's memory seen from inside one.
 
-Owns the C trampoline behind every host function the sidecar gives a guest. wasmtime-py's own
-route carries a Python exception out of a host function through one process-global slot, so
+Owns the C trampoline behind every Python host function the sidecar gives a guest. wasmtime-py's
+own route carries a Python exception out of a host function through one process-global slot, so
 with guests on several threads a fault in one VM's host call can surface in another VM's call.
 Here a host function signals a fault by raising `GuestFault`, which becomes a trap returned
 straight to wasmtime for that call only; any other exception is a bug and traps the same way
 with a generic message. Values cross as raw i32/i64 (the guest ABI uses nothing else).
-`define_native_func` defines a function written in C (see `native`) through the same route.
-`define_store_func` defines one whose object is found per call through the caller's store
+`define_store_func` defines a method whose object is found per call through the caller's store
 (`native.host_of`), so a single definition in a linker shared by many stores reaches each
-store's own object and never another's.
-A definition lives as long as the linker and stores holding it; what it refers to must not keep
-those alive (see `slots`): bound methods are held by a weak reference to their object, and a
-`MemorySlot` refers to its store weakly. Knows nothing about what the functions do.
+store's own object and never another's; `define_native_func` defines a function written in C
+(see `native`) through the same wasmtime call. A definition holds no object of any store (the
+store's `GuestIo` refers to its host weakly), so a linker that outlives its stores keeps none of
+them alive, and a `MemorySlot` refers to its store weakly. Knows nothing about what the
+functions do.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ from wasmtime import _ffi
 
 from . import capi
 from .native import host_of
-from .slots import Slots, c_text, call_unbound, unbound
+from .slots import Slots, c_text
 from .valtypes import raw_layout
 
-__all__ = ["GuestFault", "GuestMemory", "MemorySlot", "StoreHost", "define_host_func", "define_native_func",
-           "define_store_func"]
+__all__ = ["GuestFault", "GuestMemory", "MemorySlot", "StoreHost", "define_native_func", "define_store_func"]
 
 log = structlog.get_logger()
 
@@ -52,16 +51,9 @@ _Signature = tuple[tuple[str, ...], tuple[str, ...]]
 _FUNC_TYPES: weakref.WeakKeyDictionary[wasmtime.Engine, dict[_Signature, tuple[wasmtime.FuncType, int]]]
 _FUNC_TYPES = weakref.WeakKeyDictionary()
 
-_HostFunction = Callable[["GuestMemory", Sequence[int]], Sequence[int]]
-_OnFault = Callable[["GuestFault"], None]
-_Owner = weakref.ref[Any] | None
-_Entry = tuple[Callable[..., Sequence[int]], _Owner, "_RawValues", "_RawValues", "MemorySlot | None",
-               Callable[..., None] | None, _Owner]
-# (function, its owner, params, results, memory, on_fault, its owner), the functions as `unbound`
-# gives them; freed by wasmtime when the last linker or instance using it goes. An owner of
-# `_BY_STORE` means the caller's store's `StoreHost`, found per call.
+_Entry = tuple[Callable[..., Sequence[int]], "_RawValues", "_RawValues"]
+# (method, params, results); freed by wasmtime when the last linker or instance using it goes.
 _FUNCS: Slots[_Entry] = Slots(_FINALIZER_TYPE)
-_BY_STORE: _Owner = weakref.ref(_FUNCS)
 
 
 class GuestFault(Exception):
@@ -171,28 +163,6 @@ class _MemoryByName(GuestMemory):
         return self._located
 
 
-def define_host_func(
-    linker: wasmtime.Linker,
-    module: str,
-    name: str,
-    params: Sequence[str],
-    results: Sequence[str],
-    function: _HostFunction,
-    memory: MemorySlot | None = None,
-    on_fault: _OnFault | None = None,
-) -> None:
-    """Define `module.name` in `linker`; `function(memory, args) -> results` runs per call.
-
-    `memory` is the caller's, valid only during that call (located only if used, through the
-    `MemorySlot` once its owner bound it). Raising `GuestFault` traps the guest with its message,
-    after `on_fault(fault)` has told the owner why. Bound methods are held through a weak
-    reference to their object, which its owner keeps alive; once it is gone, a call traps.
-    """
-    slot = _FUNCS.add((*unbound(function), _raw_values(tuple(params)), _raw_values(tuple(results)), memory,
-                       *(unbound(on_fault) if on_fault is not None else (None, None))))
-    _define(linker, module, name, params, results, _TRAMPOLINE_ADDRESS, slot, _FUNCS_FINALIZER_ADDRESS)
-
-
 class StoreHost(Protocol):
     """The object a store's `define_store_func` functions run on: a `GuestIo`'s `host` refers to
     it weakly (see `native.store_for`)."""
@@ -208,9 +178,10 @@ def define_store_func(
 ) -> None:
     """Define `module.name` in `linker` as `method(host, memory, args) -> results`, where `host` is
     the `StoreHost` of the calling instance's store, found per call; the definition holds nothing
-    of any store, so the linker may serve all of them. A store without one traps its caller; a
-    `GuestFault` is told to `host.on_fault` and traps, as with `define_host_func`."""
-    slot = _FUNCS.add((method, _BY_STORE, _raw_values(tuple(params)), _raw_values(tuple(results)), None, None, None))
+    of any store, so the linker may serve all of them. A store without one (or whose host is
+    gone) traps its caller; a `GuestFault` is told to `host.on_fault` first, then traps the caller
+    with its message."""
+    slot = _FUNCS.add((method, _raw_values(tuple(params)), _raw_values(tuple(results))))
     _define(linker, module, name, params, results, _TRAMPOLINE_ADDRESS, slot, _FUNCS_FINALIZER_ADDRESS)
 
 
@@ -267,43 +238,32 @@ def _raw_values(kinds: tuple[str, ...]) -> _RawValues:
 
 @_CALLBACK_TYPE
 def _trampoline(slot, caller, values, _count):  # type: ignore[no-untyped-def]
-    on_fault = fault_owner = None
+    host = None
     try:
         entry = _FUNCS.items.get(slot)
         if entry is None:
             return _trap("host function is not registered")
-        function, owner, params, results, memory, on_fault, fault_owner = entry
+        method, params, results = entry
         args = params.unpack_from(params.array.from_address(values)) if params.array else ()
-        if owner is _BY_STORE:  # a shared definition: the caller's store says whose call it is
-            host = host_of(caller)
-            target = host() if host is not None else None
-            if target is None:
-                return _trap("this store has no host for its host functions")
-            on_fault, memory = target.on_fault, target.memory
-            produced = function(target, memory if memory.handle else _MemoryByName(caller), args)
-        else:
-            memory = memory if memory is not None and memory.handle else _MemoryByName(caller)
-            if owner is None:
-                produced = function(memory, args)
-            else:  # `call_unbound`, inline: this runs on every host call
-                target = owner()
-                if target is None:
-                    return _trap("the host function's owner is gone")
-                produced = function(target, memory, args)
+        owner = host_of(caller)  # the caller's store says whose call it is
+        host = owner() if owner is not None else None
+        if host is None:
+            return _trap("this store has no host for its host functions")
+        memory = host.memory
+        produced = method(host, memory if memory.handle else _MemoryByName(caller), args)
         if results.array:
             results.pack_into(results.array.from_address(values), 0, *produced)
         return 0
     except GuestFault as fault:
-        return _fault_trap(fault, on_fault, fault_owner)
+        return _fault_trap(fault, host)
     except BaseException as exc:  # noqa: BLE001 - must not cross the C boundary
         _log_failure(exc)
         return _trap("sidecar host function failed")
 
 
-def _fault_trap(fault: GuestFault, on_fault: Callable[..., None] | None, owner: _Owner) -> int:
+def _fault_trap(fault: GuestFault, host: StoreHost) -> int:
     try:
-        if on_fault is not None:
-            call_unbound(on_fault, owner, fault)
+        host.on_fault(fault)
     except BaseException as exc:  # noqa: BLE001 - the guest still traps with its own message
         _log_failure(exc)
     return _trap(str(fault))
