@@ -28,8 +28,11 @@ ENV PYTHONUNBUFFERED=1 \
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin sidecar
 
+# A wheel ships no .pyc files; pip writes them at install (PYTHONDONTWRITEBYTECODE only stops the
+# interpreter writing them at run time), so the daemon never compiles its modules at start, which
+# would add tens of ms to every cold start. `--compile` says so rather than rely on pip's default.
 COPY --from=build /wheels /tmp/wheels
-RUN pip install /tmp/wheels/*.whl && rm -rf /tmp/wheels
+RUN pip install --compile /tmp/wheels/*.whl && rm -rf /tmp/wheels
 COPY --from=build /opt/wasm-sidecar /opt/wasm-sidecar
 ENV SIDECAR_DATA_DIR=/opt/wasm-sidecar
 

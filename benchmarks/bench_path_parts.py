@@ -10,8 +10,12 @@ second half of `bench_path.py`'s output.
 2. The floor of `vm.create` in wasmtime-py: a store and an instance of the same module from a
    linker defined once (what reusing a linker per module would leave), against a new linker with
    the guest ABI's seven functions defined per instance (what each instance costs today).
-3. The floor of a cold start: a Python process that imports only the libraries the daemon is built
-   on (asyncio, anyio, msgspec, structlog, wasmtime) and answers one line, against a bare one.
+3. The cold start, sampled in interleaved rounds so every column saw the same load: spawn to the
+   first answer of `initialize` (as a host sends it) and of `ping`, with and without this tree's
+   .pyc files; then to the answer of a `vm.create` sent right after `initialize` (the VM services,
+   wasmtime beneath them, load once the session serves). Beside them the floors: a bare Python
+   process answering one line, one that imports the libraries the first answer needs (asyncio,
+   anyio, msgspec, structlog), and one that imports wasmtime as well (the floor before issue 15).
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from sidecar.app import build_server  # noqa: E402
 from sidecar.limits import load_limits  # noqa: E402
 
 PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
-LIBRARIES = "import asyncio, anyio, msgspec, structlog, wasmtime"
+LIBRARIES = "import asyncio, anyio, msgspec, structlog"  # what the first answer is built on
+INITIALIZE = {"protocol_version": 1, "client": {"name": "bench", "version": "0"}}
+VM_CREATE = {"wat": '(module (func (export "f")))'}
 
 
 class InProcess:
@@ -54,6 +60,7 @@ class InProcess:
         async def serve() -> None:
             async with anyio.create_task_group() as group:
                 await group.start(self.server.run)
+                await self.server.services_loaded()
                 started.set()
 
         threading.Thread(target=anyio.run, args=(serve,), daemon=True).start()
@@ -153,38 +160,65 @@ def instantiation_floor(count: int) -> tuple[float, float]:
     return best_us(reused, n=count, runs=5), best_us(fresh, n=count, runs=5)
 
 
-def first_line_ms(argv: list[str], runs: int) -> float:
-    """Median ms from spawning `argv` to the first line it writes."""
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert proc.stdout is not None and proc.stdin is not None
-        proc.stdout.readline()
-        times.append((time.perf_counter() - started) * 1000)
-        proc.stdin.close()
-        proc.wait(10)
-        proc.stdout.close()
-    return statistics.median(times)
+def first_line_ms(argv: list[str]) -> float:
+    """Ms from spawning `argv` to the first line it writes."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stdin is not None
+    proc.stdout.readline()
+    elapsed = (time.perf_counter() - started) * 1000
+    proc.stdin.close()
+    proc.wait(10)
+    proc.stdout.close()
+    return elapsed
 
 
-def cold_start_with_bytecode_ms(runs: int) -> float:
-    """Median ms to the sidecar's first answer when its modules' .pyc files exist (as an installed
-    wheel has them), for an environment that sets PYTHONDONTWRITEBYTECODE."""
+def first_answers_ms(method: str, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Ms from spawning the sidecar to its answer to `method`, and to the answer of a `vm.create`
+    sent once that came."""
+    started = time.perf_counter()
+    peer = Peer(SIDECAR, env)
+    try:
+        answer = peer.request(method, INITIALIZE if method == "initialize" else None)
+        first = (time.perf_counter() - started) * 1000
+        created = peer.request("vm.create", VM_CREATE, request_id=2)
+        assert "result" in answer and "result" in created, (answer, created)
+        return first, (time.perf_counter() - started) * 1000
+    finally:
+        peer.close()
+
+
+def cold_start_samples(runs: int) -> dict[str, list[float]]:
+    """Each column once per round, `runs` rounds. The .pyc columns (as an installed wheel has them:
+    pip compiles at install) read this tree's bytecode from a prefix written once here, since
+    PYTHONDONTWRITEBYTECODE may be set (it is in the Docker image and on the target machine)."""
     with tempfile.TemporaryDirectory(prefix="bench-pyc-") as prefix:
-        env = {"PYTHONPYCACHEPREFIX": prefix}
-        Peer(SIDECAR, {**env, "PYTHONDONTWRITEBYTECODE": ""}).close()  # writes them once
-        times = []
+        compiled = {"PYTHONPYCACHEPREFIX": prefix}
+        Peer(SIDECAR, {**compiled, "PYTHONDONTWRITEBYTECODE": ""}).close()  # writes them once
+        samples: dict[str, list[float]] = {}
         for _ in range(runs):
-            started = time.perf_counter()
-            peer = Peer(SIDECAR, env)
-            peer.request("ping")
-            times.append((time.perf_counter() - started) * 1000)
-            peer.close()
-        return statistics.median(times)
+            row = {
+                "bare python": first_line_ms([sys.executable, "-c", "print()"]),
+                "libraries": first_line_ms([sys.executable, "-c", f"{LIBRARIES}; print()"]),
+                "libraries + wasmtime": first_line_ms([sys.executable, "-c", f"{LIBRARIES}, wasmtime; print()"]),
+            }
+            for label, env in (("", None), (" .pyc", compiled)):
+                row[f"initialize{label}"], row[f"vm.create after it{label}"] = first_answers_ms("initialize", env)
+                row[f"ping{label}"], _ = first_answers_ms("ping", env)
+            for name, value in row.items():
+                samples.setdefault(name, []).append(value)
+        return samples
 
 
-def report(cold_ms: float | None = None, calls: int = 2000, runs: int = 10) -> None:
+def cold_start_report(samples: dict[str, list[float]]) -> None:
+    runs = len(next(iter(samples.values())))
+    print(f"cold start, ms from spawn (interleaved rounds, {runs}): median / min / max")
+    for name, values in samples.items():
+        goal = "  (target <= 100 ms)" if name.startswith(("initialize", "ping")) else ""
+        print(f"  {name:<26} {statistics.median(values):5.0f} {min(values):5.0f} {max(values):5.0f}{goal}")
+
+
+def report(cold: dict[str, list[float]] | None = None, calls: int = 2000, runs: int = 10) -> None:
     costs = dispatch_costs(calls)
     print("the sidecar's own CPU per request, in process, no round trip (µs, best median of 5 runs)")
     print(f"  ping {costs['ping']:.1f}   vm.call add {costs['add']:.1f} (+{costs['add'] - costs['ping']:.1f} over ping)"
@@ -192,14 +226,7 @@ def report(cold_ms: float | None = None, calls: int = 2000, runs: int = 10) -> N
     reused, fresh = instantiation_floor(max(200, calls // 10))
     print(f"wasmtime-py, abi.wat: store + instance from a linker defined once {reused:.1f} µs; "
           f"with a new linker and 7 host functions per instance {fresh:.1f} µs")
-    bare = first_line_ms([sys.executable, "-c", "print()"], runs)
-    libraries = first_line_ms([sys.executable, "-c", f"{LIBRARIES}; print()"], runs)
-    print(f"cold start floor (median of {runs}): bare python {bare:.0f} ms; python importing the libraries "
-          f"({LIBRARIES.removeprefix('import ')}) {libraries:.0f} ms"
-          + (f"; the sidecar's first answer {cold_ms:.0f} ms" if cold_ms is not None else ""))
-    if os.environ.get("PYTHONDONTWRITEBYTECODE"):  # this tree's modules are compiled at every start
-        print(f"  PYTHONDONTWRITEBYTECODE is set here: with the .pyc files an installed wheel has, the sidecar's "
-              f"first answer takes {cold_start_with_bytecode_ms(runs):.0f} ms")
+    cold_start_report(cold if cold is not None else cold_start_samples(runs))
 
 
 if __name__ == "__main__":

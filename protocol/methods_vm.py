@@ -9,7 +9,7 @@ here, so msgspec checks and decodes the base64 itself.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from msgspec import UNSET, Meta, UnsetType
 
@@ -174,12 +174,16 @@ class VmRunResult(Wire, kw_only=True):
     elapsed_ms: Millis
 
 
+SnapshotFormat = Literal["state", "wasm"]
+SNAPSHOT_FORMATS: tuple[str, ...] = get_args(SnapshotFormat)  # what `vm.snapshot` writes, as `initialize` lists them
+
+
 class VmSnapshotParams(Wire, kw_only=True):
     """`state` resumes in a sidecar; `wasm` is a pre-initialized module any runtime can run."""
 
     vm_id: VmId
     path: HostPath
-    format: Literal["state", "wasm"] = "state"
+    format: SnapshotFormat = "state"
 
 
 class VmSnapshotResult(Wire):

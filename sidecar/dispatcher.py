@@ -173,6 +173,9 @@ class Dispatcher:
         self._served_lock = threading.Lock()
         self._loop_thread = threading.get_ident()  # constructed on the event loop
         self.requests_served = 0
+        # While services are still loading: blocks until their routes are in (raises an RpcError
+        # if they failed). A method of the table with no route waits on it before it is unknown.
+        self.await_routes: Callable[[], None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -208,7 +211,7 @@ class Dispatcher:
                 return False
             if isinstance(item, IncomingCall):
                 route = self._routes.get(item.method)
-                if route is not None and route.kind != "inline":
+                if route is not None and route.kind != "inline" or route is None and self.await_routes is not None:
                     return False
         if frame.batch:
             self._handle_batch(items)
@@ -287,6 +290,14 @@ class Dispatcher:
 
     def _handle_call(self, call: IncomingCall, batch: _Batch | None) -> None:
         route = self._routes.get(call.method)
+        waiting = self.await_routes
+        if route is None and waiting is not None and call.method in self._methods:
+            try:
+                waiting()
+            except RpcError as exc:
+                self._answer_now(None if call.notification else _encode_response(call.id, None, exc), batch)
+                return
+            route = self._routes.get(call.method)
         if route is None:
             if call.notification:
                 log.debug("notification_ignored", method=call.method)

@@ -27,7 +27,6 @@ from protocol.methods import (
     EvalResult,
     PreinitSpec,
     Preopen,
-    RuntimeInfo,
     VmCreateParams,
     WasiSettings,
 )
@@ -37,9 +36,9 @@ from .completion import Completion
 from .guest_abi import CallState
 from .isolate import Isolate
 from .payloads import call_timeout
+from .runtimes import PYTHON
 from .vm import Job, Vm
 
-PYTHON = "python"
 INIT_EXPORT, EVAL_EXPORT = "py_init", "py_eval"
 
 
@@ -121,10 +120,6 @@ class PythonEvals:
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
         return [("vm.eval", "deferred", self.vm_eval)]
-
-    def capabilities(self) -> dict[str, Any]:
-        return {"runtimes": [RuntimeInfo(name=r.name, version=r.version, preimported=r.preimported)
-                             for r in runtimes.installed()]}
 
     def stats(self) -> dict[str, Any]:
         return {}

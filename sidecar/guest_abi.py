@@ -33,7 +33,6 @@ from .wasmffi.native import CALLBACKS, GuestIo, store_for
 
 log = structlog.get_logger()
 
-VERSION = 1  # guest ABI v1 (DESIGN.md); extensions add imports without breaking v1 guests
 MODULE = "sidecar"
 # name -> (params, results): the signatures a guest must import them with.
 SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -127,9 +127,6 @@ class Hibernation:
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
         return [("vm.hibernate", "deferred", self.vm_hibernate)]
 
-    def capabilities(self) -> dict[str, Any]:
-        return {}
-
     def stats(self) -> dict[str, Any]:
         return {"hibernations": self.hibernations, "wakes": self.wakes, "state_bytes": self._dir.bytes,
                 "state_quarantined": self._dir.quarantined}

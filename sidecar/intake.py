@@ -143,6 +143,12 @@ class Intake:
         self._leader = None
         self._lead.release()
 
+    def send_gathered(self) -> None:
+        """Called by a leader about to block while keeping the reader role (a request waiting for
+        the services to load, `Server`): the answers gathered so far leave first (rule 3)."""
+        if self._leader == threading.get_ident():
+            self._flush()
+
     def _flush(self) -> None:
         if self._gathered:
             out = b"".join(self._gathered)

@@ -32,7 +32,7 @@ from protocol.methods import MethodSpec
 
 from . import __version__
 from .limits import Limits
-from .mcp_tools import McpSession, instructions
+from .mcp_session import McpSession, instructions
 from .server import Server
 
 log = structlog.get_logger()

@@ -25,7 +25,7 @@ import msgspec
 import structlog
 
 from protocol.decoding import decode_params
-from protocol.errors import InvalidParamsError, InvalidRequestError, InvalidSnapshotError, RpcError, VmNotFoundError
+from protocol.errors import InvalidParamsError, InvalidSnapshotError, RpcError, VmNotFoundError
 from protocol.mcp import (
     ARGUMENT_ERRORS_AS_RESULTS_SINCE,
     STRUCTURED_SINCE,
@@ -49,36 +49,14 @@ from protocol.methods import Empty, EvalParams, EvalResult, VmCreateParams, VmDi
 
 from . import runtimes
 from .completion import Completion
-from .evals import PYTHON, PythonEvals
+from .evals import PythonEvals
+from .mcp_session import RUNTIME_MISSING, McpSession
 from .mcp_sessions import SessionTable
+from .runtimes import PYTHON
 from .vms import VmService
 
 log = structlog.get_logger()
 _encoder = msgspec.json.Encoder()
-RUNTIME_MISSING = ("The Python runtime is not installed, so run_python fails until it is: run "
-                   "`wasm-sidecar runtime install python` where the server runs.")
-
-
-class McpSession:
-    """What the MCP session decided that the tools depend on: the revision, once negotiated."""
-
-    def __init__(self) -> None:
-        self.revision: str | None = None
-
-    def require(self) -> str:
-        if self.revision is None:
-            raise InvalidRequestError("initialize first: no revision is negotiated yet", missing="initialize")
-        return self.revision
-
-
-def instructions() -> str:
-    """`initialize`'s instructions: how to use the tools, and whether they can run here at all."""
-    text = ("Run Python in WebAssembly sandboxes with run_python: without `session` every call starts a fresh "
-            "interpreter; name a `session` to keep variables across calls, and reset_session to start it over. "
-            "A sandbox reaches no network, no subprocess and no host file.")
-    return text if runtimes.find(PYTHON) is not None else f"{text} {RUNTIME_MISSING}"
-
-
 class Closes(Protocol):
     """What the tools need of a service beneath them (the server's `Service`, which this layer
     cannot import)."""
@@ -112,9 +90,6 @@ class McpTools:
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
         return [("tools/list", "inline", self.list_tools), ("tools/call", "deferred", self.call_tool)]
-
-    def capabilities(self) -> dict[str, Any]:
-        return {}
 
     def stats(self) -> dict[str, Any]:
         return {}  # the MCP front has no `sidecar.stats`

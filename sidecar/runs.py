@@ -37,9 +37,6 @@ class WasiRuns:
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
         return [("vm.run", "deferred", self.vm_run)]
 
-    def capabilities(self) -> dict[str, Any]:
-        return {}
-
     def stats(self) -> dict[str, Any]:
         return {}
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,8 @@ from typing import Any
 import structlog
 
 DATA_DIR_ENV = "SIDECAR_DATA_DIR"
-KNOWN = ("python",)
+PYTHON = "python"  # the runtime `vm.eval` and the MCP tools run code in
+KNOWN = (PYTHON,)
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -98,6 +97,9 @@ def install(
 ) -> InstalledRuntime:
     """Build (or rebuild, with `force`) runtime `name` into the data directory. The recipe's work
     files go to `work_dir`, else to a temporary directory removed afterwards."""
+    import subprocess  # only installing needs these: `initialize` lists runtimes on a cold start
+    import tempfile
+
     target = install_dir(name, root)
     target.parent.mkdir(parents=True, exist_ok=True)
     build = recipe(name) / "build.py"

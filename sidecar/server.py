@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
@@ -21,6 +22,7 @@ import structlog
 from anyio.from_thread import BlockingPortal
 
 import protocol
+from protocol.errors import InternalError, RpcError
 from protocol.framing import LineFramer
 from protocol.methods import (
     METHODS,
@@ -63,10 +65,6 @@ class Service(Protocol):
         """Fields this service adds to `sidecar.stats`."""
         ...
 
-    def capabilities(self) -> dict[str, Any]:
-        """Fields this service adds to `initialize`'s capabilities: what it really serves."""
-        ...
-
 
 class Server:
     """Serves the host on `in_fd`/`out_fd` (stdio in production, a socket pair in tests).
@@ -87,6 +85,10 @@ class Server:
         self._stopped: anyio.Event | None = None
         self._services: list[Service] = []
         self._service_factories: list[Callable[[Server], list[Service]]] = []
+        self._late: list[tuple[Callable[[Server], list[Service]], Callable[[], object]]] = []
+        self._capability_sources: list[Callable[[], dict[str, Any]]] = []
+        self._late_added = threading.Event()  # set once the late services are in, or failed to load
+        self._late_failure: RpcError | None = None
         self._rows = [
             LimitRow(**{("class_" if key == "class" else key): value for key, value in row.items()})
             for row in limits.rows()
@@ -95,10 +97,22 @@ class Server:
         self.dispatcher: Dispatcher
         self.hostcalls: HostCalls
 
-    def add_services(self, factory: Callable[[Server], list[Service]]) -> None:
+    def add_services(self, factory: Callable[[Server], list[Service]], *, load: Callable[[], object] | None = None,
+                     capabilities: Callable[[], dict[str, Any]] | None = None) -> None:
         """`factory(server)` builds services once the loop runs; they may use the server's
-        `outbox`, `hostcalls` and `intake`, which exist from then on."""
-        self._service_factories.append(factory)
+        `outbox`, `hostcalls` and `intake`, which exist from then on.
+
+        `load`, if given, blocks until what `factory` needs is imported: it runs on a worker
+        thread once the session serves, and the services are added when it returns; until then
+        a request for a method of the server's table that nobody serves yet waits for them, and
+        if `load` raises, it is answered -32603 naming what failed. `capabilities()` gives the
+        fields these services add to `initialize`'s, which must not wait for `load`."""
+        if load is None:
+            self._service_factories.append(factory)
+        else:
+            self._late.append((factory, load))
+        if capabilities is not None:
+            self._capability_sources.append(capabilities)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         """Serve until the session ends; `task_status` reports when the sidecar is serving."""
@@ -120,10 +134,11 @@ class Server:
             for method, kind, handler in self.session_routes():
                 self.dispatcher.route(method, kind, handler)  # type: ignore[arg-type]
             for factory in self._service_factories:
-                for service in factory(self):
-                    for method, kind, handler in service.routes():
-                        self.dispatcher.route(method, kind, handler)  # type: ignore[arg-type]
-                    self._services.append(service)
+                self._add(factory)
+            if self._late:
+                self.dispatcher.await_routes = self._await_late_services
+            else:
+                self._late_added.set()
             tg.start_soon(self._drain)
             if self._handle_signals:
                 await tg.start(self._watch_signals)
@@ -131,10 +146,54 @@ class Server:
             log.info("sidecar_started", version=__version__, front=self.front,
                      protocol_version=protocol.PROTOCOL_VERSION)
             task_status.started()
+            if self._late:
+                tg.start_soon(self._add_late_services)
             await self._stopped.wait()
             await self._shut_down(self._stop_reason or "unknown")
             tg.cancel_scope.cancel()
         return 0
+
+    def _add(self, factory: Callable[[Server], list[Service]]) -> None:
+        for service in factory(self):
+            for method, kind, handler in service.routes():
+                self.dispatcher.route(method, kind, handler)  # type: ignore[arg-type]
+            self._services.append(service)
+
+    async def _add_late_services(self) -> None:
+        """Wait (on a worker thread) for the late services' imports, then add them on the loop."""
+        try:
+            for factory, load in self._late:
+                await anyio.to_thread.run_sync(load, abandon_on_cancel=True)
+                if self._stop_reason is not None:  # a service built now would never be closed
+                    ended = f"the session ended ({self._stop_reason})"
+                    self._late_failure = InternalError(f"the VM services were not added: {ended}", failed=ended)
+                    return
+                self._add(factory)
+            self.dispatcher.await_routes = None
+            log.debug("services_loaded", uptime_ms=int((time.monotonic() - self._started) * 1000))
+        except Exception as exc:
+            failed = f"{type(exc).__name__}: {exc}"
+            log.error("services_failed", error=failed, exc_info=exc)
+            self._late_failure = InternalError(f"the VM services failed to load ({failed})", failed=failed)
+        finally:
+            self._late_added.set()
+
+    async def services_loaded(self) -> None:
+        """Returns once every service is added (or failed to load): for code in this process that
+        needs the whole daemon, as tests that replace a route do; a host never needs it."""
+        if not self._late_added.is_set():
+            await anyio.to_thread.run_sync(self._late_added.wait, abandon_on_cancel=True)
+
+    def _await_late_services(self) -> None:
+        """The dispatcher's wait for a method nobody serves yet, on the thread that read it. It
+        keeps the reader role while it waits (tens of ms, once per process): frames after this one
+        are handled after it, as they would be had the services been there, so an end of input
+        read next cannot end the session under a request the host sent before it."""
+        if not self._late_added.is_set():
+            self.intake.send_gathered()
+            self._late_added.wait()
+        if self._late_failure is not None:
+            raise self._late_failure
 
     def request_stop(self, reason: str) -> None:
         """On the event loop: end the session (the first reason given is the one logged)."""
@@ -200,10 +259,13 @@ class Server:
 
     def _capabilities(self) -> Capabilities:
         fields: dict[str, Any] = {}
-        for service in self._services:
-            fields.update(service.capabilities())
-        served = sorted(name for name in self.dispatcher.methods() if self.methods[name].direction == "host_to_sidecar")
-        return Capabilities(methods=served, **fields)
+        for source in self._capability_sources:
+            fields.update(source())
+        served = set(self.dispatcher.methods())
+        if not self._late_added.is_set():  # what nobody serves yet, the services still loading will
+            served.update(self.methods)
+        offered = sorted(name for name in served if self.methods[name].direction == "host_to_sidecar")
+        return Capabilities(methods=offered, **fields)
 
     def _shutdown(self, _: Empty) -> Empty:
         self.intake.closing = True  # intake stops reading once this answer is written

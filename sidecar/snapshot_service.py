@@ -89,9 +89,6 @@ class SnapshotService:
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
         return [("vm.snapshot", "deferred", self.vm_snapshot), ("vm.restore", "deferred", self.vm_restore)]
 
-    def capabilities(self) -> dict[str, Any]:
-        return {"snapshot_formats": list(self._writers)}  # the formats `vm.snapshot` writes
-
     def stats(self) -> dict[str, Any]:
         return {}
 

@@ -37,16 +37,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from protocol.errors import InvalidSnapshotError, RpcError
 
-from . import snapshot_file
 from .hostfiles import TooLarge, read_bounded
 from .limits import Limits
-from .snapshot_file import SnapshotState
+
+if TYPE_CHECKING:  # the CLI opens the directory before serving: the cold start must not import wasmtime
+    from .snapshot_file import SnapshotState
 
 log = structlog.get_logger()
 STATE_DIR_ENV = "SIDECAR_STATE_DIR"
@@ -138,6 +139,8 @@ class StateDir:
     def save(self, vm_id: str, state: SnapshotState, module: bytes | None, last_used: float) -> int:
         """Write a VM's state (its module once, apart: `module`, None for a runtime's bake);
         `StateFull` past `runner_state_bytes`. Returns the bytes it added."""
+        from . import snapshot_file  # imported late: see TYPE_CHECKING above
+
         encoded = snapshot_file.encode_parts(state)
         capacity = self._limits.runner_state_bytes
         with self._mutex:
@@ -163,6 +166,8 @@ class StateDir:
     def load(self, vm_id: str, *, account: bool = False) -> SnapshotState:
         """A hibernated VM's state, checked as any snapshot file is (-32006 naming the stage);
         `account`: a file found at start, whose bytes count from now on."""
+        from . import snapshot_file
+
         path = self._state_path(vm_id)
         state = snapshot_file.read(path, self._limits.runner_snapshot_bytes, self._module_bytes)
         if account:

@@ -43,7 +43,6 @@ from protocol.methods import (
     WasiSettings,
 )
 
-from . import guest_abi
 from .admission import check_module, check_preopens
 from .completion import Completion
 from .engines import EngineLease, Engines, EngineSettings
@@ -91,9 +90,6 @@ class VmService:
             ("vm.dispose", "inline", self.vm_dispose),
             ("vm.list", "inline", self.vm_list),
         ]
-
-    def capabilities(self) -> dict[str, Any]:
-        return {"guest_abi": guest_abi.VERSION}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -43,6 +43,8 @@ async def memory_session(
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(serve)
+            with anyio.fail_after(WAIT):
+                await server.services_loaded()  # tests may reach into the server, all of it
             stream = await anyio.abc.SocketStream.from_socket(host_end)
             async with stream, SidecarClient.attach(stream, stream, host_handler) as client:
                 yield client, server

@@ -228,7 +228,7 @@ async def test_a_private_state_directory_left_by_a_killed_sidecar_is_removed_by_
             await client.process.wait()
     assert orphan.exists()
     async with sidecar(None, tmp_path / "log", env) as client:
-        await rpc(client, "ping")  # serving: its services, and so its state directory, exist
+        await rpc(client, "vm.list")  # a VM method waits for the services, and so for the state directory
         [own] = list(tmp_path.glob("wasm-sidecar-state-*"))  # the live one's only
         assert own != orphan and not orphan.exists()
     assert not list(tmp_path.glob("wasm-sidecar-state-*"))  # an orderly exit removes its own

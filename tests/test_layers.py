@@ -37,7 +37,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # Processes' entry points and the tools behind `wasm-sidecar limits` (the audit parses sources).
     ("entry", frozenset({"__main__", "cli", "limits_cli", "runtime_cli", "audit"})),
     # The daemon as assembled: which services, wired to the server with what.
-    ("app", frozenset({"app"})),
+    # `wiring` is the VM services' half, imported once the session serves (wasmtime is beneath it).
+    ("app", frozenset({"app", "wiring"})),
     # Runs the daemon: transport, intake, dispatcher and services put together; session methods.
     # ... and the MCP front: the same server with MCP's session methods (`wasm-sidecar mcp`).
     ("server", frozenset({"server", "mcp_server"})),
@@ -47,9 +48,10 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # The method families: `module.load` and `vm.*` (vms), `vm.run` (runs), `vm.snapshot` /
     # `vm.restore`; and what they share: the checks before a VM exists, payload conventions.
     # The MCP front's tools (`mcp_tools`) are a service on top of `vms` and `evals`, their session
-    # table (`mcp_sessions`) kept in the state directory; `hibernation` decides which VMs stay in memory.
+    # table (`mcp_sessions`) kept in the state directory; the session state they share with the front
+    # (`mcp_session`) stands apart, light enough to load first; `hibernation` decides which VMs stay in memory.
     ("services", frozenset({"hibernation", "vms", "runs", "evals", "snapshot_service", "admission", "payloads",
-                            "mcp_tools", "mcp_sessions"})),
+                            "mcp_tools", "mcp_sessions", "mcp_session"})),
     # What works on isolates: the VM orders jobs on them (ending each through a `completion`, in
     # the WASI view of `wasi_view`), `snapshots` captures and restores one, `preinit` runs one
     # export in one and bakes the state into a module.
