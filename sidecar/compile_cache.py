@@ -47,6 +47,7 @@ import structlog
 import wasmtime
 
 from .engines import EngineSettings
+from .hostfiles import write_atomically
 
 _CACHE_DIR_ENV = "SIDECAR_CACHE_DIR"
 _ENTRY_SUFFIX = ".cwasm"
@@ -184,18 +185,12 @@ class CompileCache:
         self._write_atomically(self.directory / (key + _NOTE_SUFFIX), digest, content)
 
     def _write_atomically(self, path: Path, *parts: bytes) -> bool:
-        """A temporary file renamed over `path`, so readers never see half of it; False if that failed."""
-        temp = None
+        """`parts` as the whole of `path` or not at all (False, logged): readers never see half an
+        entry. Not synced: an entry a crash damaged fails its check and is compiled again."""
         try:
-            fd, temp = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
-            with os.fdopen(fd, "wb") as file:
-                for part in parts:
-                    file.write(part)
-            os.replace(temp, path)
+            write_atomically(path, list(parts), durable=False)
         except OSError as exc:
             _log().warning("compile_cache_write_failed", directory=str(self.directory), reason=str(exc))
-            if temp is not None:
-                Path(temp).unlink(missing_ok=True)
             return False
         return True
 

@@ -1,4 +1,5 @@
-"""Reading a file the host names by path (a module, a snapshot) within a byte bound.
+"""Reading a file the host names by path (a module, a snapshot) within a byte bound, and
+writing the sidecar's own files whole or not at all.
 
 Owns the one way the sidecar reads such a file, because what sits at a path is not to be trusted:
 - it is opened with `O_NONBLOCK`, so a FIFO with no writer cannot block `open` (and the thread
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
+
+Buffer = bytes | bytearray | memoryview
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -68,3 +72,25 @@ def read_bounded(path: str | Path, capacity: int) -> bytes:
     if len(data) > capacity:
         raise TooLarge(len(data))
     return data
+
+
+def write_atomically(path: Path, parts: list[Buffer], *, durable: bool = True) -> None:
+    """`parts` written to a temporary file in the same directory and renamed over `path`: readers
+    never see half a file. `durable`: synced before the rename, so that a crash of the machine
+    leaves the old file or the new one whole (a file that dies with the process needs no sync)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -22,8 +22,7 @@ import structlog
 from protocol.mcp import SessionName
 from protocol.methods_vm import VmId
 
-from . import snapshot_file
-from .hostfiles import TooLarge, read_bounded
+from .hostfiles import TooLarge, read_bounded, write_atomically
 from .limits import Limits
 from .state_dir import StateDir
 
@@ -104,6 +103,6 @@ class SessionTable:
         if self._dir.private:
             return
         try:
-            snapshot_file.write_atomically(self._path, [msgspec.json.encode(_Table(format=1, sessions=self._names))])
+            write_atomically(self._path, [msgspec.json.encode(_Table(format=1, sessions=self._names))])
         except OSError as exc:
             log.error("mcp_sessions_not_saved", path=str(self._path), error=str(exc.strerror or exc))

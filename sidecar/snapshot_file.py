@@ -23,9 +23,7 @@ msgspec would write), and the file is hashed once.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -35,10 +33,8 @@ import msgspec
 from protocol.decoding import compact_json
 from protocol.errors import InvalidSnapshotError, ParseError, env_var_for
 
-from .hostfiles import TooLarge, read_bounded
+from .hostfiles import Buffer, TooLarge, read_bounded
 from .wasmffi import changed_runs
-
-Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"WSIDECAR"
 FORMAT_VERSION = 3  # memories diffed against the module's image (`baseline`)
@@ -201,28 +197,6 @@ def seal(body: list[Buffer], version: int = FORMAT_VERSION) -> Encoded:
 
 def encode(state: SnapshotState) -> bytes:
     return b"".join(encode_parts(state).parts)
-
-
-def write_atomically(path: Path, parts: list[Buffer], *, durable: bool = True) -> None:
-    """`parts` written to a temporary file in the same directory and renamed over `path`: readers
-    never see half a file. `durable`: synced before the rename, so that a crash of the machine
-    leaves the old file or the new one whole (a file that dies with the process needs no sync)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        try:
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 ModuleSource = Callable[[str], bytes]  # a module's bytes by its module_id, from where the caller keeps them

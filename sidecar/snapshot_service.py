@@ -46,6 +46,7 @@ from .engines import EngineLease, Engines, EngineSettings
 from .evals import runtime_view
 from .guest_abi import CallState
 from .hostcalls import AsyncCall
+from .hostfiles import write_atomically
 from .isolate import Isolate
 from .limits import Limits
 from .modules import INSTRUMENT_ID, CompiledModule
@@ -108,7 +109,7 @@ class SnapshotService:
             if size > vm.limits.runner_snapshot_bytes:
                 raise vm.limits.exceeded("runner_snapshot_bytes", size, vm_id=vm.vm_id)
             try:
-                snapshot_file.write_atomically(path, encoded.parts)
+                write_atomically(path, encoded.parts)
             except OSError as exc:
                 raise InvalidParamsError(f"cannot write {path}: {exc.strerror}", path="$.path") from None
             log.info("vm_snapshotted", vm_id=vm.vm_id, path=str(path), format=params.format, size=size)

@@ -43,7 +43,7 @@ import structlog
 
 from protocol.errors import InvalidSnapshotError, RpcError
 
-from .hostfiles import TooLarge, read_bounded
+from .hostfiles import TooLarge, read_bounded, write_atomically
 from .limits import Limits
 
 if TYPE_CHECKING:  # the CLI opens the directory before serving: the cold start must not import wasmtime
@@ -154,9 +154,8 @@ class StateDir:
                 self._hold_module(vm_id, state.module_id, len(module))
         try:
             if new_module and module is not None:
-                snapshot_file.write_atomically(self._module_path(state.module_id), [module],
-                                               durable=not self.private)
-            snapshot_file.write_atomically(self._state_path(vm_id), encoded.parts, durable=not self.private)
+                write_atomically(self._module_path(state.module_id), [module], durable=not self.private)
+            write_atomically(self._state_path(vm_id), encoded.parts, durable=not self.private)
             os.utime(self._state_path(vm_id), (time.time(), last_used))  # what `scan` reads back
         except OSError:
             self.delete(vm_id)

@@ -18,6 +18,7 @@ import pytest
 
 from protocol.errors import InvalidSnapshotError
 from sidecar import snapshot_file
+from sidecar.hostfiles import write_atomically
 from sidecar.snapshot_file import MAGIC, SNAPSHOT_CHUNK_BYTES, MemoryImage, SnapshotState
 from sidecar.wasmffi import changed_runs
 
@@ -170,15 +171,15 @@ def test_big_runs_are_handed_on_uncopied_and_small_ones_gathered() -> None:
 def test_the_write_leaves_the_file_and_no_temporary(tmp_path: Path) -> None:
     data = os.urandom(4 * MiB)
     target = tmp_path / "a" / "b.state"
-    snapshot_file.write_atomically(target, [b"head", memoryview(data), bytearray(b"tail")])
+    write_atomically(target, [b"head", memoryview(data), bytearray(b"tail")])
     assert target.read_bytes() == b"head" + data + b"tail"
     assert os.listdir(target.parent) == ["b.state"]
-    snapshot_file.write_atomically(target, [b"again"])  # over an existing file
+    write_atomically(target, [b"again"])  # over an existing file
     assert target.read_bytes() == b"again" and os.listdir(target.parent) == ["b.state"]
 
 
 def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path: Path) -> None:
     not_a_buffer = [0] * 10
     with pytest.raises(TypeError):
-        snapshot_file.write_atomically(tmp_path / "x.state", [b"fine", os.urandom(MiB), not_a_buffer])
+        write_atomically(tmp_path / "x.state", [b"fine", os.urandom(MiB), not_a_buffer])
     assert os.listdir(tmp_path) == []
