@@ -274,7 +274,7 @@ def report(cold: dict[str, list[float]] | None = None, calls: int = 2000, runs: 
           f"   vm.create from a module_id {costs['create']:.0f}")
     cpu = cpu_per_request(calls)
     print("CPU per round trip of the serving process, real processes, no spinning (µs; context switches per request)")
-    print("  " + "   ".join(f"{name} {us:.1f} ({switches:.2f})" for name, (us, switches, _) in cpu.items()))
+    print("  " + "   ".join(f"{name} {us:.1f} ({switches:.2f})" for name, (us, switches) in cpu.items()))
     reused, fresh = instantiation_floor(max(200, calls // 10))
     print(f"wasmtime-py, abi.wat: store + instance from a linker defined once {reused:.1f} µs; "
           f"with a new linker and 7 host functions per instance {fresh:.1f} µs")
