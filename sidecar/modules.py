@@ -1,56 +1,45 @@
 """The module store: module sources to compiled, described modules, once per engine.
 
-Owns reading a source (path, inline bytes, WebAssembly text) within `runner_module_bytes`;
-refusing malformed (`parse`) and invalid (`validate`) modules with wasmtime's message and no
-traceback; compiling once per (module, transform, engine) even under concurrent loads, through
-the compile cache; describing exports, imports, memories and tables without wasmtime's aborting
-value-type path; and the in-memory table (LRU, `runner_modules`; evicting drops only our
-reference). The table is keyed by the engine object, never by its settings, and forgets an
-engine's code when `Engines` drops it; the bytes of modules known by id are kept apart, so a
-`module_id` outlives the engine it was first compiled for. Compiling is the runner's work: no
-guest budget applies to it. Every module a VM runs is loaded through the load-time rewrite
-(`instrument_or_keep`: the instrumentation that makes internal memories and globals reachable for
-snapshots and puts the start function under our control); a load names its rewrite as
-`transform`/`transform_id` in cache keys, and the rewritten bytes are cached with the code so a
-hit skips the rewrite. A module can be derived from another (`derive`: pre-initialization makes
-one by running it), cached under the base's id and the derivation's, so a hit skips making it.
-Knows nothing about stores, instances or VMs.
+Owns compiling once per (module, transform, engine) even under concurrent loads, through the
+compile cache; refusing invalid modules (`validate`) with wasmtime's message and no traceback; and
+the in-memory table (LRU, `runner_modules`; evicting drops only our reference). The table is keyed
+by the engine object, never by its settings, and forgets an engine's code when `Engines` drops it;
+the bytes of modules known by id are kept apart, so a `module_id` outlives the engine it was first
+compiled for. Compiling is the runner's work: no guest budget applies to it. Every module a VM runs
+is loaded through the load-time rewrite (`instrument_or_keep`: the instrumentation that makes
+internal memories and globals reachable for snapshots and puts the start function under our
+control); a load names its rewrite as `transform`/`transform_id` in cache keys, and the rewritten
+bytes are cached with the code so a hit skips the rewrite. A module can be derived from another
+(`derive`: pre-initialization makes one by running it), cached under the base's id and the
+derivation's, so a hit skips making it. Reading sources is `sidecar.module_sources`'s, describing
+a module `sidecar.module_info`'s. Knows nothing about stores, instances or VMs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import structlog
 import wasmtime
-from msgspec import UNSET
 
-from protocol.errors import InvalidModuleError, InvalidParamsError, RequestCancelledError
-from protocol.methods_vm import ExportInfo, ImportInfo
+from protocol.errors import InvalidModuleError, RequestCancelledError
 
 from .compile_cache import CompileCache, cache_key
 from .engines import EngineLease, Engines, EngineSettings
-from .hostfiles import TooLarge, read_bounded
 from .limits import Limits
+from .module_info import WASI_MODULE, CompiledModule, describe, layout_of
+from .module_sources import content_id, error_summary, read_source
 from .wasmbin import Module as Layout
 from .wasmbin import WasmFormatError, instrument
-from .wasmbin.module import MEMORY, START
-from .wasmbin.sections import defined_tables
-from .wasmffi import value_type_names
 
-WASI_MODULE = "wasi_snapshot_preview1"
-_SOURCES = ("path", "wasm_base64", "wat")
-_KINDS = ((wasmtime.FuncType, "func"), (wasmtime.MemoryType, "memory"), (wasmtime.TableType, "table"),
-          (wasmtime.GlobalType, "global"), (wasmtime.TagType, "tag"))
+__all__ = ["WASI_MODULE", "CompiledModule", "ModuleStore", "content_id", "instrument_or_keep", "read_source"]
 
 Transform = Callable[[bytes], bytes]
 _DIGEST = 32  # bytes of a sha256
@@ -83,80 +72,6 @@ def instrument_or_keep(wasm: bytes) -> bytes:
 
 def _log() -> Any:
     return structlog.get_logger()  # per event, so a later logging setup still applies
-
-
-def read_source(params: Any, limits: Limits) -> bytes:
-    """The module bytes named by `params` (`path`, `wasm_base64` or `wat`), within `runner_module_bytes`."""
-    given = [name for name in _SOURCES if getattr(params, name, UNSET) is not UNSET]
-    if len(given) != 1:
-        raise InvalidParamsError("exactly one of path, wasm_base64, wat names the module", path="$")
-    capacity = limits.runner_module_bytes
-    if given[0] == "path":
-        data = _read_file(params.path, limits)
-    elif given[0] == "wasm_base64":
-        data = params.wasm_base64  # msgspec has decoded the base64 already
-    else:
-        text = params.wat.encode()
-        if len(text) > capacity:  # bounds the text parser's work too
-            raise limits.exceeded("runner_module_bytes", len(text), module_source="wat")
-        try:
-            data = bytes(wasmtime.wat2wasm(text))
-        except wasmtime.WasmtimeError as exc:
-            raise InvalidModuleError(f"invalid WebAssembly text: {_summary(exc)}", stage="parse") from None
-    if len(data) > capacity:
-        raise limits.exceeded("runner_module_bytes", len(data), module_source=given[0])
-    return data
-
-
-def _read_file(path: str, limits: Limits) -> bytes:
-    try:
-        return read_bounded(path, limits.runner_module_bytes)
-    except TooLarge as exc:
-        raise limits.exceeded("runner_module_bytes", exc.size, path=path) from None
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise InvalidModuleError(f"cannot read module {path!r}: {reason}", stage="read", path=path) from None
-
-
-def _summary(exc: Exception) -> str:
-    """The informative line of a wasmtime message: the root cause of a chain, or the first line
-    with its text position."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if "Caused by:" in lines:
-        return re.sub(r"^\d+: ", "", lines[-1])
-    where = next((line[4:] for line in lines if line.startswith("--> ")), None)
-    return f"{lines[0]} (at {where})" if where else lines[0]
-
-
-@dataclass(frozen=True)
-class CompiledModule:
-    """A module compiled for one engine setting, and what callers need to know before instantiating.
-
-    `module_id`, `size_bytes` and `source` describe the bytes as given (a snapshot embeds them, so
-    a restore elsewhere hits the same compile-cache entry); everything else describes `wasm`,
-    the bytes compiled (after any transform). `memory_minimums` (in bytes) and `table_minimums`
-    (in elements) list imported ones first; they let a VM refuse, naming the store limit, what
-    wasmtime's instantiation would refuse with a generic error.
-    """
-
-    module_id: str
-    source: bytes
-    wasm: bytes
-    size_bytes: int
-    exports: list[ExportInfo]
-    imports: list[ImportInfo]
-    module: wasmtime.Module
-    engine: wasmtime.Engine  # the one `module` belongs to: a store for it must come from this engine
-    settings: EngineSettings
-    cached: bool
-    compile_ms: float
-    memory_minimums: list[int]
-    table_minimums: list[int]
-    has_start: bool
-    wasi: bool
-    command: bool
 
 
 class ModuleStore:
@@ -218,8 +133,8 @@ class ModuleStore:
             else:
                 wasm = make()
                 started = time.perf_counter()
-                module_id, module = content_id(wasm), _compile(lease.engine, wasm, _layout(wasm), None)[2]
-            compiled = self._compiled(module_id, wasm, wasm, module, lease, _layout(wasm), found is not None, started)
+                module_id, module = content_id(wasm), _compile(lease.engine, wasm, layout_of(wasm), None)[2]
+            compiled = self._compiled(module_id, wasm, wasm, module, lease, layout_of(wasm), found is not None, started)
             if not compiled.cached and self.cache:
                 self.cache.write(key_hex, module, bytes.fromhex(module_id.removeprefix("sha256:")) + wasm)
                 # Also where a load of these bytes (in `form_id`'s form already) looks: a restore elsewhere.
@@ -286,7 +201,7 @@ class ModuleStore:
     def _build(self, known: _Known, lease: EngineLease, transform: Transform | None) -> CompiledModule:
         module_id, transform_id, source, original = known
         engine, settings = lease.engine, lease.settings
-        layout = _layout(source)
+        layout = layout_of(source)
         key_hex = cache_key(module_id, transform_id, settings)
         started = time.perf_counter()
         found = self.cache.read(key_hex, engine) if self.cache else None
@@ -295,7 +210,7 @@ class ModuleStore:
         else:
             module, _, stored = found
             wasm = stored if transform_id else source
-            layout = _layout(wasm) if transform_id else layout
+            layout = layout_of(wasm) if transform_id else layout
         compiled = self._compiled(module_id, original, wasm, module, lease, layout, found is not None, started)
         if found is None and self.cache:
             self.cache.write(key_hex, module, wasm if transform_id else b"")
@@ -310,21 +225,8 @@ class ModuleStore:
         return CompiledModule(
             module_id=module_id, source=source, wasm=wasm, size_bytes=len(source), module=module,
             engine=lease.engine, settings=lease.settings, cached=cached,
-            compile_ms=(time.perf_counter() - started) * 1000, **_describe(lease.engine, module, layout, self._limits),
+            compile_ms=(time.perf_counter() - started) * 1000, **describe(lease.engine, module, layout, self._limits),
         )
-
-
-def content_id(wasm: bytes) -> str:
-    """The `module_id` of a module's bytes."""
-    return "sha256:" + hashlib.sha256(wasm).hexdigest()
-
-
-def _layout(data: bytes) -> Layout:
-    """The section structure; refuses what is not a core wasm module at all (stage `parse`)."""
-    try:
-        return Layout.parse(data)
-    except WasmFormatError as exc:
-        raise InvalidModuleError(f"malformed module: {exc}", stage="parse") from None
 
 
 def _compile(
@@ -335,66 +237,13 @@ def _compile(
     try:
         wasmtime.Module.validate(engine, source)
     except wasmtime.WasmtimeError as exc:
-        raise InvalidModuleError(f"invalid module: {_summary(exc)}", stage="validate") from None
+        raise InvalidModuleError(f"invalid module: {error_summary(exc)}", stage="validate") from None
     wasm = source
     if transform is not None:
         # Checked again: wasmtime would take bytes without the wasm magic for WebAssembly text.
         wasm = bytes(transform(source))
-        layout = _layout(wasm)
+        layout = layout_of(wasm)
     try:
         return wasm, layout, wasmtime.Module(engine, wasm)
     except wasmtime.WasmtimeError as exc:
-        raise InvalidModuleError(f"cannot compile module: {_summary(exc)}", stage="validate") from None
-
-
-def _describe(engine: wasmtime.Engine, module: wasmtime.Module, layout: Layout, limits: Limits) -> dict[str, Any]:
-    imports = [
-        ImportInfo(module=item.module, name=item.name or "", kind=_kind(item.type), **_signature(engine, item.type))
-        for item in module.imports
-    ]
-    exports = [ExportInfo(name=item.name, kind=_kind(item.type), **_signature(engine, item.type))
-               for item in module.exports]
-    imported_memories = [item.type for item in module.imports if isinstance(item.type, wasmtime.MemoryType)]
-    imported_tables = [item.type for item in module.imports if isinstance(item.type, wasmtime.TableType)]
-    return {
-        "exports": exports,
-        "imports": imports,
-        "memory_minimums": [memory.limits.min * memory.page_size for memory in imported_memories]
-        + _defined_memory_minimums(layout, limits.wasm_page_bytes),
-        "table_minimums": [table.limits.min for table in imported_tables]
-        + [table.limits.minimum for table in defined_tables(layout)],
-        "has_start": layout.get(START) is not None,
-        "wasi": any(item.module == WASI_MODULE for item in imports),
-        "command": any(item.name == "_start" and item.kind == "func" for item in exports),
-    }
-
-
-def _kind(extern_type: object) -> str:
-    return next(name for cls, name in _KINDS if isinstance(extern_type, cls))
-
-
-def _signature(engine: wasmtime.Engine, extern_type: object) -> dict[str, list[str]]:
-    """`params`/`results` of a function type, named without `str(ValType)` (which aborts on v128)."""
-    if not isinstance(extern_type, wasmtime.FuncType):
-        return {}
-    params, results = extern_type.params, extern_type.results
-    names = value_type_names(engine, [*params, *results])
-    return {"params": list(names[: len(params)]), "results": list(names[len(params) :])}
-
-
-def _defined_memory_minimums(layout: Layout, page_bytes: int) -> list[int]:
-    """Declared minimum of each memory in the memory section, in bytes (the module is valid)."""
-    section = layout.get(MEMORY)
-    if section is None:
-        return []
-    reader = section.reader()
-    minimums = []
-    for _ in range(reader.u32()):
-        flags = reader.u8()
-        read = reader.u64 if flags & 0x04 else reader.u32  # memory64
-        minimum = read()
-        if flags & 0x01:
-            read()  # maximum
-        page = 1 << reader.u32() if flags & 0x08 else page_bytes  # custom page size
-        minimums.append(minimum * page)
-    return minimums
+        raise InvalidModuleError(f"cannot compile module: {error_summary(exc)}", stage="validate") from None
