@@ -17,7 +17,9 @@ from protocol.errors import InvalidModuleError
 from protocol.methods_vm import ExportInfo, ImportInfo
 
 from .engines import EngineSettings
+from .hostfiles import Buffer
 from .limits import Limits
+from .module_bytes import ModuleBytes
 from .wasmbin import Module as Layout
 from .wasmbin import WasmFormatError
 from .wasmbin.module import MEMORY, START
@@ -35,14 +37,14 @@ class CompiledModule:
 
     `module_id`, `size_bytes` and `source` describe the bytes as given (a snapshot embeds them, so
     a restore elsewhere hits the same compile-cache entry); everything else describes `wasm`,
-    the bytes compiled (after any transform). `memory_minimums` (in bytes) and `table_minimums`
+    the bytes compiled (after any transform). Both are made from `content` on first use: a module
+    from the compile cache has read neither. `memory_minimums` (in bytes) and `table_minimums`
     (in elements) list imported ones first; they let a VM refuse, naming the store limit, what
     wasmtime's instantiation would refuse with a generic error.
     """
 
     module_id: str
-    source: bytes
-    wasm: bytes
+    content: ModuleBytes
     size_bytes: int
     exports: list[ExportInfo]
     imports: list[ImportInfo]
@@ -57,8 +59,16 @@ class CompiledModule:
     wasi: bool
     command: bool
 
+    @property
+    def source(self) -> bytes:
+        return self.content.source
 
-def layout_of(data: bytes) -> Layout:
+    @property
+    def wasm(self) -> bytes:
+        return self.content.wasm
+
+
+def layout_of(data: Buffer) -> Layout:
     """The section structure; refuses what is not a core wasm module at all (stage `parse`)."""
     try:
         return Layout.parse(data)

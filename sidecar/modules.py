@@ -34,12 +34,13 @@ from protocol.errors import InvalidModuleError, RequestCancelledError
 from .compile_cache import CompileCache, cache_key
 from .engines import EngineLease, Engines, EngineSettings
 from .limits import Limits
+from .module_bytes import LAYOUT_ID, ModuleBytes
 from .module_info import WASI_MODULE, CompiledModule, describe, layout_of
-from .module_sources import content_id, error_summary, read_source
+from .module_sources import Source, content_id, error_summary, read_source
 from .wasmbin import Module as Layout
 from .wasmbin import WasmFormatError, instrument
 
-__all__ = ["WASI_MODULE", "CompiledModule", "ModuleStore", "content_id", "instrument_or_keep", "read_source"]
+__all__ = ["WASI_MODULE", "CompiledModule", "ModuleStore", "Source", "content_id", "instrument_or_keep", "read_source"]
 
 Transform = Callable[[bytes], bytes]
 _DIGEST = 32  # bytes of a sha256
@@ -53,8 +54,7 @@ class _Known(NamedTuple):
 
     module_id: str
     transform_id: str
-    wasm: bytes  # what to compile: the transform applied, or still to apply
-    original: bytes  # the bytes as loaded, which `module_id` names
+    content: ModuleBytes  # its `wasm` has the transform applied; its `source` is what `module_id` names
 
 
 INSTRUMENT_ID = "sidecar-instrument-1"  # names the load-time rewrite in compile-cache keys
@@ -93,16 +93,24 @@ class ModuleStore:
         with self._lock:
             return len(self._pending)
 
+    def source(self, params: Any) -> Source:
+        """The module `params` names (`path`, `wasm_base64` or `wat`); a path hashed before in this
+        boot is known by its seal in the cache, unread (`sidecar.module_sources`)."""
+        return read_source(params, self._limits, self.cache)
+
     def load(
-        self, wasm: bytes, settings: EngineSettings, *, transform: Transform | None = None, transform_id: str = ""
+        self, source: bytes | Source, settings: EngineSettings, *, transform: Transform | None = None,
+        transform_id: str = "",
     ) -> CompiledModule:
-        """Compile (or fetch) `wasm` for `settings`; `transform` is a pure rewrite applied before
+        """Compile (or fetch) `source` for `settings`; `transform` is a pure rewrite applied before
         compiling, named by `transform_id` so cached code of one rewrite never serves another."""
         if transform is not None and not transform_id:
             raise ValueError("a transform needs a transform_id: it is part of the cache key")
-        known = _Known(content_id(wasm), transform_id, wasm, wasm)
-        return self._obtain(known.module_id, transform_id, settings, transform_id,
-                            lambda lease: self._build(known, lease, transform))
+        given = source if isinstance(source, Source) else Source.of(source)
+        module_id = given.module_id
+        return self._obtain(module_id, transform_id, settings, transform_id,
+                            lambda lease: self._build(module_id, transform_id, given.size,
+                                                      lambda: ModuleBytes(given.data()), lease, transform))
 
     def get(self, module_id: str, settings: EngineSettings) -> CompiledModule:
         """The module loaded earlier as `module_id` (with its transform), compiled for `settings`."""
@@ -115,7 +123,8 @@ class ModuleStore:
             )
         # Its wasm is already transformed; the transform id keeps the cache key that of a load.
         return self._obtain(module_id, known.transform_id, settings, known.transform_id,
-                            lambda lease: self._build(known, lease, None))
+                            lambda lease: self._build(module_id, known.transform_id, known.content.size,
+                                                      lambda: known.content, lease, None))
 
     def derive(self, base_id: str, settings: EngineSettings, derivation_id: str, make: Callable[[], bytes], *,
                form_id: str) -> CompiledModule:
@@ -127,18 +136,19 @@ class ModuleStore:
             key_hex = cache_key(base_id, derivation_id, lease.settings)
             started = time.perf_counter()
             found = self.cache.read(key_hex, lease.engine, _DIGEST) if self.cache else None
-            if found is not None and found[2]:  # the bytes' id, then the bytes: no second hash
-                module, stored_id, wasm = found
-                module_id = "sha256:" + stored_id.hex()
+            if found is not None and found[2]:  # the bytes' id, then the bytes (mapped): no second hash
+                module, stored_id, view = found
+                module_id, content = "sha256:" + stored_id.hex(), ModuleBytes(view)
             else:
                 wasm = make()
                 started = time.perf_counter()
                 module_id, module = content_id(wasm), _compile(lease.engine, wasm, layout_of(wasm), None)[2]
-            compiled = self._compiled(module_id, wasm, wasm, module, lease, layout_of(wasm), found is not None, started)
+                content = ModuleBytes(wasm)
+            compiled = self._compiled(module_id, content, module, lease, found is not None, started)
             if not compiled.cached and self.cache:
-                self.cache.write(key_hex, module, bytes.fromhex(module_id.removeprefix("sha256:")) + wasm)
+                self.cache.write(key_hex, module, [bytes.fromhex(module_id.removeprefix("sha256:")), wasm])
                 # Also where a load of these bytes (in `form_id`'s form already) looks: a restore elsewhere.
-                self.cache.write(cache_key(module_id, form_id, lease.settings), module, wasm)
+                self.cache.write(load_key(module_id, form_id, lease.settings), module, content.layout())
             _log().info("module_derived", base_id=base_id, derivation=derivation_id, module_id=compiled.module_id,
                         cached=compiled.cached, compile_ms=round(compiled.compile_ms, 3))
             return compiled
@@ -181,7 +191,7 @@ class ModuleStore:
                 entry = replace(compiled, cached=True, compile_ms=0.0)
                 self._table[key] = entry
                 self._table[(compiled.module_id, form_id, lease.engine)] = entry
-                self._known[compiled.module_id] = _Known(compiled.module_id, form_id, compiled.wasm, compiled.source)
+                self._known[compiled.module_id] = _Known(compiled.module_id, form_id, compiled.content)
                 self._known.move_to_end(compiled.module_id)
                 while len(self._table) > self._limits.runner_modules:
                     _, evicted = self._table.popitem(last=False)  # VMs keep their own reference
@@ -198,35 +208,48 @@ class ModuleStore:
             for key in [key for key in self._table if key[2] is engine]:
                 del self._table[key]
 
-    def _build(self, known: _Known, lease: EngineLease, transform: Transform | None) -> CompiledModule:
-        module_id, transform_id, source, original = known
+    def _build(self, module_id: str, transform_id: str, size: int, given: Callable[[], ModuleBytes],
+               lease: EngineLease, transform: Transform | None) -> CompiledModule:
+        """Module `module_id` (`size` bytes) under `transform_id` for the lease's engine: from the
+        cache, whose entry keeps both its forms, or compiled from `given()`, whose `wasm` is what
+        `transform` (if any) rewrites and whose `source` is what the id names."""
         engine, settings = lease.engine, lease.settings
-        layout = layout_of(source)
-        key_hex = cache_key(module_id, transform_id, settings)
+        key_hex = load_key(module_id, transform_id, settings)
         started = time.perf_counter()
         found = self.cache.read(key_hex, engine) if self.cache else None
-        if found is None:
-            wasm, layout, module = _compile(engine, source, layout, transform)
+        content = ModuleBytes.stored(found[2]) if found is not None else None
+        if found is not None and content is not None and content.size == size:
+            module = found[0]
         else:
-            module, _, stored = found
-            wasm = stored if transform_id else source
-            layout = layout_of(wasm) if transform_id else layout
-        compiled = self._compiled(module_id, original, wasm, module, lease, layout, found is not None, started)
+            if found is not None:  # checksummed, so only another layout under our key: written over
+                _log().warning("compile_cache_rejected", path=str(self.cache.path(key_hex)),  # type: ignore[union-attr]
+                               reason="its module bytes do not add up")
+            found, original = None, given()
+            wasm, _, module = _compile(engine, original.wasm, layout_of(original.wasm), transform)
+            content = ModuleBytes(wasm, original.source)
+        compiled = self._compiled(module_id, content, module, lease, found is not None, started)
         if found is None and self.cache:
-            self.cache.write(key_hex, module, wasm if transform_id else b"")
+            self.cache.write(key_hex, module, content.layout())
         compile_ms = round(compiled.compile_ms, 3)
-        _log().info("module_compiled", module_id=module_id, size=len(original), compile_ms=compile_ms,
+        _log().info("module_compiled", module_id=module_id, size=size, compile_ms=compile_ms,
                     cached=compiled.cached, fingerprint=settings.fingerprint())
         return compiled
 
-    def _compiled(self, module_id: str, source: bytes, wasm: bytes, module: wasmtime.Module, lease: EngineLease,
-                  layout: Layout, cached: bool, started: float) -> CompiledModule:
+    def _compiled(self, module_id: str, content: ModuleBytes, module: wasmtime.Module, lease: EngineLease,
+                  cached: bool, started: float) -> CompiledModule:
         """The compiled module as callers see it; its compile took from `started` until now."""
+        layout = layout_of(content.wasm_view)  # from a mapped entry, only its section headers are read
         return CompiledModule(
-            module_id=module_id, source=source, wasm=wasm, size_bytes=len(source), module=module,
+            module_id=module_id, content=content, size_bytes=content.size, module=module,
             engine=lease.engine, settings=lease.settings, cached=cached,
             compile_ms=(time.perf_counter() - started) * 1000, **describe(lease.engine, module, layout, self._limits),
         )
+
+
+def load_key(module_id: str, transform_id: str, settings: EngineSettings) -> str:
+    """The compile-cache key of a load's entry: the module, its rewrite, the engine, and how the
+    entry keeps the bytes (`sidecar.module_bytes`)."""
+    return cache_key(module_id, f"{transform_id}+{LAYOUT_ID}", settings)
 
 
 def _compile(
