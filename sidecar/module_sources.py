@@ -120,7 +120,7 @@ def _read_path(path: str, limits: Limits, seals: CompileCache | None) -> Source:
             began = time.time_ns()
             data = read_within(file, info, limits.runner_module_bytes)
             digest = hashlib.sha256(data).digest()
-            if seals and _settled(info, began) and _state(os.fstat(file.fileno())) == _state(info):
+            if seals and sealable(info.st_ctime_ns, began) and _state(os.fstat(file.fileno())) == _state(info):
                 seals.seal(name, info, digest)
     return Source("sha256:" + digest.hex(), len(data), data)
 
@@ -137,10 +137,11 @@ def _file_errors(path: str, limits: Limits) -> Iterator[None]:
         raise InvalidModuleError(f"cannot read module {path!r}: {reason}", stage="read", path=path) from None
 
 
-def _settled(info: os.stat_result, began_ns: int) -> bool:
-    """Whether any write after `began_ns` must change the file's ctime: it is older than that by
-    more than a step of the clock file times are stamped with and the grain they are kept in."""
-    return info.st_ctime_ns + _COARSE_STEP_NS + _grain_ns(info.st_ctime_ns) < began_ns
+def sealable(ctime_ns: int, began_ns: int) -> bool:
+    """Whether a file whose ctime is `ctime_ns` may be sealed by a read that began at `began_ns`:
+    any write after that must change its ctime, for it is older by more than a step of the clock
+    file times are stamped with plus the grain they are kept in."""
+    return ctime_ns + _COARSE_STEP_NS + _grain_ns(ctime_ns) < began_ns
 
 
 def _grain_ns(stamp_ns: int) -> int:
