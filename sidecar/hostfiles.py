@@ -105,7 +105,8 @@ def map_readonly(fd: int, length: int) -> memoryview:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
     region = (ctypes.c_char * length).from_address(address)
-    weakref.finalize(region, _LIBC.munmap, address, length)
+    # Not at exit: a thread still running then may hold a view; the process's end unmaps it anyway.
+    weakref.finalize(region, _LIBC.munmap, address, length).atexit = False
     return memoryview(region).cast("B").toreadonly()
 
 

@@ -37,7 +37,6 @@ from .limits import Limits
 from .module_bytes import LAYOUT_ID, ModuleBytes
 from .module_info import WASI_MODULE, CompiledModule, describe, layout_of
 from .module_sources import Source, content_id, error_summary, read_source
-from .wasmbin import Module as Layout
 from .wasmbin import WasmFormatError, instrument
 
 __all__ = ["WASI_MODULE", "CompiledModule", "ModuleStore", "Source", "content_id", "instrument_or_keep", "read_source"]
@@ -142,7 +141,7 @@ class ModuleStore:
             else:
                 wasm = make()
                 started = time.perf_counter()
-                module_id, module = content_id(wasm), _compile(lease.engine, wasm, layout_of(wasm), None)[2]
+                module_id, module = content_id(wasm), _compile(lease.engine, wasm, None)[1]
                 content = ModuleBytes(wasm)
             compiled = self._compiled(module_id, content, module, lease, found is not None, started)
             if not compiled.cached and self.cache:
@@ -225,7 +224,7 @@ class ModuleStore:
                 _log().warning("compile_cache_rejected", path=str(self.cache.path(key_hex)),  # type: ignore[union-attr]
                                reason="its module bytes do not add up")
             found, original = None, given()
-            wasm, _, module = _compile(engine, original.wasm, layout_of(original.wasm), transform)
+            wasm, module = _compile(engine, original.wasm, transform)
             content = ModuleBytes(wasm, original.source)
         compiled = self._compiled(module_id, content, module, lease, found is not None, started)
         if found is None and self.cache:
@@ -252,9 +251,9 @@ def load_key(module_id: str, transform_id: str, settings: EngineSettings) -> str
     return cache_key(module_id, f"{transform_id}+{LAYOUT_ID}", settings)
 
 
-def _compile(
-    engine: wasmtime.Engine, source: bytes, layout: Layout, transform: Transform | None
-) -> tuple[bytes, Layout, wasmtime.Module]:
+def _compile(engine: wasmtime.Engine, source: bytes, transform: Transform | None) -> tuple[bytes, wasmtime.Module]:
+    """`source`, rewritten by `transform` if any, and compiled; refused at the stage that fails."""
+    layout_of(source)  # what is not a core wasm module at all is a `parse` refusal, not wasmtime's
     # Validating first (~1% of a compile) gives wasmtime's plain message, and a transform only
     # ever sees a module wasmtime accepted.
     try:
@@ -265,8 +264,8 @@ def _compile(
     if transform is not None:
         # Checked again: wasmtime would take bytes without the wasm magic for WebAssembly text.
         wasm = bytes(transform(source))
-        layout = layout_of(wasm)
+        layout_of(wasm)
     try:
-        return wasm, layout, wasmtime.Module(engine, wasm)
+        return wasm, wasmtime.Module(engine, wasm)
     except wasmtime.WasmtimeError as exc:
         raise InvalidModuleError(f"cannot compile module: {error_summary(exc)}", stage="validate") from None
