@@ -9,7 +9,8 @@ compiled for. Compiling is the runner's work: no guest budget applies to it. Eve
 is loaded through the load-time rewrite (`instrument_or_keep`: the instrumentation that makes
 internal memories and globals reachable for snapshots and puts the start function under our
 control); a load names its rewrite as `transform`/`transform_id` in cache keys, and the rewritten
-bytes are cached with the code so a hit skips the rewrite. A module can be derived from another
+bytes are cached with the code, and what of the source they changed (`sidecar.module_bytes`), so a
+hit skips the rewrite and reads neither form of the bytes until one is used. A module can be derived from another
 (`derive`: pre-initialization makes one by running it), cached under the base's id and the
 derivation's, so a hit skips making it. Reading sources is `sidecar.module_sources`'s, describing
 a module `sidecar.module_info`'s. Knows nothing about stores, instances or VMs.
