@@ -18,6 +18,7 @@ a module `sidecar.module_info`'s. Knows nothing about stores, instances or VMs.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import msgspec
 import structlog
 import wasmtime
 
@@ -36,7 +38,7 @@ from .compile_cache import CompileCache, cache_key
 from .engines import EngineLease, Engines, EngineSettings
 from .limits import Limits
 from .module_bytes import LAYOUT_ID, ModuleBytes
-from .module_info import WASI_MODULE, CompiledModule, describe, layout_of
+from .module_info import DESCRIPTION_ID, WASI_MODULE, CompiledModule, Description, describe, layout_of
 from .module_sources import Source, content_id, error_summary, read_source
 from .wasmbin import WasmFormatError, instrument
 
@@ -144,7 +146,7 @@ class ModuleStore:
                 started = time.perf_counter()
                 module_id, module = content_id(wasm), _compile(lease.engine, wasm, None)[1]
                 content = ModuleBytes(wasm)
-            compiled = self._compiled(module_id, content, module, lease, found is not None, started)
+            compiled = self._compiled(module_id, content, module, lease, found is not None, started, key_hex)
             if not compiled.cached and self.cache:
                 self.cache.write(key_hex, module, [bytes.fromhex(module_id.removeprefix("sha256:")), wasm])
                 # Also where a load of these bytes (in `form_id`'s form already) looks: a restore elsewhere.
@@ -227,7 +229,7 @@ class ModuleStore:
             found, original = None, given()
             wasm, module = _compile(engine, original.wasm, transform)
             content = ModuleBytes(wasm, original.source)
-        compiled = self._compiled(module_id, content, module, lease, found is not None, started)
+        compiled = self._compiled(module_id, content, module, lease, found is not None, started, key_hex)
         if found is None and self.cache:
             self.cache.write(key_hex, module, content.layout())
         compile_ms = round(compiled.compile_ms, 3)
@@ -236,13 +238,24 @@ class ModuleStore:
         return compiled
 
     def _compiled(self, module_id: str, content: ModuleBytes, module: wasmtime.Module, lease: EngineLease,
-                  cached: bool, started: float) -> CompiledModule:
-        """The compiled module as callers see it; its compile took from `started` until now."""
-        layout = layout_of(content.wasm_view)  # from a mapped entry, only its section headers are read
+                  cached: bool, started: float, key_hex: str) -> CompiledModule:
+        """The compiled module as callers see it (the code of cache entry `key_hex`, `cached` when it
+        came from there); its compile took from `started` until now."""
+        # A note beside the entry, as trusted as the entry: both checksummed, neither authenticated (who
+        # can write the directory can put code there), and made together from the same bytes.
+        name = hashlib.sha256(f"{DESCRIPTION_ID}:{key_hex}".encode()).hexdigest()
+        note = self.cache.read_note(name) if cached and self.cache else None
+        try:
+            description = msgspec.msgpack.decode(note, type=Description)  # type: ignore[arg-type]
+        except (TypeError, msgspec.DecodeError):  # no note (None), or one of another shape
+            # From a mapped entry, parsing reads only the section headers.
+            description = describe(lease.engine, module, layout_of(content.wasm_view), self._limits)
+            if self.cache:
+                self.cache.write_note(name, msgspec.msgpack.encode(description))
         return CompiledModule(
             module_id=module_id, content=content, size_bytes=content.size, module=module,
             engine=lease.engine, settings=lease.settings, cached=cached,
-            compile_ms=(time.perf_counter() - started) * 1000, **describe(lease.engine, module, layout, self._limits),
+            compile_ms=(time.perf_counter() - started) * 1000, **msgspec.structs.asdict(description),
         )
 
 

@@ -391,6 +391,21 @@ def test_a_second_store_on_the_same_directory_skips_compiling(engines: Engines, 
         store.close()
 
 
+def test_notes_of_another_shape_are_computed_again(engines: Engines, tmp_path: Path) -> None:
+    """What the store keeps beside an entry (the description, the seals) is a cache too: a note that
+    does not decode as what it should be is made again, never trusted."""
+    first = ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS)
+    cache = CompileCache(tmp_path, 1 << 30)
+    notes = sorted(tmp_path.glob("*.note"))
+    assert notes
+    for note in notes:
+        cache.write_note(note.stem, b"\x91\xc0 not what it names")
+    again = ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS)
+    assert again.cached and again.exports == first.exports and again.imports == first.imports
+    assert (again.memory_minimums, again.table_minimums, again.has_start, again.wasi, again.command) == (
+        first.memory_minimums, first.table_minimums, first.has_start, first.wasi, first.command)
+
+
 def corrupt_flip(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0xFF
