@@ -50,7 +50,7 @@ from .evals import runtime_create_params, runtime_warm_up
 from .guest_abi import CallState
 from .isolate import Isolate
 from .limits import Limits
-from .modules import INSTRUMENT_ID, CompiledModule, ModuleStore, content_id, instrument_or_keep, read_source
+from .modules import INSTRUMENT_ID, CompiledModule, ModuleStore, Source, instrument_or_keep
 from .payloads import call_timeout, payload, text_or_base64
 from .preinit import Preinit, PreinitRuns, stoppable
 from .residency import NoResidency, Residency, resident, rfc3339
@@ -160,7 +160,7 @@ class VmService:
                 check_module(compiled, limits)
             else:
                 self.runtime.reader.yield_reading()  # a compile can take seconds: let another thread read
-                compiled = self.compile(read_source(params, self.limits), limits)
+                compiled = self.compile(self.modules.source(params), limits)
             self.add_vm(slot, lease, compiled, limits, params.mode, params.wasi or WasiSettings(), reply,
                         lambda vm: VmCreateResult(vm_id=vm.vm_id, **_preinit_fields(compiled, run, module_id=True)),
                         runtime_name=runtime_name)
@@ -179,12 +179,12 @@ class VmService:
             check_module(base, limits)
             baked = run.obtain(self.modules, module_id, lambda: base)
         else:
-            source = None if source_id else read_source(params, self.limits)
-            base_id = source_id or content_id(source)  # type: ignore[arg-type]
+            source = None if source_id else self.modules.source(params)
+            base_id = source_id or source.module_id  # type: ignore[union-attr]
 
             def base() -> CompiledModule:
-                wasm = source if source is not None else read_source(params, self.limits)
-                if content_id(wasm) != base_id:
+                wasm = source if source is not None else self.modules.source(params)
+                if wasm.module_id != base_id:
                     raise InvalidParamsError(f"the runtime's module is not the one its manifest names ({base_id}): "
                                              "reinstall it (wasm-sidecar runtime install --force)", path="$.runtime")
                 return self.compile(wasm, limits)
@@ -199,7 +199,7 @@ class VmService:
         return self._preinitialize(params, Preinit(params.preinit, limits, self.runtime),  # type: ignore[arg-type]
                                    source_id)
 
-    def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
+    def compile(self, wasm: bytes | Source, limits: Limits) -> CompiledModule:
         """Load a module for VMs with these budgets: instrumented, checked against them."""
         compiled = self.modules.load(
             wasm, EngineSettings.from_limits(limits), transform=instrument_or_keep, transform_id=INSTRUMENT_ID
@@ -372,7 +372,7 @@ class VmService:
             self._ids = itertools.count(max([*numbers, next(self._ids) - 1]) + 1)
 
     def _load(self, params: ModuleLoadParams) -> CompiledModule:
-        return self.compile(read_source(params, self.limits), self.limits)
+        return self.compile(self.modules.source(params), self.limits)
 
 
 def _preinit_fields(compiled: CompiledModule, run: Preinit | None, *, module_id: bool = False) -> dict[str, Any]:

@@ -61,8 +61,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # What an isolate is built from and talks through, none of it aware of VMs. `modules` is the
     # module store, whose `CompiledModule` the VM and the isolate take: it sits here, below them,
     # while the `module.load` service that drives it is in `vms`.
-    ("resources", frozenset({"hostcalls", "modules", "compile_cache", "engines", "snapshot_file", "hostfiles",
-                             "runtimes", "state_dir"})),
+    ("resources", frozenset({"hostcalls", "modules", "module_sources", "module_info", "module_bytes",
+                             "compile_cache", "engines", "snapshot_file", "hostfiles", "runtimes", "state_dir"})),
     ("wasm", frozenset({"wasmffi", "wasmbin"})),
     ("foundation", frozenset({"limits", "logs", "__init__"})),
 ]
