@@ -21,12 +21,17 @@ what the sidecar checks each time:
 Fuel and the epoch deadline are set before every call anyway. Without a readable pagemap (no
 `/proc`), nothing is rewound and instances are replaced as before.
 
+A rewound instance keeps the pages it was given privately (copied back, not returned): that is
+what spares the next eval its faults, and what it costs. Past `vm_rewind_resident_bytes` of them
+(an eval that used much of the heap) it is replaced instead, which returns them.
+
 Concurrency: a stateless VM's instances rewind on their own threads; all read the one pristine
 instance, which nobody writes, and its store is closed (`close`) under the same lock.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -38,11 +43,13 @@ import wasmtime
 from protocol.errors import RpcError
 
 from .isolate import Isolate
+from .limits import Limits
 from .wasmbin import PREFIX
 from .wasmffi import instance_export, restore_pages
 
 log = structlog.get_logger()
 _MEMORY, _GLOBAL = PREFIX + "memory_", PREFIX + "global_"
+PAGE = mmap.PAGESIZE
 _T = TypeVar("_T")
 _pagemap: int | None = None
 _pagemap_lock = threading.Lock()
@@ -62,10 +69,12 @@ class Rewinder:
     an answer, like any replacement) and closed with the VM."""
 
     def __init__(self, vm_id: str, make: Callable[[], Isolate], wasi: Callable[[], wasmtime.WasiConfig | None],
-                 warm_up: Callable[[Isolate], None]) -> None:
+                 warm_up: Callable[[Isolate], None], limits: Limits) -> None:
         """`make` builds a new instance of the VM, `wasi` a new context of its view, `warm_up`
-        readies an instance to serve (as for a new one)."""
+        readies an instance to serve (as for a new one); `vm_rewind_resident_bytes` bounds the
+        private pages a rewound instance keeps."""
         self._vm_id = vm_id
+        self._limits = limits
         self._make = make
         self._wasi = wasi
         self._warm_up = warm_up
@@ -79,14 +88,18 @@ class Rewinder:
         """Set `isolate` (idle, its last call ended normally) back to a new instance's state, with
         a new WASI context, and warm it up; False when that cannot be exact (nothing was touched,
         or the warm-up failed): the caller replaces it."""
+        resident = self._limits.vm_rewind_resident_bytes
         with self._lock:
             if not self._ready():
                 return False
             used = [(_view(isolate, name), pristine) for name, pristine in self._memories]
             if any(len(memory) != len(pristine) for memory, pristine in used):
                 return False  # grown: memory never shrinks
-            for memory, pristine in used:
-                restore_pages(memory, pristine, self._pagemap)
+            private = sum(restore_pages(memory, pristine, self._pagemap)[1] for memory, pristine in used) * PAGE
+        if private > resident:  # replaced, which returns them (the copies made were for nothing: rare)
+            log.debug("instance_not_rewound", vm_id=self._vm_id, limit="vm_rewind_resident_bytes",
+                      observed=private, capacity=resident)
+            return False
         for name, value in self._globals:
             _export(isolate, name, wasmtime.Global).set_value(isolate.store, value)  # type: ignore[arg-type]
         wasi = self._wasi()

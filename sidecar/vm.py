@@ -103,7 +103,7 @@ class Vm:
         self._prepare = prepare
         # A runtime's stateless instances are rewound in place after an eval rather than replaced.
         self._rewinder = Rewinder(vm_id, self.isolate_for, lambda: wasi_config(wasi) if compiled.wasi else None,
-                                  prepare) if mode == "stateless" and prepare is not None else None
+                                  prepare, limits) if mode == "stateless" and prepare is not None else None
         self.calls = 0
         self.last_used = time.monotonic()  # when the last job was submitted: hibernation goes by it
         self.revive: Callable[[Vm], Isolate] | None = None

@@ -95,3 +95,13 @@ async def test_an_eval_stopped_mid_way_gets_a_new_instance() -> None:
         counted = await settled(client, vm_id)
     assert after["value"] == "False"
     assert counted["trap"] == 1 and counted["rewound"] == 1  # the second eval's instance
+
+
+async def test_past_vm_rewind_resident_bytes_an_instance_is_replaced() -> None:
+    async with process_session() as (client, _):
+        vm_id = await python_vm(client, mode="stateless", limits={**ONE, "vm_rewind_resident_bytes": "64 KiB"})
+        for _ in range(3):
+            assert (await run(client, vm_id, "left = 1\n'left' in globals()"))["value"] == "True"
+            assert (await run(client, vm_id, "'left' in globals()"))["value"] == "False"
+        counted = await settled(client, vm_id)
+    assert counted["rewound"] == 0 and counted["calls"] >= 6

@@ -40,9 +40,9 @@ def test_only_written_pages_that_differ_are_copied_back(tmp_path: Path, pagemap:
     used[3 * PAGE: 3 * PAGE + 5] = b"dirty"
     used[40 * PAGE: 42 * PAGE] = b"\x00" * (2 * PAGE)
     used[50 * PAGE] = used[50 * PAGE]  # written, private now, but equal: nothing to copy
-    assert restore_pages(used, pristine, pagemap) == 3
+    assert restore_pages(used, pristine, pagemap) == (3, 4)  # pages copied, pages private
     assert used[:] == expected
-    assert restore_pages(used, pristine, pagemap) == 0  # private still, and equal
+    assert restore_pages(used, pristine, pagemap) == (0, 4)  # private still, and equal
 
 
 def test_misuse_is_a_python_error(tmp_path: Path, pagemap: int) -> None:

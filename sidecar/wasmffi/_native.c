@@ -752,11 +752,12 @@ static bool private_page(uint64_t entry) {
     return swapped || (present && !file_or_shared);
 }
 
-/* Copy back each private page of `memory` that differs from `pristine`; the count, or -1 with errno
- * set when pagemap could not be read. The compare spares a page that only holds the zero page
- * (read, never written) a copy-on-write fault. No Python in here. */
+/* Copy back each private page of `memory` that differs from `pristine`; the number copied, or -1
+ * with errno set when pagemap could not be read; `*private` counts the private pages. The compare
+ * spares a page that only holds the zero page (read, never written) a copy-on-write fault. No
+ * Python in here. */
 static Py_ssize_t rewind_pages(unsigned char *memory, const unsigned char *pristine, size_t length, int pagemap,
-                               size_t page) {
+                               size_t page, Py_ssize_t *private) {
     enum { BATCH = 512 };
     uint64_t entries[BATCH];
     Py_ssize_t copied = 0;
@@ -771,7 +772,9 @@ static Py_ssize_t rewind_pages(unsigned char *memory, const unsigned char *prist
         size_t read = (size_t)got / sizeof(uint64_t);
         for (size_t i = 0; i < read; i++) {
             size_t offset = (done + i) * page;
-            if (private_page(entries[i]) && memcmp(memory + offset, pristine + offset, page) != 0) {
+            if (!private_page(entries[i])) continue;
+            (*private)++;
+            if (memcmp(memory + offset, pristine + offset, page) != 0) {
                 memcpy(memory + offset, pristine + offset, page);
                 copied++;
             }
@@ -785,8 +788,8 @@ PyDoc_STRVAR(restore_pages_doc,
              "restore_pages(memory, pristine, pagemap_fd)\n--\n\n"
              "Make `memory` equal `pristine` (a buffer of the same length, page-aligned) by copying back the pages "
              "that differ among those /proc/self/pagemap (open at `pagemap_fd`) shows `memory` holding privately; "
-             "every other page still holds the image both were mapped from. The number of pages copied. Runs without "
-             "the GIL: nothing may touch either memory meanwhile.");
+             "every other page still holds the image both were mapped from. (pages copied, private pages). Runs "
+             "without the GIL: nothing may touch either memory meanwhile.");
 
 static PyObject *restore_pages(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
@@ -806,11 +809,11 @@ static PyObject *restore_pages(PyObject *module, PyObject *const *args, Py_ssize
         return NULL;
     }
     long page = sysconf(_SC_PAGESIZE);
-    Py_ssize_t copied = -2;
+    Py_ssize_t copied = -2, private = 0;
     if (page > 0 && memory.len == pristine.len && (uintptr_t)memory.buf % (size_t)page == 0 &&
         (size_t)memory.len % (size_t)page == 0) {
         Py_BEGIN_ALLOW_THREADS
-        copied = rewind_pages(memory.buf, pristine.buf, (size_t)memory.len, (int)pagemap, (size_t)page);
+        copied = rewind_pages(memory.buf, pristine.buf, (size_t)memory.len, (int)pagemap, (size_t)page, &private);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&pristine);
@@ -819,7 +822,7 @@ static PyObject *restore_pages(PyObject *module, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_ValueError, "restore_pages wants two page-aligned buffers of one length");
         return NULL;
     }
-    return copied < 0 ? PyErr_SetFromErrno(PyExc_OSError) : PyLong_FromSsize_t(copied);
+    return copied < 0 ? PyErr_SetFromErrno(PyExc_OSError) : Py_BuildValue("(nn)", copied, private);
 }
 
 PyDoc_STRVAR(host_of_doc, "host_of(caller)\n--\n\n"
