@@ -9,13 +9,19 @@ thread (`time.thread_time`, what two busy cores run short of) and wall time, med
 - replaced: a new instance (store, instantiation, guest ABI), its warm-up (the no-op eval that takes
   the copy-on-write faults and reseeds `random`), and closing the used one;
 - rewound: the used instance's private pages compared and copied back, its globals and WASI
-  context reset (`Rewinder`), and the warm-up again (reseeding; the pages are resident now).
-Both series alternate in one run, so machine load hits them alike.
+  context reset (`Rewinder`), and the warm-up again (reseeding; the pages are resident now);
+- pre-faulted, the alternative not taken: a new instance whose pages that a warm-up writes (found
+  once, in /proc/self/pagemap) are made private in bulk, `madvise(MADV_POPULATE_WRITE)` one
+  call per run of pages, before its warm-up.
+The series alternate in one run, so machine load hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import mmap
+import os
 import statistics
 import sys
 import tempfile
@@ -44,6 +50,8 @@ from sidecar.wasi_view import wasi_config  # noqa: E402
 
 EVAL = b'{"code": "print(1+1)"}'
 _T = TypeVar("_T")
+MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Parts:
@@ -66,6 +74,36 @@ class Parts:
         for name, samples in self.cpu.items():
             print(f"  {name:<44} CPU p50 {statistics.median(samples):7.1f}  wall p50 "
                   f"{statistics.median(self.wall[name]):7.1f} µs")
+
+
+def written_runs(isolate: Isolate) -> list[tuple[int, int]]:
+    """The [start, stop) addresses of the runs of pages `isolate`'s memory holds privately."""
+    memory = isolate.instance.exports(isolate.store)["memory"]
+    base = ctypes.addressof(memory.data_ptr(isolate.store).contents)
+    pages = memory.data_len(isolate.store) // mmap.PAGESIZE
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        entries = os.pread(fd, pages * 8, base // mmap.PAGESIZE * 8)
+    finally:
+        os.close(fd)
+    flags = entries[7::8]  # the top byte of each little-endian entry: present 0x80, swapped 0x40, file 0x20
+    runs: list[tuple[int, int]] = []
+    for page, flag in enumerate(flags):
+        if flag & 0x40 or (flag & 0x80 and not flag & 0x20):
+            start = base + page * mmap.PAGESIZE
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], start + mmap.PAGESIZE)
+            else:
+                runs.append((start, start + mmap.PAGESIZE))
+    return runs
+
+
+def populate(isolate: Isolate, offsets: list[tuple[int, int]]) -> None:
+    memory = isolate.instance.exports(isolate.store)["memory"]
+    base = ctypes.addressof(memory.data_ptr(isolate.store).contents)
+    for start, stop in offsets:
+        if _libc.madvise(ctypes.c_void_p(base + start), ctypes.c_size_t(stop - start), MADV_POPULATE_WRITE):
+            raise OSError(ctypes.get_errno(), "madvise(MADV_POPULATE_WRITE)")
 
 
 def main() -> None:
@@ -95,7 +133,12 @@ def main() -> None:
             assert isolate.call(EVAL_EXPORT, [], state, 10_000) == [0] and b'"2\\n"' in state.output
 
         rewinder = Rewinder("vm-bench", new, lambda: wasi_config(params.wasi), lambda _isolate: None, limits)
-        replaced, rewound = Parts(), Parts()
+        replaced, rewound, prefaulted = Parts(), Parts(), Parts()
+        probe = new()
+        warm_up(probe)
+        base = ctypes.addressof(probe.instance.exports(probe.store)["memory"].data_ptr(probe.store).contents)
+        offsets = [(start - base, stop - base) for start, stop in written_runs(probe)]
+        probe.close()
         kept = new()
         warm_up(kept)
         for _ in range(args.runs):
@@ -106,11 +149,17 @@ def main() -> None:
             rewound.time("the eval, print(1+1)", lambda: evaluate(kept))
             assert rewound.time("rewind: pages, globals, WASI context", lambda: rewinder.renew(kept))
             rewound.time("warm-up again (reseeding, pages resident)", lambda: warm_up(kept))
+            other = prefaulted.time("new instance (store, instantiation, ABI)", new)
+            prefaulted.time(f"pre-fault: {len(offsets)} madvise calls", lambda: populate(other, offsets))  # noqa: B023
+            prefaulted.time("warm-up: first eval (reseeding)", lambda: warm_up(other))  # noqa: B023
+            prefaulted.time("the eval, print(1+1)", lambda: evaluate(other))  # noqa: B023
+            prefaulted.time("closing it", other.close)
         kept.close()
         rewinder.close()
     print(f"{args.runs} sandboxes each, alternating, in one process")
     replaced.report("replaced (a new instance per eval)")
     rewound.report("rewound in place")
+    prefaulted.report("replaced, pre-faulted in bulk (MADV_POPULATE_WRITE)")
 
 
 if __name__ == "__main__":
