@@ -111,15 +111,18 @@ class Rewinder:
             return False
         return True
 
-    def close(self) -> None:
-        """Close the pristine instance (the VM is disposed, or hibernates); a later rewind makes another."""
+    def close(self, *, final: bool = False) -> None:
+        """Close the pristine instance: the VM hibernates, and a later rewind makes another, or
+        (`final`) it is disposed, and none does (a rewind already past the VM's check refuses)."""
         with self._lock:
+            self._unavailable = self._unavailable or final
             pristine, self._pristine, self._memories = self._pristine, None, []
         if pristine is not None:
             pristine.close()
 
     def _ready(self) -> bool:
-        """The pristine instance exists (made now if need be); False if this process cannot rewind."""
+        """The pristine instance exists (made now if need be); False if this process cannot rewind, or
+        the VM is gone."""
         if self._pristine is not None or self._unavailable:
             return not self._unavailable
         try:

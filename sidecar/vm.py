@@ -185,7 +185,7 @@ class Vm:
         for isolate in idle:
             self._close(isolate)
         if self._rewinder is not None:
-            self._rewinder.close()
+            self._rewinder.close(final=True)
         self._release_engine_if_quiet()
 
     def drop_warm(self) -> bool:
