@@ -86,8 +86,15 @@ class Rewinder:
 
     def renew(self, isolate: Isolate) -> bool:
         """Set `isolate` (idle, its last call ended normally) back to a new instance's state, with
-        a new WASI context, and warm it up; False when that cannot be exact (nothing was touched,
-        or the warm-up failed): the caller replaces it."""
+        a new WASI context, and warm it up; False when that cannot be done exactly, or failed
+        part way: the caller replaces it."""
+        try:
+            return self._rewind(isolate)
+        except (OSError, wasmtime.WasmtimeError, RpcError) as exc:  # pagemap unreadable, a preopen gone, ...
+            log.warning("instance_not_rewound", vm_id=self._vm_id, error=str(exc))
+            return False
+
+    def _rewind(self, isolate: Isolate) -> bool:
         resident = self._limits.vm_rewind_resident_bytes
         with self._lock:
             if not self._ready():
@@ -105,10 +112,7 @@ class Rewinder:
         wasi = self._wasi()
         if wasi is not None:
             isolate.store.set_wasi(wasi)  # the old context, and every file the eval left open, goes
-        try:
-            self._warm_up(isolate)
-        except RpcError:
-            return False
+        self._warm_up(isolate)
         return True
 
     def close(self, *, final: bool = False) -> None:
@@ -131,11 +135,7 @@ class Rewinder:
             log.warning("rewind_unavailable", vm_id=self._vm_id, reason=str(exc))
             self._unavailable = True
             return False
-        try:
-            pristine = self._pristine = self._make()
-        except RpcError as exc:
-            log.warning("instance_start_failed", vm_id=self._vm_id, error=exc.message)
-            return False
+        pristine = self._pristine = self._make()
         names = [e.name for e in pristine.compiled.exports]
         self._memories = [(name, _view(pristine, name)) for name in names if name.startswith(_MEMORY)]
         self._globals = [(name, _export(pristine, name, wasmtime.Global).value(pristine.store))
