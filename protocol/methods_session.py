@@ -90,15 +90,19 @@ class DroppedResponses(Wire):
 
 class Recycles(Wire):
     """Instances of stateless VMs closed and replaced, by reason: after `vm_recycle_after_calls`
-    calls, past `vm_recycle_memory_bytes` of retained memory, or after a trap (or timeout, cancel)."""
+    calls, past `vm_recycle_memory_bytes` of retained memory, or after a trap (or timeout, cancel).
+    `rewound`: of the `calls` ones, those set back in place to a new instance's state instead (a
+    runtime's stateless VM: each eval a pristine interpreter)."""
 
     calls: Count
     memory: Count
     trap: Count
+    rewound: Count
 
     @classmethod
     def of(cls, counts: dict[str, int]) -> Recycles:
-        return cls(calls=counts.get("calls", 0), memory=counts.get("memory", 0), trap=counts.get("trap", 0))
+        return cls(calls=counts.get("calls", 0), memory=counts.get("memory", 0), trap=counts.get("trap", 0),
+                   rewound=counts.get("rewound", 0))
 
 
 class StatsResult(Wire):

@@ -42,6 +42,7 @@ from .hostcalls import STATUS_HOST_ERROR, STATUS_OK, STATUS_REFUSED, AsyncCall, 
 from .isolate import Isolate
 from .limits import CallBudget, Limits
 from .modules import CompiledModule
+from .rewind import Rewinder
 from .runtime import Runtime
 from .wasi_view import wasi_config
 
@@ -100,6 +101,9 @@ class Vm:
         self.runtime = runtime
         self.runtime_name = runtime_name
         self._prepare = prepare
+        # A runtime's stateless instances are rewound in place after an eval rather than replaced.
+        self._rewinder = Rewinder(vm_id, self.isolate_for, lambda: wasi_config(wasi) if compiled.wasi else None,
+                                  prepare, limits) if mode == "stateless" and prepare is not None else None
         self.calls = 0
         self.last_used = time.monotonic()  # when the last job was submitted: hibernation goes by it
         self.revive: Callable[[Vm], Isolate] | None = None
@@ -180,6 +184,8 @@ class Vm:
         self.runtime.hostcalls.abandon_owner(self.vm_id, "VM disposed")
         for isolate in idle:
             self._close(isolate)
+        if self._rewinder is not None:
+            self._rewinder.close(final=True)
         self._release_engine_if_quiet()
 
     def drop_warm(self) -> bool:
@@ -190,6 +196,8 @@ class Vm:
             idle, self._idle = [isolate for isolate in self._idle if isolate is not None], []
         for isolate in idle:
             self._close(isolate)
+        if self._rewinder is not None:
+            self._rewinder.close()  # made again at the next rewind
         return True
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -345,10 +353,13 @@ class Vm:
         # The answer has left; building the replacement takes a while (a big module's instance): the
         # next request should not wait behind it, so another thread reads meanwhile.
         self.runtime.reader.yield_reading()
-        self._close(isolate)
         with self._lock:
             self._replacing += 1
         try:
+            if reason == "calls" and self._rewinder is not None and self._rewinder.renew(isolate):
+                self.recycles["rewound"] += 1
+                return isolate
+            self._close(isolate)
             return self._spawn()
         except RpcError as exc:
             log.warning("instance_start_failed", vm_id=self.vm_id, error=exc.message)

@@ -45,6 +45,7 @@ EXPECTED = {
     "vm_memories": ("guest", 4),
     "vm_recycle_after_calls": ("guest", 512),
     "vm_recycle_memory_bytes": ("guest", 64 * MIB),
+    "vm_rewind_resident_bytes": ("guest", 8 * MIB),
     "vm_pool_instances": ("guest", 4),
     "vm_hibernate_idle_ms": ("guest", 0),
     "runner_module_bytes": ("runner", 64 * MIB),

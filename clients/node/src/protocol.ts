@@ -226,10 +226,13 @@ export interface Preopen {
 /**
  * Instances of stateless VMs closed and replaced, by reason: after `vm_recycle_after_calls`
  * calls, past `vm_recycle_memory_bytes` of retained memory, or after a trap (or timeout, cancel).
+ * `rewound`: of the `calls` ones, those set back in place to a new instance's state instead (a
+ * runtime's stateless VM: each eval a pristine interpreter).
  */
 export interface Recycles {
   calls: number;
   memory: number;
+  rewound: number;
   trap: number;
 }
 
