@@ -119,7 +119,7 @@ def main() -> None:
         ratio = statistics.median(runs) * 1000 / statistics.median(fresh)
         print(line("peer: vm.run of a whole CPython", runs, "ms") + f"   {ratio:.0f}x the last fresh sandbox")
 
-        snaps, restores = [], []
+        snaps, restores, first_answers = [], [], []
         peer.result("vm.eval", {"vm_id": session, "code": "import math\nhistory = list(range(1000))"})
         for run in range(args.runs):
             path = str(Path(scratch) / f"session-{run}.snapshot")
@@ -127,12 +127,16 @@ def main() -> None:
             snaps.append(ms)
             other = sidecar(cache)
             other.result("ping")
+            # The first answer comes before the VM services are imported (cold start, issue 15);
+            # a VM request waits for them, so the restore is timed once `vm.list` has its answer.
+            first_answers.append(timed_ms(other, "vm.list", None)[0])
             ms, restored = timed_ms(other, "vm.restore", {"path": path})
             restores.append(ms)
             assert other.result("vm.eval", {"vm_id": restored["vm_id"], "code": "len(history)"})["value"] == "1000"
             other.close()
         print(f"session snapshot and restore (ms; the file is {written['size_bytes'] / MiB:.1f} MiB)")
         print(line("vm.snapshot", snaps, "ms") + "   target <= 20")
+        print(line("  a fresh process's VM services, after ping", first_answers, "ms") + "   (cold start's remainder)")
         print(line("vm.restore, fresh process, cache", restores, "ms") + "   target <= 20")
 
         measures = {"RSS": rss_bytes, "PSS": pss_bytes, "private": private_bytes, "cgroup": cgroup_bytes}
