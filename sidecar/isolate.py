@@ -157,6 +157,12 @@ class Isolate:
             self._refresh_memory()
         return 0
 
+    def adopt(self, vm_id: str, issue_async: Callable[[str, bytes], int]) -> None:
+        """A spare made before its VM (`sidecar.spares`) becomes `vm_id`'s, before its first call:
+        its host calls and errors name that VM, its async calls go to that VM's queue."""
+        self.vm_id = self.abi.vm_id = vm_id
+        self.abi.issue_async = issue_async
+
     def fuel_used(self, budget: int) -> int:
         return budget - self.store.get_fuel()
 

@@ -82,6 +82,7 @@ class Vm:
         asleep: bool = False,
         runtime_name: str | None = None,
         prepare: Callable[[Isolate], None] | None = None,
+        spare: Isolate | None = None,
     ) -> None:
         """`start=False`: the first instance skips its start function (a restore fills it in);
         `asleep`: it has none until a job needs it. `revive`, set while the VM is hibernated, makes
@@ -89,7 +90,8 @@ class Vm:
         `lease` holds the module's engine; the VM releases it once disposed and quiet.
         `runtime_name`: the sidecar-provided guest (`python`) it runs, whose instance holds an
         interpreter: one that a fault stopped mid-way is not trusted again, even in a stateful VM.
-        `prepare(isolate)` runs on each new instance that starts afresh, before it serves."""
+        `prepare(isolate)` runs on each new instance that starts afresh, before it serves.
+        `spare`: an instance made ahead for a VM like this one (`sidecar.spares`), its first."""
         self.vm_id = vm_id
         self.compiled = compiled
         self._lease = lease
@@ -118,7 +120,12 @@ class Vm:
         self._live: list[Isolate] = []
         self._replacing = 0  # instances being built to replace a retired one, each for the next job
         # A command keeps no instance (each vm.run starts afresh); others start one now: a bad start fails vm.create.
-        self._idle.append(None if compiled.command or asleep else self._spawn(start=start))
+        if spare is not None:
+            spare.adopt(vm_id, self.issue_async)
+            self._live.append(spare)
+            self._idle.append(spare)
+        else:
+            self._idle.append(None if compiled.command or asleep else self._spawn(start=start))
         if mode == "stateless" and prepare is not None and self._slots > 1 and not asleep:
             # A spare, one of the pool's: a request that comes while the last one's replacement is
             # being warmed (an interpreter: ~1.5 ms) takes it instead of waiting.

@@ -55,6 +55,7 @@ from .payloads import call_timeout, payload, text_or_base64
 from .preinit import Preinit, PreinitRuns, stoppable
 from .residency import NoResidency, Residency, resident, rfc3339
 from .runtime import Runtime
+from .spares import Spares
 from .vm import Job, Mode, Vm
 from .wasmbin import PREFIX
 
@@ -81,6 +82,8 @@ class VmService:
         self._ids = itertools.count(1)
         self._compiles = anyio.CapacityLimiter(limits.runner_worker_threads)
         self.residency: Residency = NoResidency()
+        self.spares = Spares(limits, runtime)
+        engines.on_evicted(self.spares.forget_engine)
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
         return [
@@ -114,6 +117,7 @@ class VmService:
             self._vms.clear()
         for vm in vms:
             vm.dispose()
+        self.spares.close()
         self._preinits.stop_all()
         await anyio.to_thread.run_sync(self._wait_all_idle, vms, self.limits.protocol_shutdown_ms / 2000)
         self.engines.close()
@@ -255,9 +259,11 @@ class VmService:
                 vm_id = f"vm-{next(self._ids)}"
         lease = self.engines.hold(compiled.settings, compiled.engine)
         request_lease.release()
+        fresh = restore is None and not asleep and runtime_name is None  # a spare fits only a VM starting afresh
         try:
             vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None, asleep=asleep,
-                    runtime_name=runtime_name, prepare=runtime_warm_up(runtime_name))
+                    runtime_name=runtime_name, prepare=runtime_warm_up(runtime_name),
+                    spare=self.spares.take(compiled, limits, wasi) if fresh else None)
         except BaseException as exc:
             lease.release()  # no VM exists to release it
             if isinstance(exc, RpcError):  # e.g. its start function trapped: no VM exists to name
@@ -284,6 +290,8 @@ class VmService:
             return None
         log.info("vm_created", vm_id=vm_id, module_id=compiled.module_id, mode=mode)
         self.residency.went_live(vm)
+        if fresh:
+            self.spares.refill(compiled, limits, wasi)  # for the next VM like it, now that the answer is out
         return vm
 
     def vm_call(self, params: VmCallParams, reply: Completion) -> None:
@@ -372,7 +380,10 @@ class VmService:
             self._ids = itertools.count(max([*numbers, next(self._ids) - 1]) + 1)
 
     def _load(self, params: ModuleLoadParams) -> CompiledModule:
-        return self.compile(read_source(params, self.limits), self.limits)
+        """On a worker thread: the module, and a spare for its first `vm.create` (a host loads to create)."""
+        compiled = self.compile(read_source(params, self.limits), self.limits)
+        self.spares.refill(compiled, self.limits, WasiSettings())
+        return compiled
 
 
 def _preinit_fields(compiled: CompiledModule, run: Preinit | None, *, module_id: bool = False) -> dict[str, Any]:
