@@ -10,6 +10,9 @@ memories and tables against the store limits, and preopens. Knows nothing about 
 from __future__ import annotations
 
 import os
+import weakref
+
+import wasmtime
 
 from protocol.errors import InvalidModuleError, InvalidParamsError
 from protocol.methods import WasiSettings
@@ -18,10 +21,18 @@ from . import guest_abi
 from .limits import Limits
 from .modules import WASI_MODULE, CompiledModule
 
+# The budgets each module last passed the checks against: a module's imports and declarations do
+# not change, and most VMs have the registry's own budgets, so a vm.create from a loaded module
+# skips the ~4 µs of checks it would repeat.
+_PASSED: weakref.WeakKeyDictionary[wasmtime.Module, Limits] = weakref.WeakKeyDictionary()
+
 
 def check_module(compiled: CompiledModule, limits: Limits) -> None:
+    if _PASSED.get(compiled.module) is limits:
+        return
     check_imports(compiled)
     check_declared(compiled, limits)
+    _PASSED[compiled.module] = limits
 
 
 def check_imports(compiled: CompiledModule) -> None:
