@@ -32,12 +32,11 @@ from protocol.errors import RpcError
 from protocol.methods import WasiSettings
 
 from .hostcalls import STATUS_REFUSED
-from .isolate import Isolate
+from .isolate import Isolate, starts_with_guest_code
 from .limits import Limits
 from .modules import CompiledModule
 from .runtime import Runtime
 from .wasi_view import wasi_config
-from .wasmbin import START_EXPORT
 
 log = structlog.get_logger()
 _PLAIN_VIEW = WasiSettings()
@@ -68,12 +67,12 @@ class Spares:
         the answer that needed it has left (a store and an instantiation, as a `vm.create` costs)."""
         if not self._limits.runner_spare_instances or limits is not self._limits or wasi != _PLAIN_VIEW:
             return
-        if compiled.command or compiled.has_start or any(export.name == START_EXPORT for export in compiled.exports):
-            return
         with self._lock:
             if self._closed or compiled.module in self._spares:
                 return
         try:
+            if compiled.command or starts_with_guest_code(compiled):
+                return
             spare = Isolate(_UNADOPTED, compiled, limits, self._runtime, _refuse_async,
                             wasi_config(wasi) if compiled.wasi else None)
         except RpcError as exc:  # the VM that asks for it will say why, to its host
