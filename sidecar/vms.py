@@ -99,6 +99,7 @@ class VmService:
             "vm_calls": sum(vm.calls for vm in vms),
             "vm_memory_bytes": sum(vm.memory_bytes for vm in vms),
             "instances_recycled": Recycles.of(recycles),
+            "spare_instances": len(self.spares),
         }
 
     async def close(self) -> None:

@@ -22,7 +22,10 @@ SPARES_OFF = {"SIDECAR_RUNNER_SPARE_INSTANCES": "0"}
 async def test_each_vm_of_a_module_starts_afresh_with_its_own_budgets(env: dict[str, str]) -> None:
     async with process_session(env) as (client, _):
         module_id = (await rpc(client, "module.load", {"wat": wat("stateless_counter")}))["module_id"]
+        spares = 0 if env else 1  # made by module.load, for the first vm.create
+        assert (await rpc(client, "sidecar.stats"))["spare_instances"] == spares
         first = (await rpc(client, "vm.create", {"module_id": module_id}))["vm_id"]
+        assert (await rpc(client, "sidecar.stats"))["spare_instances"] == spares  # taken, and made again
         for expected in (1, 2, 3):
             assert (await call(client, first, "count"))["results"] == [expected]
         assert (await call(client, first, "grow", 9))["results"] == [1]
@@ -76,3 +79,18 @@ async def test_a_vm_made_after_another_was_disposed_calls_the_host_as_itself() -
             await rpc(client, "vm.dispose", {"vm_id": vm_id})
             vm_ids.append(vm_id)
         assert asked == vm_ids and len(set(vm_ids)) == 3
+
+
+async def test_a_module_with_a_start_function_gets_no_spare() -> None:
+    """Its start function is guest code, which must run in the VM's own instance (it may call the host)."""
+    started = """(module
+      (global $started (mut i32) (i32.const 0))
+      (func $start (global.set $started (i32.add (global.get $started) (i32.const 1))))
+      (start $start)
+      (func (export "started") (result i32) (global.get $started)))"""
+    async with process_session() as (client, _):
+        module_id = (await rpc(client, "module.load", {"wat": started}))["module_id"]
+        for _ in range(2):
+            vm_id = (await rpc(client, "vm.create", {"module_id": module_id}))["vm_id"]
+            assert (await call(client, vm_id, "started"))["results"] == [1]
+            assert (await rpc(client, "sidecar.stats"))["spare_instances"] == 0
