@@ -2,13 +2,13 @@
 
 Owns the spares: which VMs may start from one, making one after the answer that used the last,
 and closing them. A VM's first instance (a store, its budgets, an instantiation) is half of a
-`vm.create` from a loaded module (~50 of ~100 µs of the sidecar's own work, measured with
+`vm.create` from a loaded module (~35 of ~50 µs through the registry, measured with
 `benchmarks/bench_path_parts.py`); a spare made once the previous answer has left takes it off
 the next request's path. Knows nothing of requests or the registry: `sidecar.vms` asks.
 
 What makes a spare indistinguishable from an instance made for its VM:
 - it is what any VM with the registry's own budgets starts with: the process's limits (a VM that
-  tightens any gets its own instance), the default WASI view (no args, env or preopens), a store of
+  tightens any gets its own instance), the plain WASI view (no args, env or preopens), a store of
   the module's own engine;
 - no guest code has run in it: a module with a start function (ours, `__sidecar_start`, or one
   left in place) is never spared, since its start function may call the host, which needs a VM;
