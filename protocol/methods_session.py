@@ -117,7 +117,8 @@ class StatsResult(Wire):
     `hibernations` and `wakes` count VMs that left memory and came back since start (a stateless
     VM's dropped instances included); `state_bytes` is what the state directory holds (hibernated
     VMs' state and their modules, each module once); `state_quarantined` counts state files that
-    failed validation and were moved aside.
+    failed validation and were moved aside. `spare_instances` counts instances made ahead for the
+    next `vm.create` of their module (at most `runner_spare_instances`), live stores outside any VM.
     """
 
     requests_served: Count
@@ -135,6 +136,7 @@ class StatsResult(Wire):
     state_bytes: Count
     state_quarantined: Count
     uptime_ms: Count
+    spare_instances: Count
 
 
 class CancelParams(Wire):

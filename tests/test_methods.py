@@ -287,7 +287,7 @@ RESULTS: dict[str, Any] = {
     "sidecar.stats": StatsResult(requests_served=5, requests_in_flight=1, host_calls_pending=0, engines=1, vms=1,
                                  uptime_ms=10, vms_starting=0, vm_calls=3, vm_memory_bytes=65536,
                                  instances_recycled=Recycles(calls=1, memory=0, trap=0, rewound=0), hibernations=2,
-                                 wakes=1, state_bytes=4096, state_quarantined=0,
+                                 wakes=1, state_bytes=4096, state_quarantined=0, spare_instances=1,
                                  responses_dropped=DroppedResponses(stale=1, duplicate=0, unmatched=2)),
     "sidecar.limits": LimitsResult(limits=[ROW]),
 }  # fmt: skip
