@@ -144,11 +144,16 @@ class Hibernation:
 
     # -- the registry's hooks (`sidecar.residency`) ----------------------------------------
 
+    def joined(self, vm: Vm) -> None:
+        """Under the registry's commit, before the host hears of the VM: from here an exit keeps it."""
+        if resident(vm):  # not one registered asleep at start
+            with self._lock:
+                self._resident[vm.vm_id] = vm
+
     def went_live(self, vm: Vm) -> None:
-        if not resident(vm):
-            return  # registered asleep at start
         with self._lock:
-            self._resident[vm.vm_id] = vm
+            if self._resident.get(vm.vm_id) is not vm:
+                return  # registered asleep, or disposed or hibernated since it joined
             over = self._over_cap()
         if vm.limits.vm_hibernate_idle_ms:
             self._look_again.set()  # its timer may be due before the watcher's next look

@@ -274,6 +274,7 @@ class VmService:
                 self._vms[vm_id] = vm
                 self._starting -= 1
                 slot.held = False
+            self.residency.joined(vm)
             return result
 
         if not reply.result_of(go_live):

@@ -55,7 +55,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # What works on isolates: the VM orders jobs on them (ending each through a `completion`, in
     # the WASI view of `wasi_view`), `snapshots` captures and restores one, `preinit` runs one
     # export in one and bakes the state into a module; `spares` makes instances ahead for new VMs.
-    ("vm", frozenset({"vm", "completion", "wasi_view", "snapshots", "preinit", "residency", "rewind", "spares", "job"})),
+    ("vm", frozenset({"vm", "job", "completion", "wasi_view", "snapshots", "preinit", "residency", "rewind",
+                      "spares"})),
     # One store and instance; the guest ABI bound to it; `runtime`, the bundle an isolate is given.
     ("isolate", frozenset({"isolate", "guest_abi", "runtime"})),
     # What an isolate is built from and talks through, none of it aware of VMs. `modules` is the
