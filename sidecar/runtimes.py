@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
+from .logs import log
 
 DATA_DIR_ENV = "SIDECAR_DATA_DIR"
 PYTHON = "python"  # the runtime `vm.eval` and the MCP tools run code in
@@ -107,7 +107,7 @@ def install(
         command = [sys.executable, str(build), "--out", str(target), "--work-dir", str(work_dir or scratch)]
         if force:
             command.append("--force")
-        structlog.get_logger().info("runtime_install_started", runtime=name, target=str(target))
+        log.info("runtime_install_started", runtime=name, target=str(target))
         done = subprocess.run(command, check=False)
     if done.returncode != 0:
         raise RuntimeUnavailable(f"building runtime {name!r} failed (exit {done.returncode}); its output is above")
