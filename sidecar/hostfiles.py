@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 Buffer = bytes | bytearray | memoryview
@@ -78,6 +77,8 @@ def write_atomically(path: Path, parts: list[Buffer], *, durable: bool = True) -
     """`parts` written to a temporary file in the same directory and renamed over `path`: readers
     never see half a file. `durable`: synced before the rename, so that a crash of the machine
     leaves the old file or the new one whole (a file that dies with the process needs no sync)."""
+    import tempfile  # here, not at the top: the daemon imports this module before its first answer
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -11,7 +11,6 @@ VMs: what a runtime's guest needs (its preopen, its exports) is in its manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -45,6 +44,8 @@ class InstalledRuntime:
     @property
     def files_id(self) -> str:
         """Names the installed files by content (their hashes, as the manifest records them)."""
+        import hashlib  # only a Python VM needs it; `initialize` lists runtimes before any
+
         return hashlib.sha256(json.dumps(self.manifest["outputs"], sort_keys=True).encode()).hexdigest()
 
 
