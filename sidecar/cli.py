@@ -82,20 +82,22 @@ def serve(*, mcp: bool = False, state_path: Path | None = None) -> int:
     from .state_dir import StateDir, StateDirBusy
     from .transport import claim_stdio, nonblocking
 
-    limits = process_limits()
-    state_dir = None
-    if state_path is not None:
-        try:
-            state_dir = StateDir(state_path, limits, "mcp" if mcp else "jsonrpc")
-        except (StateDirBusy, OSError) as exc:
-            logs.log.error("state_dir_unusable", state_dir=str(state_path), error=str(exc))
-            logs.configure()
-            return 2
-    in_fd, out_fd = claim_stdio()
-    if mcp:
-        server = build_mcp_server(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
-    else:
-        server = build_server(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
+    try:
+        limits = process_limits()
+        state_dir = None
+        if state_path is not None:
+            try:
+                state_dir = StateDir(state_path, limits, "mcp" if mcp else "jsonrpc")
+            except (StateDirBusy, OSError) as exc:
+                logs.log.error("state_dir_unusable", state_dir=str(state_path), error=str(exc))
+                logs.configure()
+                return 2
+        in_fd, out_fd = claim_stdio()
+        build = build_mcp_server if mcp else build_server
+        server = build(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
+    except BaseException:
+        logs.configure()  # not serving after all: what was logged goes out before the traceback
+        raise
     with nonblocking(out_fd):
         server.start()  # the host's first requests are answered from here on
         logs.configure()
