@@ -229,9 +229,12 @@ def cold_start_samples(runs: int, baseline: Path | None = None) -> dict[str, lis
         return samples
 
 
-def cold_start_report(samples: dict[str, list[float]]) -> None:
+def cold_start_report(samples: dict[str, list[float]], baseline: Path | None = None) -> None:
     runs = len(next(iter(samples.values())))
     print(f"cold start, ms from spawn (interleaved rounds, {runs}): median / min / max")
+    for root in filter(None, (ROOT, baseline)):
+        if any(root.glob("*/__pycache__/*.pyc")):  # a process spawned without PYTHONDONTWRITEBYTECODE wrote them
+            print(f"  (the columns without .pyc read {root}'s __pycache__ all the same: remove it to measure them)")
     for name, values in samples.items():
         goal = "  (target <= 100 ms)" if name.startswith(("initialize", "ping")) else ""
         print(f"  {name:<31} {statistics.median(values):5.0f} {min(values):5.0f} {max(values):5.0f}{goal}")
@@ -292,7 +295,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     cold = cold_start_samples(args.cold, args.baseline)
     if args.cold_only:
-        cold_start_report(cold)
+        cold_start_report(cold, args.baseline)
     else:
         report(cold)
     timeline_report(timeline_ms(args.timeline))
