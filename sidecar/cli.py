@@ -14,7 +14,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from . import __version__, logs
+from . import STATE_DIR_ENV, __version__, logs
 
 if TYPE_CHECKING:
     import argparse
@@ -31,8 +31,6 @@ _MMAP_FROM = 128 << 10  # glibc's initial threshold, kept
 
 def _parser() -> argparse.ArgumentParser:
     import argparse  # only when there are arguments to check: the plain daemon starts without it
-
-    from .state_dir import STATE_DIR_ENV
 
     parser = argparse.ArgumentParser(
         prog="wasm-sidecar",
@@ -61,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime_cli import main as runtime_main
 
         return runtime_main(args[1:])
-    from .state_dir import STATE_DIR_ENV
-
     logs.hold()  # until `serve` has started serving: see the module docstring
     # A host's plain `wasm-sidecar` skips argparse (its import is part of every cold start).
     parsed = _parser().parse_args(args) if args else None
@@ -79,13 +75,14 @@ def serve(*, mcp: bool = False, state_path: Path | None = None) -> int:
     state directory is another process's (or cannot be made)."""
     from .app import build_mcp_server, build_server
     from .limits import process_limits
-    from .state_dir import StateDir, StateDirBusy
     from .transport import claim_stdio, nonblocking
 
     try:
         limits = process_limits()
         state_dir = None
         if state_path is not None:
+            from .state_dir import StateDir, StateDirBusy
+
             try:
                 state_dir = StateDir(state_path, limits, "mcp" if mcp else "jsonrpc")
             except (StateDirBusy, OSError) as exc:

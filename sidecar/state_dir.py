@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.errors import InvalidSnapshotError, RpcError
 
+from . import STATE_DIR_ENV
 from .hostfiles import TooLarge, read_bounded, write_atomically
 from .limits import Limits
 from .logs import log
@@ -46,7 +47,6 @@ from .logs import log
 if TYPE_CHECKING:  # the CLI opens the directory before serving: the cold start must not import wasmtime
     from .snapshot_file import SnapshotState
 
-STATE_DIR_ENV = "SIDECAR_STATE_DIR"
 _SUFFIX = ".state"
 _PRIVATE_PREFIX = "wasm-sidecar-state-"
 
