@@ -4,9 +4,9 @@ and before structlog, asyncio and anyio are.
 A package placed first on the sidecar's `PYTHONPATH` stands in for the real one: a `wasmtime` that
 fails to import shows that `initialize` and `ping` need nothing that imports wasmtime and that a
 failed load is an error naming what failed (never a hang, never a dead daemon); one that holds its
-import until the test opens a gate shows that a request needing the services waits for them. A
-gated `structlog` (imported before anyio, the event loop and the services) shows that the first
-answers need none of them, that the log events of that time are written once it loads, as they
+import until the test opens a gate shows that a request needing the services waits for them. Gated
+`structlog`, `anyio` and `asyncio` (the event loop's libraries) show that the first answers need
+none of them, that the log events of that time are written once it loads, as they
 happened, and that a session ending before the loop runs (a signal, end of input) ends cleanly.
 """
 
@@ -30,8 +30,9 @@ VM_CREATE = b'{"jsonrpc":"2.0","id":%d,"method":"vm.create","params":{"wat":"(mo
 GATED = """\
 import os, sys
 
-with open(os.environ["TEST_GATE"], "rb") as gate:  # the test writes a byte to open it
-    gate.read(1)
+_gate = os.open(os.environ["TEST_GATE"], os.O_RDONLY)  # the test writes a byte per stand-in to open it
+os.read(_gate, 1)  # exactly one: a buffered read could take the bytes of the others
+os.close(_gate)
 _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != _here]
 del sys.modules["%(name)s"]
@@ -42,19 +43,24 @@ sys.modules["%(name)s"] = _real
 
 
 def stand_in(root: Path, source: str, name: str = "wasmtime") -> dict[str, str]:
-    """An environment whose `import <name>` runs `source` first."""
+    """An environment whose `import <name>` runs `source` first (even a standard library module's:
+    `PYTHONPATH` comes before the standard library on `sys.path`)."""
     (root / name).mkdir()
     (root / name / "__init__.py").write_text(source)
     path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     return {"PYTHONPATH": path}
 
 
-def gated(root: Path, name: str) -> tuple[dict[str, str], int]:
-    """An environment whose `import <name>` waits until a byte is written to the returned fd."""
+def gated(root: Path, *names: str) -> tuple[dict[str, str], int]:
+    """An environment whose `import <name>`, for each of `names`, waits for a byte written to the
+    returned fd (write one per name)."""
     gate = root / "gate"
     os.mkfifo(gate)
     gate_fd = os.open(gate, os.O_RDWR)  # a writer from the start: the sidecar's open never blocks
-    return {**stand_in(root, GATED % {"name": name}, name), "TEST_GATE": str(gate)}, gate_fd
+    env = {"TEST_GATE": str(gate)}
+    for name in names:
+        env.update(stand_in(root, GATED % {"name": name}, name))
+    return env, gate_fd
 
 
 def send(proc, frame: bytes) -> None:
@@ -129,17 +135,20 @@ def test_the_mcp_front_answers_initialize_without_wasmtime_and_names_a_failed_lo
     assert [event["event"] for event in end(proc)].count("services_failed") == 1
 
 
-def test_the_first_answers_need_no_structlog_and_their_log_events_follow(tmp_path) -> None:
-    env, gate_fd = gated(tmp_path, "structlog")
+LOOP_AND_LOGS = ("structlog", "anyio", "asyncio")  # what the first answers must not wait for
+
+
+def test_the_first_answers_need_no_event_loop_nor_structlog_and_their_log_events_follow(tmp_path) -> None:
+    env, gate_fd = gated(tmp_path, *LOOP_AND_LOGS)
     try:
         proc = spawn(env=env)
         lines = Lines(proc)
         hello = b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"client":{"name":"cold","version":"9"}}}\n'
         send(proc, hello + b'{"jsonrpc":"2.0","id":2,"method":"ping"}\n' + VM_CREATE % 3)
-        assert lines.next()["result"]["server"]["name"] == "wasm-sidecar"  # while structlog cannot load
+        assert lines.next()["result"]["server"]["name"] == "wasm-sidecar"  # while none of them can load
         assert lines.next() == {"jsonrpc": "2.0", "id": 2, "result": {}}
         opened = datetime.now(UTC)
-        os.write(gate_fd, b"x")
+        os.write(gate_fd, b"x" * len(LOOP_AND_LOGS))
         assert lines.next()["result"]["vm_id"]  # the services came after it, as ever
     finally:
         os.close(gate_fd)
@@ -155,7 +164,7 @@ def test_the_first_answers_need_no_structlog_and_their_log_events_follow(tmp_pat
 
 @pytest.mark.parametrize("ending", ["signal", "end_of_input"])
 def test_a_session_that_ends_before_the_event_loop_runs_ends_cleanly(tmp_path, ending) -> None:
-    env, gate_fd = gated(tmp_path, "structlog")
+    env, gate_fd = gated(tmp_path, *LOOP_AND_LOGS)
     try:
         proc = spawn(env=env)
         send(proc, INITIALIZE)
@@ -164,7 +173,7 @@ def test_a_session_that_ends_before_the_event_loop_runs_ends_cleanly(tmp_path, e
             proc.send_signal(signal.SIGTERM)
         else:
             proc.stdin.close()
-        os.write(gate_fd, b"x")
+        os.write(gate_fd, b"x" * len(LOOP_AND_LOGS))
         assert proc.wait(timeout=WAIT) == 0
     finally:
         os.close(gate_fd)  # once nobody may still open the gate: a fifo without a writer drops its byte
