@@ -6,8 +6,8 @@ fails to import shows that `initialize` and `ping` need nothing that imports was
 failed load is an error naming what failed (never a hang, never a dead daemon); one that holds its
 import until the test opens a gate shows that a request needing the services waits for them. Gated
 `structlog`, `anyio` and `asyncio` (the event loop's libraries) show that the first answers need
-none of them, that the log events of that time are written once it loads, as they
-happened, and that a session ending before the loop runs (a signal, end of input) ends cleanly.
+none of them (nor does the MCP front's), that the log events of that time are written once
+they load, as they happened, and that a session ending before the loop runs (a signal, end of input) ends cleanly.
 """
 
 from __future__ import annotations
@@ -160,6 +160,20 @@ def test_the_first_answers_need_no_event_loop_nor_structlog_and_their_log_events
     for event in held.values():  # stamped when they happened, not when structlog came to write them
         assert datetime.fromisoformat(event["timestamp"]) < opened
     assert logged[-1]["event"] == "sidecar_stopped" and logged[-1]["reason"] == "end_of_input"
+
+
+def test_the_mcp_front_answers_initialize_before_the_event_loop_too(tmp_path) -> None:
+    env, gate_fd = gated(tmp_path, *LOOP_AND_LOGS)
+    try:
+        proc = spawn("mcp", env=env)
+        send(proc, json.dumps(mcp_initialize()).encode() + b"\n")
+        assert Lines(proc).next()["result"]["serverInfo"]["name"] == "wasm-sidecar"  # while none can load
+        os.write(gate_fd, b"x" * len(LOOP_AND_LOGS))
+        logged = end(proc)
+    finally:
+        os.close(gate_fd)
+    assert [event["event"] for event in logged[:2]] == ["sidecar_started", "host_identified"]
+    assert logged[0]["front"] == "mcp"
 
 
 @pytest.mark.parametrize("ending", ["signal", "end_of_input"])
