@@ -7,10 +7,13 @@ second half of `bench_path.py`'s output.
    (`sidecar.app.build_server` on pipes), each frame handed to its dispatcher on this thread, whose
    answers go straight to the output pipe (one `write` each). A round trip adds to this the host's
    and the kernel's part, which the echo pays as well.
-2. The floor of `vm.create` in wasmtime-py: a store and an instance of the same module from a
+2. `vm.create` from a loaded module in this process, through the registry (`VmService`) without the
+   dispatcher: µs until its answer is decided (what a reply sends at once) and in all, with the spare
+   instance (`sidecar.spares`, made after the answer) and without; the two series alternate.
+3. The floor of `vm.create` in wasmtime-py: a store and an instance of the same module from a
    linker defined once (what reusing a linker per module would leave), against a new linker with
    the guest ABI's seven functions defined per instance (what each instance costs today).
-3. The cold start, sampled in interleaved rounds so every column saw the same load: spawn to the
+4. The cold start, sampled in interleaved rounds so every column saw the same load: spawn to the
    first answer of `initialize` (as a host sends it) and of `ping`, with and without this tree's
    .pyc files; then to the answer of a `vm.create` sent right after `initialize` (the VM services,
    wasmtime beneath them, load once the session serves). Beside them the floors: a bare Python
@@ -19,7 +22,7 @@ second half of `bench_path.py`'s output.
    msgspec, structlog: the first answer's floor until it came before the event loop), and one
    that imports wasmtime as well (the floor before issue 15). `--baseline DIR` samples the same
    columns for another checkout (say, main's) in the same rounds: a before/after of one run.
-4. The cold start's timeline (`--timeline N` runs, .pyc): from spawn to the moments the sidecar's
+5. The cold start's timeline (`--timeline N` runs, .pyc): from spawn to the moments the sidecar's
    own log events carry (held until structlog is set up, they keep the moment they happened):
    `sidecar_started` (the intake starts), `host_identified` (`initialize` handled), the answer as
    the host read it, `services_loaded` (wasmtime and the VM services in), a `vm.create`'s answer.
@@ -48,9 +51,15 @@ from bench_vm import GUESTS
 from harness import ROOT, SIDECAR, Peer, best_us
 
 sys.path.insert(0, str(ROOT))
+from protocol.methods import VmCreateParams, VmDisposeParams  # noqa: E402
 from sidecar import logs  # noqa: E402
 from sidecar.app import build_server  # noqa: E402
+from sidecar.engines import Engines  # noqa: E402
+from sidecar.hostcalls import HostCalls  # noqa: E402
 from sidecar.limits import load_limits  # noqa: E402
+from sidecar.modules import ModuleStore  # noqa: E402
+from sidecar.runtime import NotReading, Runtime  # noqa: E402
+from sidecar.vms import VmService  # noqa: E402
 
 PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
 LIBRARIES = "import asyncio, anyio, msgspec, structlog"  # what the daemon serves on
@@ -140,6 +149,63 @@ def dispatch_costs(count: int) -> dict[str, float]:
         "add": daemon.per_frame_us(add % numeric.encode(), count),
         "create": daemon.per_frame_us(create, max(200, count // 10), after=dispose),
     }
+
+
+class _Noted:
+    """A `vm.create`'s completion that notes when its answer is decided, as a reply would send it."""
+
+    id = 1
+    method = "vm.create"
+    on_cancel = None
+
+    def __init__(self) -> None:
+        self.done = False
+        self.answered_ns = 0
+        self.value: object = None
+
+    def result(self, value: object) -> None:
+        self.value, self.done = value, True
+
+    def error(self, error: Exception) -> None:
+        raise error
+
+    def result_of(self, commit: Callable[[], object]) -> bool:
+        self.value, self.done = commit(), True
+        self.answered_ns = time.perf_counter_ns()
+        return True
+
+
+def create_breakdown(count: int, rounds: int = 5) -> dict[str, tuple[float, float]]:
+    """{"spares" | "no spares": (median µs to the answer, median µs in all)} of `vm.create` from a
+    loaded `abi.wat`, through `VmService` in this process (each VM disposed, untimed); `rounds`
+    alternating blocks of `count` per series."""
+    wasm = wasmtime.wat2wasm((GUESTS / "abi.wat").read_text())
+    samples: dict[str, tuple[list[float], list[float]]] = {}
+    services = {}
+    with tempfile.TemporaryDirectory(prefix="bench-create-") as cache_dir:
+        for name, env in (("spares", {}), ("no spares", {"SIDECAR_RUNNER_SPARE_INSTANCES": "0"})):
+            limits = load_limits(env)
+            engines = Engines(limits)
+            engines.start()
+            runtime = Runtime(HostCalls(limits, lambda _frame: None), NotReading(), lambda _frame: None)
+            vms = VmService(limits, runtime, ModuleStore(limits, engines, Path(cache_dir)), engines)
+            params = VmCreateParams(module_id=vms.compile(wasm, limits).module_id)
+            services[name] = (vms, params)
+            samples[name] = ([], [])
+        for _ in range(rounds):
+            for name, (vms, params) in services.items():
+                for index in range(count + 20):  # the first 20 warm up
+                    noted = _Noted()
+                    started = time.perf_counter_ns()
+                    vms.vm_create(params, noted)
+                    ended = time.perf_counter_ns()
+                    vms.vm_dispose(VmDisposeParams(vm_id=noted.value.vm_id))  # type: ignore[attr-defined]
+                    if index >= 20:
+                        samples[name][0].append((noted.answered_ns - started) / 1000)
+                        samples[name][1].append((ended - started) / 1000)
+        for vms, _ in services.values():
+            anyio.run(vms.close)
+    return {name: (statistics.median(answer), statistics.median(total)) for name, (answer, total) in samples.items()}
 
 
 def instantiation_floor(count: int) -> tuple[float, float]:
@@ -287,6 +353,9 @@ def report(cold: dict[str, list[float]] | None = None, calls: int = 2000, runs: 
     print("the sidecar's own CPU per request, in process, no round trip (µs, best median of 5 runs)")
     print(f"  ping {costs['ping']:.1f}   vm.call add {costs['add']:.1f} (+{costs['add'] - costs['ping']:.1f} over ping)"
           f"   vm.create from a module_id {costs['create']:.0f}")
+    for name, (answer, total) in create_breakdown(max(200, calls // 10)).items():
+        print(f"  vm.create through the registry, {name:<9}: answer decided after {answer:5.1f} µs, "
+              f"{total:5.1f} µs in all (median)")
     reused, fresh = instantiation_floor(max(200, calls // 10))
     print(f"wasmtime-py, abi.wat: store + instance from a linker defined once {reused:.1f} µs; "
           f"with a new linker and 7 host functions per instance {fresh:.1f} µs")

@@ -49,13 +49,14 @@ from . import snapshots
 from .completion import Completion
 from .guest_abi import CallState
 from .isolate import Isolate
+from .job import Job
 from .limits import Limits
 from .residency import resident
 from .runtime import Runtime
 from .snapshot_file import SnapshotState
 from .snapshot_service import SnapshotService
 from .state_dir import Found, StateDir, StateFull
-from .vm import Job, Vm
+from .vm import Vm
 from .vms import VmService
 from .wasmbin import Instrumented
 

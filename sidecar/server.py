@@ -333,7 +333,7 @@ class Server:
     def _stats(self, _: Empty) -> StatsResult:
         fields: dict[str, Any] = {"engines": 0, "vms": 0, "vms_starting": 0, "vm_calls": 0, "vm_memory_bytes": 0,
                                   "instances_recycled": Recycles.of({}), "hibernations": 0, "wakes": 0,
-                                  "state_bytes": 0, "state_quarantined": 0}
+                                  "state_bytes": 0, "state_quarantined": 0, "spare_instances": 0}
         for service in self._services:
             fields.update(service.stats())
         return StatsResult(

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -83,11 +85,8 @@ class StateDir:
         session names, which would be every VM of the daemon's."""
         self.private = path is None
         if path is None:
-            import tempfile  # imported by the CLI before its first answer; a private directory comes later
-
             _remove_orphans()
-            path = Path(tempfile.mkdtemp(prefix=_PRIVATE_PREFIX))
-        self.path = path
+        self.path = Path(tempfile.mkdtemp(prefix=_PRIVATE_PREFIX)) if path is None else path
         self._limits = limits
         for sub in ("vms", "modules", "quarantine", "trash"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
@@ -226,7 +225,7 @@ class StateDir:
     def close(self) -> None:
         """Release the lock; a private directory goes with it."""
         if self.private:
-            _remove(self.path)
+            shutil.rmtree(self.path, ignore_errors=True)
         else:
             self.empty_trash()
         os.close(self._lock_fd)
@@ -263,18 +262,10 @@ class StateDir:
         return self.path / "modules" / f"{digest}.wasm"
 
 
-def _remove(directory: Path) -> None:
-    import shutil  # as `tempfile` above: only a private directory needs it, after the first answer
-
-    shutil.rmtree(directory, ignore_errors=True)
-
-
 def _remove_orphans() -> None:
     """Remove the private directories of sidecars that died without removing theirs (a SIGKILL).
     One is an orphan when its lock is free and names a pid that no longer runs: an owner writes
     its pid only once it holds the lock, so a directory still being set up is never taken."""
-    import tempfile
-
     for candidate in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*"):
         try:
             fd = os.open(candidate / "lock", os.O_RDWR)
@@ -284,7 +275,7 @@ def _remove_orphans() -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
             if owner.isdigit() and not _running(int(owner)):
-                _remove(candidate)
+                shutil.rmtree(candidate, ignore_errors=True)
                 log.info("state_dir_orphan_removed", state_dir=str(candidate), pid=int(owner))
         except OSError:
             pass  # held: its sidecar lives
