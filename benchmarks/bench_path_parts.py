@@ -17,12 +17,22 @@ second half of `bench_path.py`'s output.
    first answer of `initialize` (as a host sends it) and of `ping`, with and without this tree's
    .pyc files; then to the answer of a `vm.create` sent right after `initialize` (the VM services,
    wasmtime beneath them, load once the session serves). Beside them the floors: a bare Python
-   process answering one line, one that imports the libraries the first answer needs (asyncio,
-   anyio, msgspec, structlog), and one that imports wasmtime as well (the floor before issue 15).
+   process answering one line, one that imports msgspec (all the first answer is built on besides
+   the standard library), one that imports the libraries the daemon serves on (asyncio, anyio,
+   msgspec, structlog: the first answer's floor until it came before the event loop), and one
+   that imports wasmtime as well (the floor before issue 15). `--baseline DIR` samples the same
+   columns for another checkout (say, main's) in the same rounds: a before/after of one run.
+5. The cold start's timeline (`--timeline N` runs, .pyc): from spawn to the moments the sidecar's
+   own log events carry (held until structlog is set up, they keep the moment they happened):
+   `sidecar_started` (the intake starts), `host_identified` (`initialize` handled), the answer as
+   the host read it, `services_loaded` (wasmtime and the VM services in), a `vm.create`'s answer.
+
+Run only the cold start: `python benchmarks/bench_path_parts.py --cold 10 [--baseline DIR]`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -32,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import anyio
@@ -51,7 +62,8 @@ from sidecar.runtime import NotReading, Runtime  # noqa: E402
 from sidecar.vms import VmService  # noqa: E402
 
 PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
-LIBRARIES = "import asyncio, anyio, msgspec, structlog"  # what the first answer is built on
+LIBRARIES = "import asyncio, anyio, msgspec, structlog"  # what the daemon serves on
+FIRST_ANSWER_LIBRARIES = "import msgspec"  # what the first answer is built on (and the standard library)
 INITIALIZE = {"protocol_version": 1, "client": {"name": "bench", "version": "0"}}
 VM_CREATE = {"wat": '(module (func (export "f")))'}
 
@@ -240,11 +252,11 @@ def first_line_ms(argv: list[str]) -> float:
     return elapsed
 
 
-def first_answers_ms(method: str, env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Ms from spawning the sidecar to its answer to `method`, and to the answer of a `vm.create`
-    sent once that came."""
+def first_answers_ms(method: str, env: dict[str, str] | None = None, root: Path = ROOT) -> tuple[float, float]:
+    """Ms from spawning the sidecar (of the tree at `root`) to its answer to `method`, and to the
+    answer of a `vm.create` sent once that came."""
     started = time.perf_counter()
-    peer = Peer(SIDECAR, env)
+    peer = Peer(SIDECAR, env, root=root)
     try:
         answer = peer.request(method, INITIALIZE if method == "initialize" else None)
         first = (time.perf_counter() - started) * 1000
@@ -255,34 +267,85 @@ def first_answers_ms(method: str, env: dict[str, str] | None = None) -> tuple[fl
         peer.close()
 
 
-def cold_start_samples(runs: int) -> dict[str, list[float]]:
-    """Each column once per round, `runs` rounds. The .pyc columns (as an installed wheel has them:
-    pip compiles at install) read this tree's bytecode from a prefix written once here, since
-    PYTHONDONTWRITEBYTECODE may be set (it is in the Docker image and on the target machine)."""
+def cold_start_samples(runs: int, baseline: Path | None = None) -> dict[str, list[float]]:
+    """Each column once per round, `runs` rounds (`baseline`'s columns too, if given). The .pyc
+    columns (as an installed wheel has them: pip compiles at install) read each tree's bytecode
+    from a prefix written once here, since PYTHONDONTWRITEBYTECODE may be set (it is in the Docker
+    image and on the target machine)."""
+    trees = {"": ROOT} | ({"main ": baseline} if baseline is not None else {})
     with tempfile.TemporaryDirectory(prefix="bench-pyc-") as prefix:
         compiled = {"PYTHONPYCACHEPREFIX": prefix}
-        Peer(SIDECAR, {**compiled, "PYTHONDONTWRITEBYTECODE": ""}).close()  # writes them once
+        for root in trees.values():
+            first_answers_ms("initialize", {**compiled, "PYTHONDONTWRITEBYTECODE": ""}, root)  # writes them once
         samples: dict[str, list[float]] = {}
         for _ in range(runs):
             row = {
                 "bare python": first_line_ms([sys.executable, "-c", "print()"]),
+                "msgspec": first_line_ms([sys.executable, "-c", f"{FIRST_ANSWER_LIBRARIES}; print()"]),
                 "libraries": first_line_ms([sys.executable, "-c", f"{LIBRARIES}; print()"]),
                 "libraries + wasmtime": first_line_ms([sys.executable, "-c", f"{LIBRARIES}, wasmtime; print()"]),
             }
-            for label, env in (("", None), (" .pyc", compiled)):
-                row[f"initialize{label}"], row[f"vm.create after it{label}"] = first_answers_ms("initialize", env)
-                row[f"ping{label}"], _ = first_answers_ms("ping", env)
+            for tree, root in trees.items():
+                for label, env in (("", None), (" .pyc", compiled)):
+                    row[f"{tree}initialize{label}"], row[f"{tree}vm.create after it{label}"] = first_answers_ms(
+                        "initialize", env, root)
+                    row[f"{tree}ping{label}"], _ = first_answers_ms("ping", env, root)
             for name, value in row.items():
                 samples.setdefault(name, []).append(value)
         return samples
 
 
-def cold_start_report(samples: dict[str, list[float]]) -> None:
+def cold_start_report(samples: dict[str, list[float]], baseline: Path | None = None) -> None:
     runs = len(next(iter(samples.values())))
     print(f"cold start, ms from spawn (interleaved rounds, {runs}): median / min / max")
+    for root in filter(None, (ROOT, baseline)):
+        if any(root.glob("*/__pycache__/*.pyc")):  # a process spawned without PYTHONDONTWRITEBYTECODE wrote them
+            print(f"  (the columns without .pyc read {root}'s __pycache__ all the same: remove it to measure them)")
     for name, values in samples.items():
         goal = "  (target <= 100 ms)" if name.startswith(("initialize", "ping")) else ""
-        print(f"  {name:<26} {statistics.median(values):5.0f} {min(values):5.0f} {max(values):5.0f}{goal}")
+        print(f"  {name:<31} {statistics.median(values):5.0f} {min(values):5.0f} {max(values):5.0f}{goal}")
+    # Under load every column stretches alike: a column over a floor of the same round holds still.
+    print("  per round, over the floor measured in it (median): msgspec / the libraries the daemon serves on")
+    for name, values in samples.items():
+        if "initialize" in name or "ping" in name:
+            ratios = [statistics.median([value / floor for value, floor in zip(values, samples[base], strict=True)])
+                      for base in ("msgspec", "libraries")]
+            print(f"  {name:<31} {ratios[0]:5.2f}x {ratios[1]:5.2f}x")
+
+
+TIMELINE = ("sidecar_started", "host_identified", "first answer read", "services_loaded", "vm.create answered")
+
+
+def timeline_ms(runs: int) -> dict[str, list[float]]:
+    """Ms from spawn to each of `TIMELINE`'s moments, per run, with this tree's .pyc files."""
+    samples: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-pyc-") as prefix:
+        env = {"PYTHONPYCACHEPREFIX": prefix, "SIDECAR_LOG_LEVEL": "debug"}
+        first_answers_ms("initialize", {**env, "PYTHONDONTWRITEBYTECODE": ""})  # writes them once
+        for _ in range(runs):
+            spawned = time.time()
+            peer = Peer(SIDECAR, env, stderr=subprocess.PIPE)
+            peer.request("initialize", INITIALIZE)
+            read = time.time()
+            peer.request("vm.create", VM_CREATE, request_id=2)
+            created = time.time()
+            peer.close()
+            logged = {}
+            for line in peer.proc.stderr.read().splitlines():
+                event = json.loads(line)
+                logged.setdefault(event["event"], datetime.fromisoformat(event["timestamp"]).timestamp())
+            peer.proc.stderr.close()
+            moments = [logged["sidecar_started"], logged["host_identified"], read, logged["services_loaded"], created]
+            for name, moment in zip(TIMELINE, moments, strict=True):
+                samples.setdefault(name, []).append((moment - spawned) * 1000)
+    return samples
+
+
+def timeline_report(samples: dict[str, list[float]]) -> None:
+    runs = len(next(iter(samples.values())))
+    print(f"cold start timeline, ms from spawn (.pyc, {runs} runs): median / min / max")
+    for name, values in samples.items():
+        print(f"  {name:<26} {statistics.median(values):5.0f} {min(values):5.0f} {max(values):5.0f}")
 
 
 def report(cold: dict[str, list[float]] | None = None, calls: int = 2000, runs: int = 10) -> None:
@@ -300,4 +363,15 @@ def report(cold: dict[str, list[float]] | None = None, calls: int = 2000, runs: 
 
 
 if __name__ == "__main__":
-    report()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cold", type=int, default=10, help="cold start rounds")
+    parser.add_argument("--baseline", type=Path, help="another checkout to sample in the same rounds")
+    parser.add_argument("--timeline", type=int, default=5, help="runs of the cold start's timeline")
+    parser.add_argument("--cold-only", action="store_true", help="only the cold start and its timeline")
+    args = parser.parse_args()
+    cold = cold_start_samples(args.cold, args.baseline)
+    if args.cold_only:
+        cold_start_report(cold, args.baseline)
+    else:
+        report(cold)
+    timeline_report(timeline_ms(args.timeline))

@@ -22,14 +22,16 @@ ECHO = [sys.executable, str(Path(__file__).with_name("echo_server.py"))]
 
 
 class Peer:
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, *, root: Path = ROOT,
+                 stderr: int = subprocess.DEVNULL) -> None:
+        """`root`: the tree whose `sidecar` runs (the working directory); `stderr`: where its logs go."""
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=stderr,
             env={**os.environ, **(env or {})},
-            cwd=ROOT,
+            cwd=root,
         )
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
