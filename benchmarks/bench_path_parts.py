@@ -7,19 +7,32 @@ second half of `bench_path.py`'s output.
    (`sidecar.app.build_server` on pipes), each frame handed to its dispatcher on this thread, whose
    answers go straight to the output pipe (one `write` each). A round trip adds to this the host's
    and the kernel's part, which the echo pays as well.
-2. The floor of `vm.create` in wasmtime-py: a store and an instance of the same module from a
+2. `vm.create` from a loaded module in this process, through the registry (`VmService`) without the
+   dispatcher: µs until its answer is decided (what a reply sends at once) and in all, with the spare
+   instance (`sidecar.spares`, made after the answer) and without; the two series alternate.
+3. The floor of `vm.create` in wasmtime-py: a store and an instance of the same module from a
    linker defined once (what reusing a linker per module would leave), against a new linker with
    the guest ABI's seven functions defined per instance (what each instance costs today).
-3. The cold start, sampled in interleaved rounds so every column saw the same load: spawn to the
+4. The cold start, sampled in interleaved rounds so every column saw the same load: spawn to the
    first answer of `initialize` (as a host sends it) and of `ping`, with and without this tree's
    .pyc files; then to the answer of a `vm.create` sent right after `initialize` (the VM services,
    wasmtime beneath them, load once the session serves). Beside them the floors: a bare Python
-   process answering one line, one that imports the libraries the first answer needs (asyncio,
-   anyio, msgspec, structlog), and one that imports wasmtime as well (the floor before issue 15).
+   process answering one line, one that imports msgspec (all the first answer is built on besides
+   the standard library), one that imports the libraries the daemon serves on (asyncio, anyio,
+   msgspec, structlog: the first answer's floor until it came before the event loop), and one
+   that imports wasmtime as well (the floor before issue 15). `--baseline DIR` samples the same
+   columns for another checkout (say, main's) in the same rounds: a before/after of one run.
+5. The cold start's timeline (`--timeline N` runs, .pyc): from spawn to the moments the sidecar's
+   own log events carry (held until structlog is set up, they keep the moment they happened):
+   `sidecar_started` (the intake starts), `host_identified` (`initialize` handled), the answer as
+   the host read it, `services_loaded` (wasmtime and the VM services in), a `vm.create`'s answer.
+
+Run only the cold start: `python benchmarks/bench_path_parts.py --cold 10 [--baseline DIR]`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -29,6 +42,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
 
 import anyio
 import wasmtime
@@ -36,12 +51,19 @@ from bench_vm import ADD, ASK, GUESTS, create_vm, timed, timed_host_call
 from harness import ECHO, FLOOR, ROOT, SIDECAR, Peer, best_us
 
 sys.path.insert(0, str(ROOT))
+from protocol.methods import VmCreateParams, VmDisposeParams  # noqa: E402
 from sidecar import logs  # noqa: E402
 from sidecar.app import build_server  # noqa: E402
+from sidecar.engines import Engines  # noqa: E402
+from sidecar.hostcalls import HostCalls  # noqa: E402
 from sidecar.limits import load_limits  # noqa: E402
+from sidecar.modules import ModuleStore  # noqa: E402
+from sidecar.runtime import NotReading, Runtime  # noqa: E402
+from sidecar.vms import VmService  # noqa: E402
 
 PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
-LIBRARIES = "import asyncio, anyio, msgspec, structlog"  # what the first answer is built on
+LIBRARIES = "import asyncio, anyio, msgspec, structlog"  # what the daemon serves on
+FIRST_ANSWER_LIBRARIES = "import msgspec"  # what the first answer is built on (and the standard library)
 INITIALIZE = {"protocol_version": 1, "client": {"name": "bench", "version": "0"}}
 VM_CREATE = {"wat": '(module (func (export "f")))'}
 
@@ -178,6 +200,63 @@ def cpu_per_request(calls: int) -> dict[str, tuple[float, float]]:
             peer.close()
 
 
+class _Noted:
+    """A `vm.create`'s completion that notes when its answer is decided, as a reply would send it."""
+
+    id = 1
+    method = "vm.create"
+    on_cancel = None
+
+    def __init__(self) -> None:
+        self.done = False
+        self.answered_ns = 0
+        self.value: object = None
+
+    def result(self, value: object) -> None:
+        self.value, self.done = value, True
+
+    def error(self, error: Exception) -> None:
+        raise error
+
+    def result_of(self, commit: Callable[[], object]) -> bool:
+        self.value, self.done = commit(), True
+        self.answered_ns = time.perf_counter_ns()
+        return True
+
+
+def create_breakdown(count: int, rounds: int = 5) -> dict[str, tuple[float, float]]:
+    """{"spares" | "no spares": (median µs to the answer, median µs in all)} of `vm.create` from a
+    loaded `abi.wat`, through `VmService` in this process (each VM disposed, untimed); `rounds`
+    alternating blocks of `count` per series."""
+    wasm = wasmtime.wat2wasm((GUESTS / "abi.wat").read_text())
+    samples: dict[str, tuple[list[float], list[float]]] = {}
+    services = {}
+    with tempfile.TemporaryDirectory(prefix="bench-create-") as cache_dir:
+        for name, env in (("spares", {}), ("no spares", {"SIDECAR_RUNNER_SPARE_INSTANCES": "0"})):
+            limits = load_limits(env)
+            engines = Engines(limits)
+            engines.start()
+            runtime = Runtime(HostCalls(limits, lambda _frame: None), NotReading(), lambda _frame: None)
+            vms = VmService(limits, runtime, ModuleStore(limits, engines, Path(cache_dir)), engines)
+            params = VmCreateParams(module_id=vms.compile(wasm, limits).module_id)
+            services[name] = (vms, params)
+            samples[name] = ([], [])
+        for _ in range(rounds):
+            for name, (vms, params) in services.items():
+                for index in range(count + 20):  # the first 20 warm up
+                    noted = _Noted()
+                    started = time.perf_counter_ns()
+                    vms.vm_create(params, noted)
+                    ended = time.perf_counter_ns()
+                    vms.vm_dispose(VmDisposeParams(vm_id=noted.value.vm_id))  # type: ignore[attr-defined]
+                    if index >= 20:
+                        samples[name][0].append((noted.answered_ns - started) / 1000)
+                        samples[name][1].append((ended - started) / 1000)
+        for vms, _ in services.values():
+            anyio.run(vms.close)
+    return {name: (statistics.median(answer), statistics.median(total)) for name, (answer, total) in samples.items()}
+
+
 def instantiation_floor(count: int) -> tuple[float, float]:
     """(µs for store + instance from a linker defined once, µs with a new linker and the ABI's
     seven host functions defined per instance), for `abi.wat` on a default engine."""
@@ -222,11 +301,11 @@ def first_line_ms(argv: list[str]) -> float:
     return elapsed
 
 
-def first_answers_ms(method: str, env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Ms from spawning the sidecar to its answer to `method`, and to the answer of a `vm.create`
-    sent once that came."""
+def first_answers_ms(method: str, env: dict[str, str] | None = None, root: Path = ROOT) -> tuple[float, float]:
+    """Ms from spawning the sidecar (of the tree at `root`) to its answer to `method`, and to the
+    answer of a `vm.create` sent once that came."""
     started = time.perf_counter()
-    peer = Peer(SIDECAR, env)
+    peer = Peer(SIDECAR, env, root=root)
     try:
         answer = peer.request(method, INITIALIZE if method == "initialize" else None)
         first = (time.perf_counter() - started) * 1000
@@ -237,34 +316,85 @@ def first_answers_ms(method: str, env: dict[str, str] | None = None) -> tuple[fl
         peer.close()
 
 
-def cold_start_samples(runs: int) -> dict[str, list[float]]:
-    """Each column once per round, `runs` rounds. The .pyc columns (as an installed wheel has them:
-    pip compiles at install) read this tree's bytecode from a prefix written once here, since
-    PYTHONDONTWRITEBYTECODE may be set (it is in the Docker image and on the target machine)."""
+def cold_start_samples(runs: int, baseline: Path | None = None) -> dict[str, list[float]]:
+    """Each column once per round, `runs` rounds (`baseline`'s columns too, if given). The .pyc
+    columns (as an installed wheel has them: pip compiles at install) read each tree's bytecode
+    from a prefix written once here, since PYTHONDONTWRITEBYTECODE may be set (it is in the Docker
+    image and on the target machine)."""
+    trees = {"": ROOT} | ({"main ": baseline} if baseline is not None else {})
     with tempfile.TemporaryDirectory(prefix="bench-pyc-") as prefix:
         compiled = {"PYTHONPYCACHEPREFIX": prefix}
-        Peer(SIDECAR, {**compiled, "PYTHONDONTWRITEBYTECODE": ""}).close()  # writes them once
+        for root in trees.values():
+            first_answers_ms("initialize", {**compiled, "PYTHONDONTWRITEBYTECODE": ""}, root)  # writes them once
         samples: dict[str, list[float]] = {}
         for _ in range(runs):
             row = {
                 "bare python": first_line_ms([sys.executable, "-c", "print()"]),
+                "msgspec": first_line_ms([sys.executable, "-c", f"{FIRST_ANSWER_LIBRARIES}; print()"]),
                 "libraries": first_line_ms([sys.executable, "-c", f"{LIBRARIES}; print()"]),
                 "libraries + wasmtime": first_line_ms([sys.executable, "-c", f"{LIBRARIES}, wasmtime; print()"]),
             }
-            for label, env in (("", None), (" .pyc", compiled)):
-                row[f"initialize{label}"], row[f"vm.create after it{label}"] = first_answers_ms("initialize", env)
-                row[f"ping{label}"], _ = first_answers_ms("ping", env)
+            for tree, root in trees.items():
+                for label, env in (("", None), (" .pyc", compiled)):
+                    row[f"{tree}initialize{label}"], row[f"{tree}vm.create after it{label}"] = first_answers_ms(
+                        "initialize", env, root)
+                    row[f"{tree}ping{label}"], _ = first_answers_ms("ping", env, root)
             for name, value in row.items():
                 samples.setdefault(name, []).append(value)
         return samples
 
 
-def cold_start_report(samples: dict[str, list[float]]) -> None:
+def cold_start_report(samples: dict[str, list[float]], baseline: Path | None = None) -> None:
     runs = len(next(iter(samples.values())))
     print(f"cold start, ms from spawn (interleaved rounds, {runs}): median / min / max")
+    for root in filter(None, (ROOT, baseline)):
+        if any(root.glob("*/__pycache__/*.pyc")):  # a process spawned without PYTHONDONTWRITEBYTECODE wrote them
+            print(f"  (the columns without .pyc read {root}'s __pycache__ all the same: remove it to measure them)")
     for name, values in samples.items():
         goal = "  (target <= 100 ms)" if name.startswith(("initialize", "ping")) else ""
-        print(f"  {name:<26} {statistics.median(values):5.0f} {min(values):5.0f} {max(values):5.0f}{goal}")
+        print(f"  {name:<31} {statistics.median(values):5.0f} {min(values):5.0f} {max(values):5.0f}{goal}")
+    # Under load every column stretches alike: a column over a floor of the same round holds still.
+    print("  per round, over the floor measured in it (median): msgspec / the libraries the daemon serves on")
+    for name, values in samples.items():
+        if "initialize" in name or "ping" in name:
+            ratios = [statistics.median([value / floor for value, floor in zip(values, samples[base], strict=True)])
+                      for base in ("msgspec", "libraries")]
+            print(f"  {name:<31} {ratios[0]:5.2f}x {ratios[1]:5.2f}x")
+
+
+TIMELINE = ("sidecar_started", "host_identified", "first answer read", "services_loaded", "vm.create answered")
+
+
+def timeline_ms(runs: int) -> dict[str, list[float]]:
+    """Ms from spawn to each of `TIMELINE`'s moments, per run, with this tree's .pyc files."""
+    samples: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-pyc-") as prefix:
+        env = {"PYTHONPYCACHEPREFIX": prefix, "SIDECAR_LOG_LEVEL": "debug"}
+        first_answers_ms("initialize", {**env, "PYTHONDONTWRITEBYTECODE": ""})  # writes them once
+        for _ in range(runs):
+            spawned = time.time()
+            peer = Peer(SIDECAR, env, stderr=subprocess.PIPE)
+            peer.request("initialize", INITIALIZE)
+            read = time.time()
+            peer.request("vm.create", VM_CREATE, request_id=2)
+            created = time.time()
+            peer.close()
+            logged = {}
+            for line in peer.proc.stderr.read().splitlines():
+                event = json.loads(line)
+                logged.setdefault(event["event"], datetime.fromisoformat(event["timestamp"]).timestamp())
+            peer.proc.stderr.close()
+            moments = [logged["sidecar_started"], logged["host_identified"], read, logged["services_loaded"], created]
+            for name, moment in zip(TIMELINE, moments, strict=True):
+                samples.setdefault(name, []).append((moment - spawned) * 1000)
+    return samples
+
+
+def timeline_report(samples: dict[str, list[float]]) -> None:
+    runs = len(next(iter(samples.values())))
+    print(f"cold start timeline, ms from spawn (.pyc, {runs} runs): median / min / max")
+    for name, values in samples.items():
+        print(f"  {name:<26} {statistics.median(values):5.0f} {min(values):5.0f} {max(values):5.0f}")
 
 
 def report(cold: dict[str, list[float]] | None = None, calls: int = 2000, runs: int = 10) -> None:
@@ -275,6 +405,9 @@ def report(cold: dict[str, list[float]] | None = None, calls: int = 2000, runs: 
     cpu = cpu_per_request(calls)
     print("CPU per round trip of the serving process, real processes, no spinning (µs; context switches per request)")
     print("  " + "   ".join(f"{name} {us:.1f} ({switches:.2f})" for name, (us, switches) in cpu.items()))
+    for name, (answer, total) in create_breakdown(max(200, calls // 10)).items():
+        print(f"  vm.create through the registry, {name:<9}: answer decided after {answer:5.1f} µs, "
+              f"{total:5.1f} µs in all (median)")
     reused, fresh = instantiation_floor(max(200, calls // 10))
     print(f"wasmtime-py, abi.wat: store + instance from a linker defined once {reused:.1f} µs; "
           f"with a new linker and 7 host functions per instance {fresh:.1f} µs")
@@ -282,4 +415,15 @@ def report(cold: dict[str, list[float]] | None = None, calls: int = 2000, runs: 
 
 
 if __name__ == "__main__":
-    report()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cold", type=int, default=10, help="cold start rounds")
+    parser.add_argument("--baseline", type=Path, help="another checkout to sample in the same rounds")
+    parser.add_argument("--timeline", type=int, default=5, help="runs of the cold start's timeline")
+    parser.add_argument("--cold-only", action="store_true", help="only the cold start and its timeline")
+    args = parser.parse_args()
+    cold = cold_start_samples(args.cold, args.baseline)
+    if args.cold_only:
+        cold_start_report(cold, args.baseline)
+    else:
+        report(cold)
+    timeline_report(timeline_ms(args.timeline))

@@ -23,14 +23,16 @@ FLOOR = [sys.executable, str(Path(__file__).with_name("floor_server.py"))]  # + 
 
 
 class Peer:
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, *, root: Path = ROOT,
+                 stderr: int = subprocess.DEVNULL) -> None:
+        """`root`: the tree whose `sidecar` runs (the working directory); `stderr`: where its logs go."""
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=stderr,
             env={**os.environ, **(env or {})},
-            cwd=ROOT,
+            cwd=root,
         )
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
@@ -149,11 +151,41 @@ def private_bytes(pid: int) -> int:
     """Memory only process `pid` holds (Private_Clean + Private_Dirty in /proc/PID/smaps_rollup).
     Unlike RSS, it does not count a shared page once per mapping: copy-on-write images of baked
     modules, mapped by every instance, are in RSS as many times as there are instances."""
+    return _smaps_rollup_bytes(pid, "Private_Clean:", "Private_Dirty:")
+
+
+def pss_bytes(pid: int) -> int:
+    """Process `pid`'s proportional set size (Pss in /proc/PID/smaps_rollup): its private pages
+    plus its share of each shared one. A page the process maps many times and nobody else maps (a
+    module image read by many instances) counts once: near what a memory cgroup charges for it."""
+    return _smaps_rollup_bytes(pid, "Pss:")
+
+
+def _smaps_rollup_bytes(pid: int, *fields: str) -> int:
     total = 0
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+        if line.startswith(fields):
             total += int(line.split()[1]) * 1024
     return total
+
+
+def cgroup_bytes(pid: int) -> int | None:
+    """What the memory cgroup of process `pid` is charged (cgroup v2 `memory.current`, v1
+    `memory.usage_in_bytes`); None where it cannot be read. Everything in that cgroup counts."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            candidates = [Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.current"]
+        elif "memory" in controllers.split(","):
+            candidates = [Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.usage_in_bytes"]
+        else:
+            continue
+        for candidate in candidates:
+            try:
+                return int(candidate.read_text())
+            except (OSError, ValueError):
+                pass
+    return None
 
 
 def cpu_seconds(pid: int) -> float:

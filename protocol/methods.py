@@ -148,7 +148,9 @@ _SPECS = [
 ]  # fmt: skip
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
 
-_decoders = {spec.params: msgspec.json.Decoder(spec.params) for spec in _SPECS}
+# Made on first use, not at import: building all of them took ~3 ms of every cold start, most of
+# them for methods served only once the VM services load, after the first answer.
+_decoders: dict[type, msgspec.json.Decoder] = {}
 
 
 def params_decoder(method: str) -> msgspec.json.Decoder:

@@ -90,15 +90,19 @@ class DroppedResponses(Wire):
 
 class Recycles(Wire):
     """Instances of stateless VMs closed and replaced, by reason: after `vm_recycle_after_calls`
-    calls, past `vm_recycle_memory_bytes` of retained memory, or after a trap (or timeout, cancel)."""
+    calls, past `vm_recycle_memory_bytes` of retained memory, or after a trap (or timeout, cancel).
+    `rewound`: of the `calls` ones, those set back in place to a new instance's state instead (a
+    runtime's stateless VM: each eval a pristine interpreter)."""
 
     calls: Count
     memory: Count
     trap: Count
+    rewound: Count
 
     @classmethod
     def of(cls, counts: dict[str, int]) -> Recycles:
-        return cls(calls=counts.get("calls", 0), memory=counts.get("memory", 0), trap=counts.get("trap", 0))
+        return cls(calls=counts.get("calls", 0), memory=counts.get("memory", 0), trap=counts.get("trap", 0),
+                   rewound=counts.get("rewound", 0))
 
 
 class StatsResult(Wire):
@@ -113,7 +117,8 @@ class StatsResult(Wire):
     `hibernations` and `wakes` count VMs that left memory and came back since start (a stateless
     VM's dropped instances included); `state_bytes` is what the state directory holds (hibernated
     VMs' state and their modules, each module once); `state_quarantined` counts state files that
-    failed validation and were moved aside.
+    failed validation and were moved aside. `spare_instances` counts instances made ahead for the
+    next `vm.create` of their module (at most `runner_spare_instances`), live stores outside any VM.
     """
 
     requests_served: Count
@@ -131,6 +136,7 @@ class StatsResult(Wire):
     state_bytes: Count
     state_quarantined: Count
     uptime_ms: Count
+    spare_instances: Count
 
 
 class CancelParams(Wire):

@@ -2,22 +2,23 @@
 inventory; `runtime ...` installs and lists runtimes.
 
 Owns argument parsing and process setup (logging, limits, stdio, the event loop, the state
-directory's lock, the allocator's mmap threshold). The daemon itself is assembled in `sidecar.app`.
+directory's lock, the allocator's mmap threshold), and their order: a host sends `initialize` as
+soon as it has spawned us, so the intake starts answering before anything the first answer does
+not need is imported (structlog, asyncio beneath it, anyio, ctypes; `sidecar.logs` holds the log
+events until structlog is set up). The daemon itself is assembled in `sidecar.app`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import anyio
-
-from . import __version__, logs
+from . import STATE_DIR_ENV, __version__, logs
 
 if TYPE_CHECKING:
     import argparse
+    from pathlib import Path
 
 USAGE = """wasm-sidecar [serve] [--state-dir DIR]  serve JSON-RPC 2.0 on stdin/stdout (the default)
        wasm-sidecar mcp [--state-dir DIR]      serve the Model Context Protocol on stdin/stdout (Python tools)
@@ -30,8 +31,6 @@ _MMAP_FROM = 128 << 10  # glibc's initial threshold, kept
 
 def _parser() -> argparse.ArgumentParser:
     import argparse  # only when there are arguments to check: the plain daemon starts without it
-
-    from .state_dir import STATE_DIR_ENV
 
     parser = argparse.ArgumentParser(
         prog="wasm-sidecar",
@@ -60,40 +59,48 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime_cli import main as runtime_main
 
         return runtime_main(args[1:])
-    from .state_dir import STATE_DIR_ENV  # the daemon imports it anyway
-
+    logs.hold()  # until `serve` has started serving: see the module docstring
     # A host's plain `wasm-sidecar` skips argparse (its import is part of every cold start).
     parsed = _parser().parse_args(args) if args else None
     state_dir = (parsed.state_dir if parsed else None) or os.environ.get(STATE_DIR_ENV) or None
-    return serve(mcp=parsed is not None and parsed.command == "mcp", state_path=Path(state_dir) if state_dir else None)
+    if state_dir is None:
+        return serve(mcp=parsed is not None and parsed.command == "mcp")
+    from pathlib import Path
+
+    return serve(mcp=parsed is not None and parsed.command == "mcp", state_path=Path(state_dir))
 
 
 def serve(*, mcp: bool = False, state_path: Path | None = None) -> int:
     """Serve on stdio until the session ends: the daemon's contract, or (`mcp`) MCP's; 2 when the
     state directory is another process's (or cannot be made)."""
-    import structlog
-
     from .app import build_mcp_server, build_server
     from .limits import process_limits
-    from .state_dir import StateDir, StateDirBusy
     from .transport import claim_stdio, nonblocking
 
-    logs.configure()
-    _return_big_blocks_to_the_os()
-    limits = process_limits()
-    state_dir = None
-    if state_path is not None:
-        try:
-            state_dir = StateDir(state_path, limits, "mcp" if mcp else "jsonrpc")
-        except (StateDirBusy, OSError) as exc:
-            structlog.get_logger().error("state_dir_unusable", state_dir=str(state_path), error=str(exc))
-            return 2
-    in_fd, out_fd = claim_stdio()
-    if mcp:
-        server = build_mcp_server(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
-    else:
-        server = build_server(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
+    try:
+        limits = process_limits()
+        state_dir = None
+        if state_path is not None:
+            from .state_dir import StateDir, StateDirBusy
+
+            try:
+                state_dir = StateDir(state_path, limits, "mcp" if mcp else "jsonrpc")
+            except (StateDirBusy, OSError) as exc:
+                logs.log.error("state_dir_unusable", state_dir=str(state_path), error=str(exc))
+                logs.configure()
+                return 2
+        in_fd, out_fd = claim_stdio()
+        build = build_mcp_server if mcp else build_server
+        server = build(in_fd, out_fd, limits, handle_signals=True, state_dir=state_dir)
+    except BaseException:
+        logs.configure()  # not serving after all: what was logged goes out before the traceback
+        raise
     with nonblocking(out_fd):
+        server.start()  # the host's first requests are answered from here on
+        logs.configure()
+        _return_big_blocks_to_the_os()
+        import anyio
+
         return anyio.run(server.run)
 
 

@@ -15,10 +15,16 @@ same open file; anything else is logged as `compile_cache_rejected` and treated 
 the caller's rewrite replaces it. A cache that cannot be used logs why and is off; it never
 fails a load.
 
+A hit maps the entry rather than reading it: `extra` comes back as a read-only view of the
+mapping (`hostfiles.map_readonly`), whose pages are read only if the caller touches them; a CPython's
+20 MB of rewritten wasm cost 10-25 ms to read onto fresh pages, and most loads never look at them.
+
 An entry is hashed in full once per file per boot: the process that writes it, or the first that
 reads it, sets its mtime to the nanosecond and leaves a seal (a note naming the boot, the file's
 device, inode, size, mtime and ctime, and its digest); a later read whose open file matches the
-seal checks the trailer but skips the hash, and touches and seals the file again. Any write to
+seal checks the trailer but skips the hash, and touches and seals the file again. Seals are notes
+any caller may leave for a file it hashed (`seal`, `sealed`); what makes one trustworthy for a
+file the sidecar did not write is the caller's to argue (`sidecar.module_sources`). Any write to
 the file, in place or by rename, changes what the seal names (the kernel stamps a write with its
 coarse clock, never our nanosecond mtime), and a crash invalidates every seal through the boot id
 (pages that were never written back); what it does not catch is the disk changing bytes
@@ -35,11 +41,11 @@ import contextlib
 import functools
 import hashlib
 import json
-import mmap
 import os
 import struct
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +53,7 @@ import structlog
 import wasmtime
 
 from .engines import EngineSettings
-from .hostfiles import write_atomically
+from .hostfiles import Buffer, map_readonly, write_atomically
 
 _CACHE_DIR_ENV = "SIDECAR_CACHE_DIR"
 _ENTRY_SUFFIX = ".cwasm"
@@ -91,10 +97,10 @@ class CompileCache:
     def path(self, key: str) -> Path:
         return self.directory / (key + _ENTRY_SUFFIX)
 
-    def read(self, key: str, engine: wasmtime.Engine, head: int = 0) -> tuple[wasmtime.Module, bytes, bytes] | None:
-        """The module, the first `head` bytes of `extra` and the rest of it, of a verified entry; None
-        on a miss or a rejected entry. Read in parts rather than sliced after: a copy of a bake's
-        12 MB costs ~10 ms here (fresh pages)."""
+    def read(self, key: str, engine: wasmtime.Engine,
+             head: int = 0) -> tuple[wasmtime.Module, bytes, memoryview] | None:
+        """The module, the first `head` bytes of `extra` and a view of the rest of it (mapped, not
+        read), of a verified entry; None on a miss or a rejected entry."""
         path = self.path(key)
         try:
             with open(path, "rb") as file:
@@ -114,13 +120,10 @@ class CompileCache:
                 )
                 if reason:
                     return _reject(path, reason)
-                if not self._sealed(key, info, digest):
-                    # Hashed in place: a 25 MB artifact is not copied to be checked.
-                    with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-                        if hashlib.sha256(view[: size - _TRAILER.size]).digest() != digest:
-                            return _reject(path, "checksum mismatch")
-                first = os.pread(file.fileno(), head, module_len)
-                rest = os.pread(file.fileno(), extra_len - head, module_len + head)
+                view = map_readonly(file.fileno(), size - _TRAILER.size)
+                # Hashed in place: a 25 MB artifact is not copied to be checked.
+                if self.sealed(_seal_key(key), info) != digest and hashlib.sha256(view).digest() != digest:
+                    return _reject(path, "checksum mismatch")
                 # The verified open file, not the path: a concurrent replace cannot swap the bytes between.
                 module = wasmtime.Module.deserialize_file(engine, f"/dev/fd/{file.fileno()}")
                 with contextlib.suppress(OSError):  # a read-only cache still serves hits, hashing each
@@ -131,39 +134,54 @@ class CompileCache:
             return _reject(path, f"unreadable: {exc.strerror or exc}")
         except wasmtime.WasmtimeError as exc:  # another wasmtime build or CPU: wasmtime's own check
             return _reject(path, f"incompatible: {str(exc).strip().splitlines()[-1].strip()}")  # the root cause
-        return module, first, rest
+        return module, bytes(view[module_len : module_len + head]), view[module_len + head :]
 
-    def write(self, key: str, module: wasmtime.Module, extra: bytes = b"") -> None:
-        """Store an entry atomically (temp file + rename), then evict down to capacity; failures only log."""
+    def write(self, key: str, module: wasmtime.Module, extra: Sequence[Buffer] = ()) -> None:
+        """Store an entry, `extra` the concatenation of its parts, atomically (temp file + rename),
+        then evict down to capacity; failures only log."""
         payload = module.serialize()
-        size = len(payload) + len(extra) + _TRAILER.size
+        extra_len = sum(len(part) for part in extra)
+        size = len(payload) + extra_len + _TRAILER.size
         if size > self.capacity:
             _log().info("compile_cache_skipped", key=key, size=size, capacity=self.capacity)
             return
         digest = hashlib.sha256(payload)
-        digest.update(extra)
+        for part in extra:
+            digest.update(part)
         trailer = _TRAILER.pack(
-            _TRAILER_MAGIC, _FORMAT_VERSION, len(payload), len(extra), bytes.fromhex(key), digest.digest()
+            _TRAILER_MAGIC, _FORMAT_VERSION, len(payload), extra_len, bytes.fromhex(key), digest.digest()
         )
-        if self._write_atomically(self.path(key), payload, extra, trailer):
+        if self._write_atomically(self.path(key), payload, *extra, trailer):
             with contextlib.suppress(OSError), open(self.path(key), "rb") as file:  # it holds what was just hashed
                 self._touch_and_seal(key, file.fileno(), digest.digest())
             self._evict()
 
-    def _sealed(self, key: str, info: os.stat_result, digest: bytes) -> bool:
-        """Whether this very file, unchanged since (same inode, size, and times that any write
-        changes), was checked in full since the machine booted: hashing a 34 MB entry on every hit
-        costs more than the rest of a restore."""
+    def sealed(self, name: str, info: os.stat_result) -> bytes | None:
+        """The digest seal `name` vouches for, if it was left in this boot for this very file as
+        `info` shows it (same device, inode, size, and times that a write changes); else None.
+        Hashing a 34 MB entry on every hit costs more than the rest of a restore."""
         boot = _boot_id()
-        return boot is not None and self.read_note(_seal_key(key)) == _seal_of(boot, info, digest)
+        note = self.read_note(name) if boot is not None else None
+        state = _file_state(boot, info) if boot is not None else b""
+        if note is None or not note.startswith(state) or len(note) != len(state) + 2 * _DIGEST_LENGTH:
+            return None
+        try:
+            return bytes.fromhex(note[len(state) :].decode())
+        except ValueError:
+            return None
+
+    def seal(self, name: str, info: os.stat_result, digest: bytes) -> None:
+        """Leave seal `name`: the file `info` describes was hashed in full, to `digest`, in this boot
+        (nothing is sealed where the boot has no id)."""
+        if (boot := _boot_id()) is not None:
+            self.write_note(name, _file_state(boot, info) + digest.hex().encode())
 
     def _touch_and_seal(self, key: str, fd: int, digest: bytes) -> None:
         """Mark the file recently used, with an mtime to the nanosecond (a write by anyone gets the
         kernel's coarse clock instead), and seal it as it is now."""
         now = time.time_ns()
         os.utime(fd, ns=(now, now))
-        if (boot := _boot_id()) is not None:
-            self.write_note(_seal_key(key), _seal_of(boot, os.fstat(fd), digest))
+        self.seal(_seal_key(key), os.fstat(fd), digest)
 
     def read_note(self, key: str) -> bytes | None:
         """The content of a note whose checksum matches; None otherwise (a rejected one is logged)."""
@@ -219,9 +237,9 @@ def _seal_key(key: str) -> str:
     return hashlib.sha256(b"sealed:" + bytes.fromhex(key)).hexdigest()
 
 
-def _seal_of(boot: str, info: os.stat_result, digest: bytes) -> bytes:
-    return (f"{boot} {info.st_dev} {info.st_ino} {info.st_size} {info.st_mtime_ns} {info.st_ctime_ns} "
-            f"{digest.hex()}").encode()
+def _file_state(boot: str, info: os.stat_result) -> bytes:
+    """What a seal names besides the digest: the boot, and the file as any change to it would show."""
+    return f"{boot} {info.st_dev} {info.st_ino} {info.st_size} {info.st_mtime_ns} {info.st_ctime_ns} ".encode()
 
 
 @functools.cache

@@ -13,12 +13,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import anyio
 import msgspec
-import structlog
-from anyio.from_thread import BlockingPortal
 
 from protocol.decoding import (
     IncomingCall,
@@ -43,8 +40,11 @@ from protocol.framing import OversizedLine
 from protocol.methods import METHODS, MethodSpec, decoder_for
 
 from .limits import Limits
+from .logs import log
 
-log = structlog.get_logger()
+if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
+
 _encoder = msgspec.json.Encoder()
 RouteKind = Literal["inline", "task", "deferred"]
 
@@ -155,15 +155,16 @@ class Dispatcher:
         self,
         limits: Limits,
         answer: Callable[[bytes], None],
-        portal: BlockingPortal,
         deliver_response: Callable[..., bool],
         methods: Mapping[str, MethodSpec] = METHODS,
     ) -> None:
-        """`methods`: the method table routes are declared in (the MCP front has its own)."""
+        """`methods`: the method table routes are declared in (the MCP front has its own). Inline
+        methods are served from construction on; task methods once `attach_loop` is called."""
         self._limits = limits
         self._methods = methods
         self._deliver = answer  # `Intake.answer`: from any thread; the intake batches the leader's
-        self._portal = portal
+        self._portal: BlockingPortal | None = None
+        self._loop_thread: int | None = None
         # `HostCalls.deliver(response, unless_guest=...)`: an async call's answer runs the guest's callback
         self._deliver_response = deliver_response
         self._routes: dict[str, Route] = {}
@@ -171,11 +172,15 @@ class Dispatcher:
         # (removal): a single dict operation each, atomic under the GIL.
         self._in_flight: dict[object, Reply] = {}
         self._served_lock = threading.Lock()
-        self._loop_thread = threading.get_ident()  # constructed on the event loop
         self.requests_served = 0
         # While services are still loading: blocks until their routes are in (raises an RpcError
         # if they failed). A method of the table with no route waits on it before it is unknown.
         self.await_routes: Callable[[], None] | None = None
+
+    def attach_loop(self, portal: BlockingPortal) -> None:
+        """On the event loop, once it runs: task methods start there, through `portal`."""
+        self._portal = portal
+        self._loop_thread = threading.get_ident()
 
     @property
     def in_flight(self) -> int:
@@ -321,6 +326,7 @@ class Dispatcher:
             self._answer_now(None if call.notification else _encode_response(call.id, None, failed), batch)
             return
         if route.kind == "task":
+            assert self._portal is not None, "task methods are routed once the loop runs"
             self._portal.start_task_soon(self._run_task, route.handler, params, reply)
         else:
             self._run_deferred(route.handler, params, reply)
@@ -343,6 +349,7 @@ class Dispatcher:
         if threading.get_ident() == self._loop_thread:
             action()
         else:
+            assert self._portal is not None  # a task exists, so the loop does
             self._portal.call(action)
 
     def _count_served(self) -> None:
@@ -356,6 +363,8 @@ class Dispatcher:
             del self._in_flight[reply.key]
 
     async def _run_task(self, handler: Callable[[Any], Awaitable[Any]], params: Any, reply: Reply) -> None:
+        import anyio  # on the loop only: inline methods are served before anyio is imported
+
         with anyio.CancelScope() as scope:
             reply.on_cancel = lambda: self._on_loop(scope.cancel)
             try:

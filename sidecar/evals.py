@@ -35,9 +35,10 @@ from . import runtimes
 from .completion import Completion
 from .guest_abi import CallState
 from .isolate import Isolate
+from .job import Job
 from .payloads import call_timeout
 from .runtimes import PYTHON
-from .vm import Job, Vm
+from .vm import Vm
 
 INIT_EXPORT, EVAL_EXPORT = "py_init", "py_eval"
 

@@ -49,13 +49,14 @@ from . import snapshots
 from .completion import Completion
 from .guest_abi import CallState
 from .isolate import Isolate
+from .job import Job
 from .limits import Limits
 from .residency import resident
 from .runtime import Runtime
 from .snapshot_file import SnapshotState
 from .snapshot_service import SnapshotService
 from .state_dir import Found, StateDir, StateFull
-from .vm import Job, Vm
+from .vm import Vm
 from .vms import VmService
 from .wasmbin import Instrumented
 
@@ -143,11 +144,16 @@ class Hibernation:
 
     # -- the registry's hooks (`sidecar.residency`) ----------------------------------------
 
+    def joined(self, vm: Vm) -> None:
+        """Under the registry's commit, before the host hears of the VM: from here an exit keeps it."""
+        if resident(vm):  # not one registered asleep at start
+            with self._lock:
+                self._resident[vm.vm_id] = vm
+
     def went_live(self, vm: Vm) -> None:
-        if not resident(vm):
-            return  # registered asleep at start
         with self._lock:
-            self._resident[vm.vm_id] = vm
+            if self._resident.get(vm.vm_id) is not vm:
+                return  # registered asleep, or disposed or hibernated since it joined
             over = self._over_cap()
         if vm.limits.vm_hibernate_idle_ms:
             self._look_again.set()  # its timer may be due before the watcher's next look

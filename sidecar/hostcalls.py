@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
-import structlog
 
 from protocol.correlator import Correlator, Delivered, DropReason, Pending
 from protocol.decoding import IncomingResponse
@@ -25,8 +24,7 @@ from protocol.errors import env_var_for
 from protocol.methods import HostCallParams
 
 from .limits import Limits
-
-log = structlog.get_logger()
+from .logs import log
 
 # Guest ABI v1 statuses.
 STATUS_OK = 0

@@ -1,5 +1,5 @@
-"""Reading a file the host names by path (a module, a snapshot) within a byte bound, and
-writing the sidecar's own files whole or not at all.
+"""Reading a file the host names by path (a module, a snapshot) within a byte bound, writing the
+sidecar's own files whole or not at all, and mapping one of them without holding its descriptor.
 
 Owns the one way the sidecar reads such a file, because what sits at a path is not to be trusted:
 - it is opened with `O_NONBLOCK`, so a FIFO with no writer cannot block `open` (and the thread
@@ -13,9 +13,13 @@ Knows nothing about what the bytes are, nor which error a caller answers with.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import stat
 import tempfile
+import weakref
+from io import BufferedReader
 from pathlib import Path
 
 Buffer = bytes | bytearray | memoryview
@@ -52,6 +56,14 @@ def read_bounded(path: str | Path, capacity: int) -> bytes:
 
     Raises `NotRegularFile` or another `OSError` when it cannot be read, `TooLarge` past `capacity`.
     """
+    file, info = open_bounded(path, capacity)
+    with file:
+        return read_within(file, info, capacity)
+
+
+def open_bounded(path: str | Path, capacity: int) -> tuple[BufferedReader, os.stat_result]:
+    """The regular file at `path`, open, and its `fstat`, which reports at most `capacity` bytes:
+    the first half of `read_bounded`, for a caller that may not need the bytes at all."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         info = os.fstat(fd)
@@ -62,16 +74,51 @@ def read_bounded(path: str | Path, capacity: int) -> bytes:
     except BaseException:
         os.close(fd)
         raise
+    return os.fdopen(fd, "rb"), info
+
+
+def read_within(file: BufferedReader, info: os.stat_result, capacity: int) -> bytes:
+    """The rest of `file` (from `open_bounded`, `info` its `fstat`), at most `capacity` bytes."""
     # O_NONBLOCK changes nothing for a regular file's reads. One byte past the reported size
     # shows a file that holds more than it says; only then is the rest read, never more than
     # one byte past the bound.
-    with os.fdopen(fd, "rb") as file:
-        data = file.read(info.st_size + 1)
-        if len(data) > info.st_size:
-            data += file.read(capacity + 1 - len(data))
+    data = file.read(info.st_size + 1)
+    if len(data) > info.st_size:
+        data += file.read(capacity + 1 - len(data))
     if len(data) > capacity:
         raise TooLarge(len(data))
     return data
+
+
+def map_readonly(fd: int, length: int) -> memoryview:
+    """The first `length` bytes of the open file `fd` as a read-only view of a private mapping,
+    unmapped once no view of it is left. Through the C library rather than Python's `mmap`, which
+    keeps a duplicate of the descriptor for as long as the mapping lives: a module made from a
+    cache entry keeps a view for its life, and a descriptor each would count against the process's
+    limit. Pages are read when touched. The file must not shrink meanwhile (a touch past its end is
+    SIGBUS, as for the code wasmtime maps from the same file): the sidecar's own files are replaced
+    by rename, never rewritten in place."""
+    if length == 0:
+        return memoryview(b"")
+    address = _LIBC.mmap(None, length, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    if address is None or address == ctypes.c_void_p(-1).value:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    region = (ctypes.c_char * length).from_address(address)
+    # Not at exit: a thread still running then may hold a view; the process's end unmaps it anyway.
+    weakref.finalize(region, _LIBC.munmap, address, length).atexit = False
+    return memoryview(region).cast("B").toreadonly()
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    return libc
+
+
+_LIBC = _libc()
 
 
 def write_atomically(path: Path, parts: list[Buffer], *, durable: bool = True) -> None:

@@ -43,11 +43,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-import structlog
-
 from protocol.framing import LineFramer, OversizedLine
 
-log = structlog.get_logger()
+from .logs import log
+
 READ_CHUNK = 1 << 16  # bytes asked of one read(2): a pipe's default capacity
 _FIRST_THREADS = 2  # started before the intake serves: one reads while the other may run a guest
 # `threading.stack_size` is process-wide: one intake at a time sets it, starts a thread, restores it.

@@ -126,8 +126,10 @@ class Isolate:
             abi_memory = memories.get("memory")
             if abi_memory is not None:
                 self.abi.bind_memory(self.store, abi_memory)
-            self._memory_slots = [MemorySlot().bind(self.store, memory) for memory in memories.values()]
-            if start and any(export.name == START_EXPORT for export in compiled.exports):
+            # The ABI's slot is bound to `memory` already: one slot per memory.
+            self._memory_slots = [self.abi.memory if name == "memory" else MemorySlot().bind(self.store, memory)
+                                  for name, memory in memories.items()]
+            if start and prepared.starts:
                 # Instrumentation moved the start function here so that it runs under the budgets.
                 self.call(START_EXPORT, [], CallState(deadline=time.monotonic() + timeout_ms / 1000), timeout_ms)
         except BaseException:
@@ -156,6 +158,12 @@ class Isolate:
         finally:
             self._refresh_memory()
         return 0
+
+    def adopt(self, vm_id: str, issue_async: Callable[[str, bytes], int]) -> None:
+        """A spare made before its VM (`sidecar.spares`) becomes `vm_id`'s, before its first call:
+        its host calls and errors name that VM, its async calls go to that VM's queue."""
+        self.vm_id = self.abi.vm_id = vm_id
+        self.abi.issue_async = issue_async
 
     def fuel_used(self, budget: int) -> int:
         return budget - self.store.get_fuel()
@@ -273,6 +281,7 @@ class _Prepared:
     one instance), and the names of its distinct exported memories once an instance told them."""
 
     pre: wasmtime.InstancePre
+    starts: bool  # instrumentation moved a start function to `__sidecar_start`: each instance runs it
     memory_names: tuple[str, ...] | None = None
 
 
@@ -300,7 +309,14 @@ def _prepared(compiled: CompiledModule) -> _Prepared:
         raise
     finally:
         linker.close()  # the InstancePre holds what it needs of the definitions
-    return _PREPARED.setdefault(compiled.module, _Prepared(pre))
+    starts = any(export.name == START_EXPORT for export in compiled.exports)
+    return _PREPARED.setdefault(compiled.module, _Prepared(pre, starts))
+
+
+def starts_with_guest_code(compiled: CompiledModule) -> bool:
+    """Whether an instance runs guest code before its first call: a start function, moved to
+    `__sidecar_start` by instrumentation or left in place (wasmtime then runs it at instantiation)."""
+    return compiled.has_start or _prepared(compiled).starts
 
 
 class Exited(Exception):

@@ -26,9 +26,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import structlog
-
 from protocol.errors import InvalidParamsError, LimitExceededError, env_var_for
+
+from .logs import log
 
 LimitClass = Literal["guest", "runner", "protocol", "invariant"]
 Source = Literal["default", "env", "vm"]
@@ -74,11 +74,6 @@ class InventoryError(ValueError):
 
 class LimitValueError(ValueError):
     """A value a limit cannot take; the message is the reason logged or sent back to the host."""
-
-
-def _log() -> Any:
-    # Fetched per event so a logging setup (or a test's capture_logs) made later still applies.
-    return structlog.get_logger()
 
 
 def _parse_amount(text: str, *, name: str, unit: str) -> int:
@@ -319,7 +314,7 @@ class Limits:
         spec = self.spec(name)
         capacity = self._values[name] if capacity is None else capacity
         fill = round(100 * observed / capacity, 1) if capacity else None
-        _log().warning(
+        log.warning(
             "limit_exhausted", limit=name, observed=observed, capacity=capacity, fill_percent=fill, env=spec.env,
             source=self._sources[name], **{"class": spec.limit_class}, **fields,
         )
@@ -336,7 +331,7 @@ def _resolve(spec: LimitSpec, environ: Mapping[str, str]) -> tuple[int, Source]:
             return parse_value(spec, raw), "env"
         except LimitValueError as exc:
             reason = str(exc)
-    _log().warning(
+    log.warning(
         "limit_env_ignored", variable=variable, value=raw, reason=reason, default=spec.default, limit=spec.name
     )
     return spec.default, "default"

@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import structlog
-
 from protocol.errors import InvalidRequestError
 from protocol.mcp import (
     MCP_METHODS,
@@ -32,10 +30,9 @@ from protocol.methods import MethodSpec
 
 from . import __version__
 from .limits import Limits
+from .logs import log
 from .mcp_session import McpSession, instructions
 from .server import Server
-
-log = structlog.get_logger()
 
 
 class McpServer(Server):

@@ -1,56 +1,48 @@
 """The module store: module sources to compiled, described modules, once per engine.
 
-Owns reading a source (path, inline bytes, WebAssembly text) within `runner_module_bytes`;
-refusing malformed (`parse`) and invalid (`validate`) modules with wasmtime's message and no
-traceback; compiling once per (module, transform, engine) even under concurrent loads, through
-the compile cache; describing exports, imports, memories and tables without wasmtime's aborting
-value-type path; and the in-memory table (LRU, `runner_modules`; evicting drops only our
-reference). The table is keyed by the engine object, never by its settings, and forgets an
-engine's code when `Engines` drops it; the bytes of modules known by id are kept apart, so a
-`module_id` outlives the engine it was first compiled for. Compiling is the runner's work: no
-guest budget applies to it. Every module a VM runs is loaded through the load-time rewrite
-(`instrument_or_keep`: the instrumentation that makes internal memories and globals reachable for
-snapshots and puts the start function under our control); a load names its rewrite as
-`transform`/`transform_id` in cache keys, and the rewritten bytes are cached with the code so a
-hit skips the rewrite. A module can be derived from another (`derive`: pre-initialization makes
-one by running it), cached under the base's id and the derivation's, so a hit skips making it.
-Knows nothing about stores, instances or VMs.
+Owns compiling once per (module, transform, engine) even under concurrent loads, through the
+compile cache; refusing invalid modules (`validate`) with wasmtime's message and no traceback; and
+the in-memory table (LRU, `runner_modules`; evicting drops only our reference). The table is keyed
+by the engine object, never by its settings, and forgets an engine's code when `Engines` drops it;
+the bytes of modules known by id are kept apart, so a `module_id` outlives the engine it was first
+compiled for. Compiling is the runner's work: no guest budget applies to it. Every module a VM runs
+is loaded through the load-time rewrite (`instrument_or_keep`: the instrumentation that makes
+internal memories and globals reachable for snapshots and puts the start function under our
+control); a load names its rewrite as `transform`/`transform_id` in cache keys, and the rewritten
+bytes are cached with the code, and what of the source they changed (`sidecar.module_bytes`), so a
+hit skips the rewrite and reads neither form of the bytes until one is used. A module can be derived from another
+(`derive`: pre-initialization makes one by running it), cached under the base's id and the
+derivation's, so a hit skips making it. Reading sources is `sidecar.module_sources`'s, describing
+a module `sidecar.module_info`'s. Knows nothing about stores, instances or VMs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import msgspec
 import structlog
 import wasmtime
-from msgspec import UNSET
 
-from protocol.errors import InvalidModuleError, InvalidParamsError, RequestCancelledError
-from protocol.methods_vm import ExportInfo, ImportInfo
+from protocol.errors import InvalidModuleError, RequestCancelledError
 
 from .compile_cache import CompileCache, cache_key
 from .engines import EngineLease, Engines, EngineSettings
-from .hostfiles import TooLarge, read_bounded
 from .limits import Limits
-from .wasmbin import Module as Layout
+from .module_bytes import LAYOUT_ID, ModuleBytes
+from .module_info import DESCRIPTION_ID, WASI_MODULE, CompiledModule, Description, describe, layout_of
+from .module_sources import Source, content_id, error_summary, read_source
 from .wasmbin import WasmFormatError, instrument
-from .wasmbin.module import MEMORY, START
-from .wasmbin.sections import defined_tables
-from .wasmffi import value_type_names
 
-WASI_MODULE = "wasi_snapshot_preview1"
-_SOURCES = ("path", "wasm_base64", "wat")
-_KINDS = ((wasmtime.FuncType, "func"), (wasmtime.MemoryType, "memory"), (wasmtime.TableType, "table"),
-          (wasmtime.GlobalType, "global"), (wasmtime.TagType, "tag"))
+__all__ = ["WASI_MODULE", "CompiledModule", "ModuleStore", "Source", "content_id", "instrument_or_keep", "read_source"]
 
 Transform = Callable[[bytes], bytes]
 _DIGEST = 32  # bytes of a sha256
@@ -64,8 +56,7 @@ class _Known(NamedTuple):
 
     module_id: str
     transform_id: str
-    wasm: bytes  # what to compile: the transform applied, or still to apply
-    original: bytes  # the bytes as loaded, which `module_id` names
+    content: ModuleBytes  # its `wasm` has the transform applied; its `source` is what `module_id` names
 
 
 INSTRUMENT_ID = "sidecar-instrument-1"  # names the load-time rewrite in compile-cache keys
@@ -83,80 +74,6 @@ def instrument_or_keep(wasm: bytes) -> bytes:
 
 def _log() -> Any:
     return structlog.get_logger()  # per event, so a later logging setup still applies
-
-
-def read_source(params: Any, limits: Limits) -> bytes:
-    """The module bytes named by `params` (`path`, `wasm_base64` or `wat`), within `runner_module_bytes`."""
-    given = [name for name in _SOURCES if getattr(params, name, UNSET) is not UNSET]
-    if len(given) != 1:
-        raise InvalidParamsError("exactly one of path, wasm_base64, wat names the module", path="$")
-    capacity = limits.runner_module_bytes
-    if given[0] == "path":
-        data = _read_file(params.path, limits)
-    elif given[0] == "wasm_base64":
-        data = params.wasm_base64  # msgspec has decoded the base64 already
-    else:
-        text = params.wat.encode()
-        if len(text) > capacity:  # bounds the text parser's work too
-            raise limits.exceeded("runner_module_bytes", len(text), module_source="wat")
-        try:
-            data = bytes(wasmtime.wat2wasm(text))
-        except wasmtime.WasmtimeError as exc:
-            raise InvalidModuleError(f"invalid WebAssembly text: {_summary(exc)}", stage="parse") from None
-    if len(data) > capacity:
-        raise limits.exceeded("runner_module_bytes", len(data), module_source=given[0])
-    return data
-
-
-def _read_file(path: str, limits: Limits) -> bytes:
-    try:
-        return read_bounded(path, limits.runner_module_bytes)
-    except TooLarge as exc:
-        raise limits.exceeded("runner_module_bytes", exc.size, path=path) from None
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise InvalidModuleError(f"cannot read module {path!r}: {reason}", stage="read", path=path) from None
-
-
-def _summary(exc: Exception) -> str:
-    """The informative line of a wasmtime message: the root cause of a chain, or the first line
-    with its text position."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if "Caused by:" in lines:
-        return re.sub(r"^\d+: ", "", lines[-1])
-    where = next((line[4:] for line in lines if line.startswith("--> ")), None)
-    return f"{lines[0]} (at {where})" if where else lines[0]
-
-
-@dataclass(frozen=True)
-class CompiledModule:
-    """A module compiled for one engine setting, and what callers need to know before instantiating.
-
-    `module_id`, `size_bytes` and `source` describe the bytes as given (a snapshot embeds them, so
-    a restore elsewhere hits the same compile-cache entry); everything else describes `wasm`,
-    the bytes compiled (after any transform). `memory_minimums` (in bytes) and `table_minimums`
-    (in elements) list imported ones first; they let a VM refuse, naming the store limit, what
-    wasmtime's instantiation would refuse with a generic error.
-    """
-
-    module_id: str
-    source: bytes
-    wasm: bytes
-    size_bytes: int
-    exports: list[ExportInfo]
-    imports: list[ImportInfo]
-    module: wasmtime.Module
-    engine: wasmtime.Engine  # the one `module` belongs to: a store for it must come from this engine
-    settings: EngineSettings
-    cached: bool
-    compile_ms: float
-    memory_minimums: list[int]
-    table_minimums: list[int]
-    has_start: bool
-    wasi: bool
-    command: bool
 
 
 class ModuleStore:
@@ -178,16 +95,24 @@ class ModuleStore:
         with self._lock:
             return len(self._pending)
 
+    def source(self, params: Any) -> Source:
+        """The module `params` names (`path`, `wasm_base64` or `wat`); a path hashed before in this
+        boot is known by its seal in the cache, unread (`sidecar.module_sources`)."""
+        return read_source(params, self._limits, self.cache)
+
     def load(
-        self, wasm: bytes, settings: EngineSettings, *, transform: Transform | None = None, transform_id: str = ""
+        self, source: bytes | Source, settings: EngineSettings, *, transform: Transform | None = None,
+        transform_id: str = "",
     ) -> CompiledModule:
-        """Compile (or fetch) `wasm` for `settings`; `transform` is a pure rewrite applied before
+        """Compile (or fetch) `source` for `settings`; `transform` is a pure rewrite applied before
         compiling, named by `transform_id` so cached code of one rewrite never serves another."""
         if transform is not None and not transform_id:
             raise ValueError("a transform needs a transform_id: it is part of the cache key")
-        known = _Known(content_id(wasm), transform_id, wasm, wasm)
-        return self._obtain(known.module_id, transform_id, settings, transform_id,
-                            lambda lease: self._build(known, lease, transform))
+        given = source if isinstance(source, Source) else Source.of(source)
+        module_id = given.module_id
+        return self._obtain(module_id, transform_id, settings, transform_id,
+                            lambda lease: self._build(module_id, transform_id, given.size,
+                                                      lambda: ModuleBytes(given.data()), lease, transform))
 
     def get(self, module_id: str, settings: EngineSettings) -> CompiledModule:
         """The module loaded earlier as `module_id` (with its transform), compiled for `settings`."""
@@ -200,7 +125,8 @@ class ModuleStore:
             )
         # Its wasm is already transformed; the transform id keeps the cache key that of a load.
         return self._obtain(module_id, known.transform_id, settings, known.transform_id,
-                            lambda lease: self._build(known, lease, None))
+                            lambda lease: self._build(module_id, known.transform_id, known.content.size,
+                                                      lambda: known.content, lease, None))
 
     def derive(self, base_id: str, settings: EngineSettings, derivation_id: str, make: Callable[[], bytes], *,
                form_id: str) -> CompiledModule:
@@ -212,18 +138,19 @@ class ModuleStore:
             key_hex = cache_key(base_id, derivation_id, lease.settings)
             started = time.perf_counter()
             found = self.cache.read(key_hex, lease.engine, _DIGEST) if self.cache else None
-            if found is not None and found[2]:  # the bytes' id, then the bytes: no second hash
-                module, stored_id, wasm = found
-                module_id = "sha256:" + stored_id.hex()
+            if found is not None and found[2]:  # the bytes' id, then the bytes (mapped): no second hash
+                module, stored_id, view = found
+                module_id, content = "sha256:" + stored_id.hex(), ModuleBytes(view)
             else:
                 wasm = make()
                 started = time.perf_counter()
-                module_id, module = content_id(wasm), _compile(lease.engine, wasm, _layout(wasm), None)[2]
-            compiled = self._compiled(module_id, wasm, wasm, module, lease, _layout(wasm), found is not None, started)
+                module_id, module = content_id(wasm), _compile(lease.engine, wasm, None)[1]
+                content = ModuleBytes(wasm)
+            compiled = self._compiled(module_id, content, module, lease, found is not None, started, key_hex)
             if not compiled.cached and self.cache:
-                self.cache.write(key_hex, module, bytes.fromhex(module_id.removeprefix("sha256:")) + wasm)
+                self.cache.write(key_hex, module, [bytes.fromhex(module_id.removeprefix("sha256:")), wasm])
                 # Also where a load of these bytes (in `form_id`'s form already) looks: a restore elsewhere.
-                self.cache.write(cache_key(module_id, form_id, lease.settings), module, wasm)
+                self.cache.write(load_key(module_id, form_id, lease.settings), module, content.layout())
             _log().info("module_derived", base_id=base_id, derivation=derivation_id, module_id=compiled.module_id,
                         cached=compiled.cached, compile_ms=round(compiled.compile_ms, 3))
             return compiled
@@ -266,7 +193,7 @@ class ModuleStore:
                 entry = replace(compiled, cached=True, compile_ms=0.0)
                 self._table[key] = entry
                 self._table[(compiled.module_id, form_id, lease.engine)] = entry
-                self._known[compiled.module_id] = _Known(compiled.module_id, form_id, compiled.wasm, compiled.source)
+                self._known[compiled.module_id] = _Known(compiled.module_id, form_id, compiled.content)
                 self._known.move_to_end(compiled.module_id)
                 while len(self._table) > self._limits.runner_modules:
                     _, evicted = self._table.popitem(last=False)  # VMs keep their own reference
@@ -283,118 +210,76 @@ class ModuleStore:
             for key in [key for key in self._table if key[2] is engine]:
                 del self._table[key]
 
-    def _build(self, known: _Known, lease: EngineLease, transform: Transform | None) -> CompiledModule:
-        module_id, transform_id, source, original = known
+    def _build(self, module_id: str, transform_id: str, size: int, given: Callable[[], ModuleBytes],
+               lease: EngineLease, transform: Transform | None) -> CompiledModule:
+        """Module `module_id` (`size` bytes) under `transform_id` for the lease's engine: from the
+        cache, whose entry keeps both its forms, or compiled from `given()`, whose `wasm` is what
+        `transform` (if any) rewrites and whose `source` is what the id names."""
         engine, settings = lease.engine, lease.settings
-        layout = _layout(source)
-        key_hex = cache_key(module_id, transform_id, settings)
+        key_hex = load_key(module_id, transform_id, settings)
         started = time.perf_counter()
         found = self.cache.read(key_hex, engine) if self.cache else None
-        if found is None:
-            wasm, layout, module = _compile(engine, source, layout, transform)
+        content = ModuleBytes.stored(found[2]) if found is not None else None
+        if found is not None and content is not None and content.size == size:
+            module = found[0]
         else:
-            module, _, stored = found
-            wasm = stored if transform_id else source
-            layout = _layout(wasm) if transform_id else layout
-        compiled = self._compiled(module_id, original, wasm, module, lease, layout, found is not None, started)
+            if found is not None:  # checksummed, so only another layout under our key: written over
+                _log().warning("compile_cache_rejected", path=str(self.cache.path(key_hex)),  # type: ignore[union-attr]
+                               reason="its module bytes do not add up")
+            found, original = None, given()
+            wasm, module = _compile(engine, original.wasm, transform)
+            content = ModuleBytes(wasm, original.source)
+        compiled = self._compiled(module_id, content, module, lease, found is not None, started, key_hex)
         if found is None and self.cache:
-            self.cache.write(key_hex, module, wasm if transform_id else b"")
+            self.cache.write(key_hex, module, content.layout())
         compile_ms = round(compiled.compile_ms, 3)
-        _log().info("module_compiled", module_id=module_id, size=len(original), compile_ms=compile_ms,
+        _log().info("module_compiled", module_id=module_id, size=size, compile_ms=compile_ms,
                     cached=compiled.cached, fingerprint=settings.fingerprint())
         return compiled
 
-    def _compiled(self, module_id: str, source: bytes, wasm: bytes, module: wasmtime.Module, lease: EngineLease,
-                  layout: Layout, cached: bool, started: float) -> CompiledModule:
-        """The compiled module as callers see it; its compile took from `started` until now."""
+    def _compiled(self, module_id: str, content: ModuleBytes, module: wasmtime.Module, lease: EngineLease,
+                  cached: bool, started: float, key_hex: str) -> CompiledModule:
+        """The compiled module as callers see it (the code of cache entry `key_hex`, `cached` when it
+        came from there); its compile took from `started` until now."""
+        # A note beside the entry, as trusted as the entry: both checksummed, neither authenticated (who
+        # can write the directory can put code there), and made together from the same bytes.
+        name = hashlib.sha256(f"{DESCRIPTION_ID}:{key_hex}".encode()).hexdigest()
+        note = self.cache.read_note(name) if cached and self.cache else None
+        try:
+            description = msgspec.msgpack.decode(note, type=Description)  # type: ignore[arg-type]
+        except (TypeError, msgspec.DecodeError):  # no note (None), or one of another shape
+            # From a mapped entry, parsing reads only the section headers.
+            description = describe(lease.engine, module, layout_of(content.wasm_view), self._limits)
+            if self.cache:
+                self.cache.write_note(name, msgspec.msgpack.encode(description))
         return CompiledModule(
-            module_id=module_id, source=source, wasm=wasm, size_bytes=len(source), module=module,
+            module_id=module_id, content=content, size_bytes=content.size, module=module,
             engine=lease.engine, settings=lease.settings, cached=cached,
-            compile_ms=(time.perf_counter() - started) * 1000, **_describe(lease.engine, module, layout, self._limits),
+            compile_ms=(time.perf_counter() - started) * 1000, **msgspec.structs.asdict(description),
         )
 
 
-def content_id(wasm: bytes) -> str:
-    """The `module_id` of a module's bytes."""
-    return "sha256:" + hashlib.sha256(wasm).hexdigest()
+def load_key(module_id: str, transform_id: str, settings: EngineSettings) -> str:
+    """The compile-cache key of a load's entry: the module, its rewrite, the engine, and how the
+    entry keeps the bytes (`sidecar.module_bytes`)."""
+    return cache_key(module_id, f"{transform_id}+{LAYOUT_ID}", settings)
 
 
-def _layout(data: bytes) -> Layout:
-    """The section structure; refuses what is not a core wasm module at all (stage `parse`)."""
-    try:
-        return Layout.parse(data)
-    except WasmFormatError as exc:
-        raise InvalidModuleError(f"malformed module: {exc}", stage="parse") from None
-
-
-def _compile(
-    engine: wasmtime.Engine, source: bytes, layout: Layout, transform: Transform | None
-) -> tuple[bytes, Layout, wasmtime.Module]:
+def _compile(engine: wasmtime.Engine, source: bytes, transform: Transform | None) -> tuple[bytes, wasmtime.Module]:
+    """`source`, rewritten by `transform` if any, and compiled; refused at the stage that fails."""
+    layout_of(source)  # what is not a core wasm module at all is a `parse` refusal, not wasmtime's
     # Validating first (~1% of a compile) gives wasmtime's plain message, and a transform only
     # ever sees a module wasmtime accepted.
     try:
         wasmtime.Module.validate(engine, source)
     except wasmtime.WasmtimeError as exc:
-        raise InvalidModuleError(f"invalid module: {_summary(exc)}", stage="validate") from None
+        raise InvalidModuleError(f"invalid module: {error_summary(exc)}", stage="validate") from None
     wasm = source
     if transform is not None:
         # Checked again: wasmtime would take bytes without the wasm magic for WebAssembly text.
         wasm = bytes(transform(source))
-        layout = _layout(wasm)
+        layout_of(wasm)
     try:
-        return wasm, layout, wasmtime.Module(engine, wasm)
+        return wasm, wasmtime.Module(engine, wasm)
     except wasmtime.WasmtimeError as exc:
-        raise InvalidModuleError(f"cannot compile module: {_summary(exc)}", stage="validate") from None
-
-
-def _describe(engine: wasmtime.Engine, module: wasmtime.Module, layout: Layout, limits: Limits) -> dict[str, Any]:
-    imports = [
-        ImportInfo(module=item.module, name=item.name or "", kind=_kind(item.type), **_signature(engine, item.type))
-        for item in module.imports
-    ]
-    exports = [ExportInfo(name=item.name, kind=_kind(item.type), **_signature(engine, item.type))
-               for item in module.exports]
-    imported_memories = [item.type for item in module.imports if isinstance(item.type, wasmtime.MemoryType)]
-    imported_tables = [item.type for item in module.imports if isinstance(item.type, wasmtime.TableType)]
-    return {
-        "exports": exports,
-        "imports": imports,
-        "memory_minimums": [memory.limits.min * memory.page_size for memory in imported_memories]
-        + _defined_memory_minimums(layout, limits.wasm_page_bytes),
-        "table_minimums": [table.limits.min for table in imported_tables]
-        + [table.limits.minimum for table in defined_tables(layout)],
-        "has_start": layout.get(START) is not None,
-        "wasi": any(item.module == WASI_MODULE for item in imports),
-        "command": any(item.name == "_start" and item.kind == "func" for item in exports),
-    }
-
-
-def _kind(extern_type: object) -> str:
-    return next(name for cls, name in _KINDS if isinstance(extern_type, cls))
-
-
-def _signature(engine: wasmtime.Engine, extern_type: object) -> dict[str, list[str]]:
-    """`params`/`results` of a function type, named without `str(ValType)` (which aborts on v128)."""
-    if not isinstance(extern_type, wasmtime.FuncType):
-        return {}
-    params, results = extern_type.params, extern_type.results
-    names = value_type_names(engine, [*params, *results])
-    return {"params": list(names[: len(params)]), "results": list(names[len(params) :])}
-
-
-def _defined_memory_minimums(layout: Layout, page_bytes: int) -> list[int]:
-    """Declared minimum of each memory in the memory section, in bytes (the module is valid)."""
-    section = layout.get(MEMORY)
-    if section is None:
-        return []
-    reader = section.reader()
-    minimums = []
-    for _ in range(reader.u32()):
-        flags = reader.u8()
-        read = reader.u64 if flags & 0x04 else reader.u32  # memory64
-        minimum = read()
-        if flags & 0x01:
-            read()  # maximum
-        page = 1 << reader.u32() if flags & 0x08 else page_bytes  # custom page size
-        minimums.append(minimum * page)
-    return minimums
+        raise InvalidModuleError(f"cannot compile module: {error_summary(exc)}", stage="validate") from None

@@ -1,8 +1,10 @@
 """What the VM registry tells hibernation: an interface, and the no-op the registry starts with.
 
 The registry (`sidecar.vms`) keeps every VM, resident or hibernated; which of them stay in memory
-is `sidecar.hibernation`'s business. The registry tells it of each VM that goes live (a resident
-cap may make another one hibernate) and of each VM a host disposes (its state leaves the disk).
+is `sidecar.hibernation`'s business. The registry tells it of each VM as it joins (before the host
+hears of it, so an exit that follows at once finds it to keep), of each VM once its answer is out
+(a resident cap may then make another one hibernate) and of each VM a host disposes (its state
+leaves the disk).
 Declared here, below both, so that the registry knows hibernation only through it.
 """
 
@@ -25,6 +27,8 @@ def resident(vm: Vm) -> bool:
 
 
 class Residency(Protocol):
+    def joined(self, vm: Vm) -> None: ...
+
     def went_live(self, vm: Vm) -> None: ...
 
     def disposed(self, vm: Vm) -> None: ...
@@ -32,6 +36,9 @@ class Residency(Protocol):
 
 class NoResidency:
     """Every VM stays in memory until disposed."""
+
+    def joined(self, vm: Vm) -> None:
+        pass
 
     def went_live(self, vm: Vm) -> None:
         pass

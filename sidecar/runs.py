@@ -22,9 +22,10 @@ from protocol.methods import VmOutputParams, VmRunParams, VmRunResult, WasiSetti
 from .completion import Completion
 from .guest_abi import CallState
 from .isolate import Isolate
+from .job import Job
 from .payloads import call_timeout, payload, text_or_base64
 from .runtime import Runtime
-from .vm import Job, Vm
+from .vm import Vm
 from .wasi_view import wasi_config
 from .wasmffi import set_wasi_stdin_bytes
 

@@ -11,7 +11,6 @@ VMs: what a runtime's guest needs (its preopen, its exports) is in its manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
+from .logs import log
 
 DATA_DIR_ENV = "SIDECAR_DATA_DIR"
 PYTHON = "python"  # the runtime `vm.eval` and the MCP tools run code in
@@ -45,6 +44,8 @@ class InstalledRuntime:
     @property
     def files_id(self) -> str:
         """Names the installed files by content (their hashes, as the manifest records them)."""
+        import hashlib  # only a Python VM needs it; `initialize` lists runtimes before any
+
         return hashlib.sha256(json.dumps(self.manifest["outputs"], sort_keys=True).encode()).hexdigest()
 
 
@@ -107,7 +108,7 @@ def install(
         command = [sys.executable, str(build), "--out", str(target), "--work-dir", str(work_dir or scratch)]
         if force:
             command.append("--force")
-        structlog.get_logger().info("runtime_install_started", runtime=name, target=str(target))
+        log.info("runtime_install_started", runtime=name, target=str(target))
         done = subprocess.run(command, check=False)
     if done.returncode != 0:
         raise RuntimeUnavailable(f"building runtime {name!r} failed (exit {done.returncode}); its output is above")

@@ -5,6 +5,13 @@ the session methods (`initialize`, `ping`, `shutdown`, `sidecar.stats`, `sidecar
 `$/cancelRequest`) and the ways a session ends: `shutdown`, end of input, SIGTERM/SIGINT or a
 broken output. Each ends the same way: in-flight requests are cancelled, services (VMs) are
 closed, queued output is flushed within a bounded time, and `run` returns 0.
+
+The session is served in two steps. `start` (no event loop yet) starts the intake's threads,
+which answer the session methods from then on; `run` is the event loop. The CLI calls `start`
+before it imports anyio and structlog (with asyncio beneath them: ~35 ms over msgspec alone), so a
+host's `initialize` is answered while they load: anyio is imported by the methods that run on the
+loop, not by this module. Whatever ends the session before the loop runs (end of input, a
+`shutdown`, a signal) is kept and acted on as soon as it does.
 """
 
 from __future__ import annotations
@@ -14,12 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
-
-import anyio
-import anyio.abc
-import structlog
-from anyio.from_thread import BlockingPortal
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import protocol
 from protocol.errors import InternalError, RpcError
@@ -45,9 +47,13 @@ from .dispatcher import Dispatcher
 from .hostcalls import HostCalls
 from .intake import Intake
 from .limits import Limits
+from .logs import log
 from .transport import FdSink, Outbox
 
-log = structlog.get_logger()
+if TYPE_CHECKING:
+    import anyio.abc
+    from anyio.from_thread import BlockingPortal
+
 # Native stack a worker needs beyond the guest's own: the sidecar's Python and wasmtime's frames.
 HOST_STACK_MARGIN = 8 << 20
 
@@ -87,8 +93,14 @@ class Server:
         self._service_factories: list[Callable[[Server], list[Service]]] = []
         self._late: list[tuple[Callable[[Server], list[Service]], Callable[[], object]]] = []
         self._capability_sources: list[Callable[[], dict[str, Any]]] = []
-        self._late_added = threading.Event()  # set once the late services are in, or failed to load
+        self._services_added = threading.Event()  # set once every service is in, or failed to load
         self._late_failure: RpcError | None = None
+        self._serving = False
+        # The loop's arrival, against an end reported before it (`_end_from_thread`).
+        self._loop_lock = threading.Lock()
+        self._portal: BlockingPortal | None = None
+        self._ended_early: str | None = None
+        self._signalled_early: int | None = None
         self._rows = [
             LimitRow(**{("class_" if key == "class" else key): value for key, value in row.items()})
             for row in limits.rows()
@@ -105,8 +117,9 @@ class Server:
         `load`, if given, blocks until what `factory` needs is imported: it runs on a worker
         thread once the session serves, and the services are added when it returns; until then
         a request for a method of the server's table that nobody serves yet waits for them, and
-        if `load` raises, it is answered -32603 naming what failed. `capabilities()` gives the
-        fields these services add to `initialize`'s, which must not wait for `load`."""
+        if `load` raises, it is answered -32603 naming what failed (so it does for every service
+        while `start` serves before the loop runs). `capabilities()` gives the fields these
+        services add to `initialize`'s, which must not wait for `load`."""
         if load is None:
             self._service_factories.append(factory)
         else:
@@ -114,9 +127,11 @@ class Server:
         if capabilities is not None:
             self._capability_sources.append(capabilities)
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
-        """Serve until the session ends; `task_status` reports when the sidecar is serving."""
-        self._stopped = anyio.Event()
+    def start(self) -> None:
+        """Serve from the intake's threads from now on, before the event loop runs: the session
+        methods at once, a service's once `run` has added it. Call it on the thread that then
+        calls `run` (the outbox never blocks that one); `run` calls it if nobody did."""
+        self._serving = True
         self.outbox = Outbox(FdSink(self._out_fd), self.limits.protocol_outbox_bytes)
         self.intake = Intake(
             self._in_fd,
@@ -127,25 +142,44 @@ class Server:
             spin_s=self.limits.runner_input_spin_us / 1e6,
         )
         self.hostcalls = HostCalls(self.limits, self.outbox.send)
+        self.dispatcher = Dispatcher(self.limits, self.intake.answer, self.hostcalls.deliver, methods=self.methods)
+        for method, kind, handler in self.session_routes():
+            self.dispatcher.route(method, kind, handler)  # type: ignore[arg-type]
+        if self._service_factories or self._late:
+            self.dispatcher.await_routes = self._await_services
+        else:
+            self._services_added.set()
+        if self._handle_signals:  # until the loop watches them: `_watch_signals`
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._signalled_before_the_loop)
+        log.info("sidecar_started", version=__version__, front=self.front, protocol_version=protocol.PROTOCOL_VERSION)
+        self.intake.start(self.dispatcher, self.limits.vm_stack_bytes + HOST_STACK_MARGIN)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] | None = None) -> int:
+        """Serve until the session ends; `task_status` reports when the sidecar is serving."""
+        import anyio
+        from anyio.from_thread import BlockingPortal
+
+        self._stopped = anyio.Event()
+        if not self._serving:
+            self.start()
         async with BlockingPortal() as portal, anyio.create_task_group() as tg:
-            self._portal = portal
-            self.dispatcher = Dispatcher(self.limits, self.intake.answer, portal, self.hostcalls.deliver,
-                                         methods=self.methods)
-            for method, kind, handler in self.session_routes():
-                self.dispatcher.route(method, kind, handler)  # type: ignore[arg-type]
+            self.dispatcher.attach_loop(portal)
             for factory in self._service_factories:
                 self._add(factory)
-            if self._late:
-                self.dispatcher.await_routes = self._await_late_services
-            else:
-                self._late_added.set()
+            if not self._late:
+                self._services_added.set()
+                self.dispatcher.await_routes = None
             tg.start_soon(self._drain)
             if self._handle_signals:
                 await tg.start(self._watch_signals)
-            self.intake.start(self.dispatcher, self.limits.vm_stack_bytes + HOST_STACK_MARGIN)
-            log.info("sidecar_started", version=__version__, front=self.front,
-                     protocol_version=protocol.PROTOCOL_VERSION)
-            task_status.started()
+            with self._loop_lock:
+                self._portal = portal
+                ended = self._ended_early
+            if ended is not None:
+                self.request_stop(ended)
+            if task_status is not None:
+                task_status.started()
             if self._late:
                 tg.start_soon(self._add_late_services)
             await self._stopped.wait()
@@ -161,6 +195,8 @@ class Server:
 
     async def _add_late_services(self) -> None:
         """Wait (on a worker thread) for the late services' imports, then add them on the loop."""
+        import anyio
+
         try:
             for factory, load in self._late:
                 await anyio.to_thread.run_sync(load, abandon_on_cancel=True)
@@ -176,22 +212,24 @@ class Server:
             log.error("services_failed", error=failed, exc_info=exc)
             self._late_failure = InternalError(f"the VM services failed to load ({failed})", failed=failed)
         finally:
-            self._late_added.set()
+            self._services_added.set()
 
     async def services_loaded(self) -> None:
         """Returns once every service is added (or failed to load): for code in this process that
         needs the whole daemon, as tests that replace a route do; a host never needs it."""
-        if not self._late_added.is_set():
-            await anyio.to_thread.run_sync(self._late_added.wait, abandon_on_cancel=True)
+        import anyio
 
-    def _await_late_services(self) -> None:
+        if not self._services_added.is_set():
+            await anyio.to_thread.run_sync(self._services_added.wait, abandon_on_cancel=True)
+
+    def _await_services(self) -> None:
         """The dispatcher's wait for a method nobody serves yet, on the thread that read it. It
         keeps the reader role while it waits (tens of ms, once per process): frames after this one
         are handled after it, as they would be had the services been there, so an end of input
         read next cannot end the session under a request the host sent before it."""
-        if not self._late_added.is_set():
+        if not self._services_added.is_set():
             self.intake.send_gathered()
-            self._late_added.wait()
+            self._services_added.wait()
         if self._late_failure is not None:
             raise self._late_failure
 
@@ -203,8 +241,18 @@ class Server:
         self._stopped.set()
 
     def _end_from_thread(self, reason: str) -> None:
+        with self._loop_lock:
+            portal = self._portal
+            if portal is None:  # the loop does not run yet: `run` stops once it does
+                self._ended_early = self._ended_early or reason
+                return
         with contextlib.suppress(RuntimeError):  # the portal is gone: the session already ended
-            self._portal.start_task_soon(self._request_stop_async, reason)
+            portal.start_task_soon(self._request_stop_async, reason)
+
+    def _signalled_before_the_loop(self, signum: int, _frame: object) -> None:
+        """A SIGTERM or SIGINT while the loop is still being set up: handled once it runs."""
+        if self._signalled_early is None:
+            self._signalled_early = signum
 
     async def _request_stop_async(self, reason: str) -> None:
         self.request_stop(reason)
@@ -215,14 +263,25 @@ class Server:
             self.request_stop("output_closed")
 
     async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        import anyio
+
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
+            # Read after the receiver replaced `start`'s handlers: a signal is seen by one of them.
+            if self._signalled_early is not None:
+                self._on_signal(self._signalled_early)
+                return
             async for signum in signals:
-                log.info("signal_received", signal=signal.Signals(signum).name)
-                self.request_stop("signal")
+                self._on_signal(signum)
                 return
 
+    def _on_signal(self, signum: int) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        self.request_stop("signal")
+
     async def _shut_down(self, reason: str) -> None:
+        import anyio
+
         log.info("sidecar_stopping", reason=reason, in_flight=self.dispatcher.in_flight)
         with anyio.CancelScope(shield=True):
             self.intake.stop()
@@ -262,7 +321,7 @@ class Server:
         for source in self._capability_sources:
             fields.update(source())
         served = set(self.dispatcher.methods())
-        if not self._late_added.is_set():  # what nobody serves yet, the services still loading will
+        if not self._services_added.is_set():  # what nobody serves yet, the services still loading will
             served.update(self.methods)
         offered = sorted(name for name in served if self.methods[name].direction == "host_to_sidecar")
         return Capabilities(methods=offered, **fields)
@@ -274,7 +333,7 @@ class Server:
     def _stats(self, _: Empty) -> StatsResult:
         fields: dict[str, Any] = {"engines": 0, "vms": 0, "vms_starting": 0, "vm_calls": 0, "vm_memory_bytes": 0,
                                   "instances_recycled": Recycles.of({}), "hibernations": 0, "wakes": 0,
-                                  "state_bytes": 0, "state_quarantined": 0}
+                                  "state_bytes": 0, "state_quarantined": 0, "spare_instances": 0}
         for service in self._services:
             fields.update(service.stats())
         return StatsResult(

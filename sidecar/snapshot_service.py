@@ -48,11 +48,12 @@ from .guest_abi import CallState
 from .hostcalls import AsyncCall
 from .hostfiles import write_atomically
 from .isolate import Isolate
+from .job import Job
 from .limits import Limits
 from .modules import INSTRUMENT_ID, CompiledModule
 from .runtime import Runtime
 from .snapshot_file import PendingCall, SnapshotState
-from .vm import Job, Vm
+from .vm import Vm
 from .vms import Starting, VmService
 from .wasmbin import Instrumented, WasmFormatError, instrument
 

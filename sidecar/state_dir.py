@@ -39,18 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from protocol.errors import InvalidSnapshotError, RpcError
 
+from . import STATE_DIR_ENV
 from .hostfiles import TooLarge, read_bounded, write_atomically
 from .limits import Limits
+from .logs import log
 
 if TYPE_CHECKING:  # the CLI opens the directory before serving: the cold start must not import wasmtime
     from .snapshot_file import SnapshotState
 
-log = structlog.get_logger()
-STATE_DIR_ENV = "SIDECAR_STATE_DIR"
 _SUFFIX = ".state"
 _PRIVATE_PREFIX = "wasm-sidecar-state-"
 

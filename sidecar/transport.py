@@ -21,11 +21,12 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import anyio
-import structlog
+from .logs import log
 
-log = structlog.get_logger()
+if TYPE_CHECKING:
+    import anyio
 
 
 class FdSink:
@@ -41,6 +42,8 @@ class FdSink:
             return 0
 
     async def write_all(self, data: bytes) -> None:
+        import anyio  # on the event loop only: the first answers leave before anyio is imported
+
         view = memoryview(data)
         while view:
             written = self.write_now(view)
@@ -53,7 +56,8 @@ class FdSink:
 class Outbox:
     """Bounded, thread-safe queue of outgoing frames with direct writes when it is empty.
 
-    Constructed on the event loop's thread: that thread is never made to wait for room.
+    Constructed on the thread that runs the event loop (before the loop starts, when the first
+    answers leave without it): that thread is never made to wait for room.
     """
 
     def __init__(self, sink: FdSink, capacity_bytes: int) -> None:
@@ -68,7 +72,7 @@ class Outbox:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._loop_thread = threading.get_ident()
-        self._idle_event = anyio.Event()
+        self._idle_event: anyio.Event | None = None  # made by `flush`, on the loop
         self.closed = False
         self.broken = False  # the peer went away: the server shuts down
 
@@ -95,6 +99,8 @@ class Outbox:
 
     async def run_drainer(self) -> None:
         """Write queued frames as the peer accepts them; returns once closed or broken."""
+        import anyio
+
         try:
             while not self.closed:
                 batch = self._take()
@@ -111,23 +117,29 @@ class Outbox:
                 with self._lock:
                     self._draining = False
                     self._room.notify_all()
-                self._idle_event.set()
+                self._idle()
         finally:
-            self._idle_event.set()
+            self._idle()
             self._close_wake()
 
     async def flush(self) -> None:
         """Wait until everything sent so far has been handed to the sink (used at shutdown)."""
+        import anyio
+
         while (self._queue or self._draining) and not self.closed:
             self._idle_event = anyio.Event()
             await self._idle_event.wait()
+
+    def _idle(self) -> None:
+        if self._idle_event is not None:
+            self._idle_event.set()
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
             self._room.notify_all()
             self._poke()
-        self._idle_event.set()
+        self._idle()
 
     def _take(self) -> bytes | None:
         with self._lock:

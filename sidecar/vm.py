@@ -16,55 +16,30 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
-import msgspec
 import structlog
 import wasmtime
 
-from protocol.errors import (
-    CallTimeoutError,
-    GuestTrapError,
-    InternalError,
-    LimitExceededError,
-    RequestCancelledError,
-    RpcError,
-    VmNotFoundError,
-)
+from protocol.errors import InternalError, RequestCancelledError, RpcError, VmNotFoundError
 from protocol.methods import WasiSettings
 
-from .completion import Completion, Delivery
+from .completion import Delivery
 from .engines import EngineLease
 from .guest_abi import ON_RESPONSE, CallState
-from .hostcalls import STATUS_HOST_ERROR, STATUS_OK, STATUS_REFUSED, AsyncCall, HostAnswer, HostCalls, bounded
+from .hostcalls import STATUS_HOST_ERROR, STATUS_OK, STATUS_REFUSED, AsyncCall, HostAnswer, bounded
 from .isolate import Isolate
+from .job import Job, stopped_the_guest
 from .limits import CallBudget, Limits
 from .modules import CompiledModule
+from .rewind import Rewinder
 from .runtime import Runtime
 from .wasi_view import wasi_config
 
 log = structlog.get_logger()
 Mode = Literal["stateful", "stateless"]
-_GUEST_STOPPED = (GuestTrapError, CallTimeoutError, RequestCancelledError, LimitExceededError)
-
-
-class Job(msgspec.Struct, eq=False):  # identity: jobs are tracked in sets while they run
-    """One request's work. `work(vm, isolate, state)` returns the result or raises an RpcError;
-    `isolate` is None for a VM that holds a WASI command (each run makes its own)."""
-
-    reply: Completion
-    work: Callable[[Vm, Isolate | None, CallState], object]
-    state: CallState = msgspec.field(default_factory=CallState)
-    retires: bool = False  # its instance is closed after it, not kept (the VM hibernated)
-    hibernates: bool = False  # a hibernation: on a VM asleep already it runs without an instance
-
-    def cancel(self, hostcalls: HostCalls) -> None:
-        """From any thread: stop the guest at its next tick and wake it from a host call."""
-        self.state.stop = self.state.stop or "cancelled"
-        if self.state.host_call_id is not None:
-            hostcalls.abandon(self.state.host_call_id, "the call was cancelled")
 
 
 class Vm:
@@ -82,6 +57,7 @@ class Vm:
         asleep: bool = False,
         runtime_name: str | None = None,
         prepare: Callable[[Isolate], None] | None = None,
+        spare: Isolate | None = None,
     ) -> None:
         """`start=False`: the first instance skips its start function (a restore fills it in);
         `asleep`: it has none until a job needs it. `revive`, set while the VM is hibernated, makes
@@ -89,7 +65,8 @@ class Vm:
         `lease` holds the module's engine; the VM releases it once disposed and quiet.
         `runtime_name`: the sidecar-provided guest (`python`) it runs, whose instance holds an
         interpreter: one that a fault stopped mid-way is not trusted again, even in a stateful VM.
-        `prepare(isolate)` runs on each new instance that starts afresh, before it serves."""
+        `prepare(isolate)` runs on each new instance that starts afresh, before it serves.
+        `spare`: an instance made ahead for a VM like this one (`sidecar.spares`), its first."""
         self.vm_id = vm_id
         self.compiled = compiled
         self._lease = lease
@@ -100,17 +77,22 @@ class Vm:
         self.runtime = runtime
         self.runtime_name = runtime_name
         self._prepare = prepare
+        # A runtime's stateless instances are rewound in place after an eval rather than replaced.
+        self._rewinder = Rewinder(vm_id, self.isolate_for, lambda: wasi_config(wasi) if compiled.wasi else None,
+                                  prepare, limits) if mode == "stateless" and prepare is not None else None
         self.calls = 0
         self.last_used = time.monotonic()  # when the last job was submitted: hibernation goes by it
         self.revive: Callable[[Vm], Isolate] | None = None
-        self.recycles: Counter[str] = Counter()
+        self.recycles: dict[str, int] = {}  # by reason; a dict, as a Counter costs ~0.8 µs more per vm.create
         self.async_calls: dict[int, AsyncCall] = {}  # by ticket
         self.next_ticket = 0
         self.disposed = False
         self._slots = limits.vm_pool_instances if mode == "stateless" else 1
         self._lock = threading.Lock()
-        self._quiet = threading.Condition(self._lock)  # notified when the last running job ends
-        self._quiet_waiters = 0  # notifying costs ~1.5 µs per job even when nobody waits
+        # Notified when the last running job ends; made by the first `wait_idle`, since making one
+        # costs ~4 µs, on every vm.create's path. Notifying costs ~1.5 µs per job even when nobody waits.
+        self._quiet: threading.Condition | None = None
+        self._quiet_waiters = 0
         self._queue: deque[Job] = deque()
         self._running: set[Job] = set()  # jobs holding an instance slot, bookkeeping included
         self._working = 0  # jobs whose work has not finished: what `busy` reports
@@ -118,7 +100,12 @@ class Vm:
         self._live: list[Isolate] = []
         self._replacing = 0  # instances being built to replace a retired one, each for the next job
         # A command keeps no instance (each vm.run starts afresh); others start one now: a bad start fails vm.create.
-        self._idle.append(None if compiled.command or asleep else self._spawn(start=start))
+        if spare is not None:
+            spare.adopt(vm_id, self.issue_async)
+            self._live.append(spare)
+            self._idle.append(spare)
+        else:
+            self._idle.append(None if compiled.command or asleep else self._spawn(start=start))
         if mode == "stateless" and prepare is not None and self._slots > 1 and not asleep:
             # A spare, one of the pool's: a request that comes while the last one's replacement is
             # being warmed (an interpreter: ~1.5 ms) takes it instead of waiting.
@@ -180,6 +167,8 @@ class Vm:
         self.runtime.hostcalls.abandon_owner(self.vm_id, "VM disposed")
         for isolate in idle:
             self._close(isolate)
+        if self._rewinder is not None:
+            self._rewinder.close(final=True)
         self._release_engine_if_quiet()
 
     def drop_warm(self) -> bool:
@@ -190,11 +179,15 @@ class Vm:
             idle, self._idle = [isolate for isolate in self._idle if isolate is not None], []
         for isolate in idle:
             self._close(isolate)
+        if self._rewinder is not None:
+            self._rewinder.close()  # made again at the next rewind
         return True
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no job runs (after `dispose`, guests stop within a tick); False on timeout."""
         with self._lock:
+            if self._quiet is None:
+                self._quiet = threading.Condition(self._lock)
             self._quiet_waiters += 1
             try:
                 return self._quiet.wait_for(lambda: not self._running, timeout_s)
@@ -291,7 +284,7 @@ class Vm:
                 if job is not None:
                     self._running.add(job)
                 else:
-                    if self._quiet_waiters:
+                    if self._quiet_waiters and self._quiet is not None:
                         self._quiet.notify_all()
                     if not self.disposed:
                         self._idle.append(isolate)
@@ -309,8 +302,7 @@ class Vm:
             result = job.work(self, isolate, job.state)
         except RpcError as exc:
             outcome: tuple[object, RpcError | None] = (None, exc)
-            # The guest stopped mid-way (trap, timeout, cancel, budget): its state is suspect.
-            job.state.trapped = isinstance(exc, _GUEST_STOPPED) and not _runner_refusal(exc)
+            job.state.trapped = stopped_the_guest(exc)
         except Exception as exc:  # a sidecar bug costs this request, never the VM or the process
             log.error("vm_job_failed", vm_id=self.vm_id, method=job.reply.method, exc_info=exc)
             outcome = (None, InternalError(f"internal error in {job.reply.method}"))
@@ -343,16 +335,19 @@ class Vm:
         reason = self._used_up(isolate, job)
         if reason is None:
             return isolate
-        self.recycles[reason] += 1
+        self.recycles[reason] = self.recycles.get(reason, 0) + 1
         log.debug("instance_recycled", vm_id=self.vm_id, reason=reason, calls=isolate.calls,
                   memory_bytes=isolate.memory_bytes)
         # The answer has left; building the replacement takes a while (a big module's instance): the
         # next request should not wait behind it, so another thread reads meanwhile.
         self.runtime.reader.yield_reading()
-        self._close(isolate)
         with self._lock:
             self._replacing += 1
         try:
+            if reason == "calls" and self._rewinder is not None and self._rewinder.renew(isolate):
+                self.recycles["rewound"] = self.recycles.get("rewound", 0) + 1
+                return isolate
+            self._close(isolate)
             return self._spawn()
         except RpcError as exc:
             log.warning("instance_start_failed", vm_id=self.vm_id, error=exc.message)
@@ -387,7 +382,3 @@ class Vm:
                 self._live.remove(isolate)
         isolate.close()
 
-
-def _runner_refusal(error: RpcError) -> bool:
-    """A runner budget that refused the sidecar's own work (a snapshot too big): nothing of the guest."""
-    return str(error.details.get("limit", "")).startswith("runner_")

@@ -15,9 +15,7 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -43,29 +41,24 @@ from protocol.methods import (
     WasiSettings,
 )
 
-from .admission import check_module, check_preopens
+from .admission import Starting, check_module, check_preopens
 from .completion import Completion
 from .engines import EngineLease, Engines, EngineSettings
 from .evals import runtime_create_params, runtime_warm_up
 from .guest_abi import CallState
 from .isolate import Isolate
+from .job import Job
 from .limits import Limits
-from .modules import INSTRUMENT_ID, CompiledModule, ModuleStore, content_id, instrument_or_keep, read_source
+from .modules import INSTRUMENT_ID, CompiledModule, ModuleStore, Source, instrument_or_keep
 from .payloads import call_timeout, payload, text_or_base64
 from .preinit import Preinit, PreinitRuns, stoppable
 from .residency import NoResidency, Residency, resident, rfc3339
 from .runtime import Runtime
-from .vm import Job, Mode, Vm
+from .spares import Spares
+from .vm import Mode, Vm
 from .wasmbin import PREFIX
 
 log = structlog.get_logger()
-
-
-@dataclass
-class Starting:
-    """A `runner_vms` slot held by a VM being built; `held` until the VM is live."""
-
-    held: bool = True
 
 
 class VmService:
@@ -81,6 +74,9 @@ class VmService:
         self._ids = itertools.count(1)
         self._compiles = anyio.CapacityLimiter(limits.runner_worker_threads)
         self.residency: Residency = NoResidency()
+        self._settings = EngineSettings.from_limits(limits)  # most VMs': made once (~1.3 µs)
+        self.spares = Spares(limits, runtime)
+        engines.on_evicted(self.spares.forget_engine)
 
     def routes(self) -> list[tuple[str, str, Callable[..., Any]]]:
         return [
@@ -104,6 +100,7 @@ class VmService:
             "vm_calls": sum(vm.calls for vm in vms),
             "vm_memory_bytes": sum(vm.memory_bytes for vm in vms),
             "instances_recycled": Recycles.of(recycles),
+            "spare_instances": len(self.spares),
         }
 
     async def close(self) -> None:
@@ -114,6 +111,7 @@ class VmService:
             self._vms.clear()
         for vm in vms:
             vm.dispose()
+        self.spares.close()
         self._preinits.stop_all()
         await anyio.to_thread.run_sync(self._wait_all_idle, vms, self.limits.protocol_shutdown_ms / 2000)
         self.engines.close()
@@ -143,7 +141,7 @@ class VmService:
         limits = self.limits.tightened(params.limits) if params.limits else self.limits
         if runtime_name is not None and params.mode == "stateless":
             limits = limits.tightened({"vm_recycle_after_calls": 1})  # every eval a pristine interpreter
-        settings = EngineSettings.from_limits(limits)
+        settings = self._settings if limits is self.limits else EngineSettings.from_limits(limits)
         run = None
         # The engine the module is compiled for stays until the VM holds it.
         with self.starting() as slot, self.engines.lease(settings) as lease:
@@ -160,7 +158,7 @@ class VmService:
                 check_module(compiled, limits)
             else:
                 self.runtime.reader.yield_reading()  # a compile can take seconds: let another thread read
-                compiled = self.compile(read_source(params, self.limits), limits)
+                compiled = self.compile(self.modules.source(params), limits)
             self.add_vm(slot, lease, compiled, limits, params.mode, params.wasi or WasiSettings(), reply,
                         lambda vm: VmCreateResult(vm_id=vm.vm_id, **_preinit_fields(compiled, run, module_id=True)),
                         runtime_name=runtime_name)
@@ -179,12 +177,12 @@ class VmService:
             check_module(base, limits)
             baked = run.obtain(self.modules, module_id, lambda: base)
         else:
-            source = None if source_id else read_source(params, self.limits)
-            base_id = source_id or content_id(source)  # type: ignore[arg-type]
+            source = None if source_id else self.modules.source(params)
+            base_id = source_id or source.module_id  # type: ignore[union-attr]
 
             def base() -> CompiledModule:
-                wasm = source if source is not None else read_source(params, self.limits)
-                if content_id(wasm) != base_id:
+                wasm = source if source is not None else self.modules.source(params)
+                if wasm.module_id != base_id:
                     raise InvalidParamsError(f"the runtime's module is not the one its manifest names ({base_id}): "
                                              "reinstall it (wasm-sidecar runtime install --force)", path="$.runtime")
                 return self.compile(wasm, limits)
@@ -199,7 +197,7 @@ class VmService:
         return self._preinitialize(params, Preinit(params.preinit, limits, self.runtime),  # type: ignore[arg-type]
                                    source_id)
 
-    def compile(self, wasm: bytes, limits: Limits) -> CompiledModule:
+    def compile(self, wasm: bytes | Source, limits: Limits) -> CompiledModule:
         """Load a module for VMs with these budgets: instrumented, checked against them."""
         compiled = self.modules.load(
             wasm, EngineSettings.from_limits(limits), transform=instrument_or_keep, transform_id=INSTRUMENT_ID
@@ -207,22 +205,20 @@ class VmService:
         check_module(compiled, limits)
         return compiled
 
-    @contextmanager
-    def starting(self) -> Iterator[Starting]:
+    def starting(self) -> Starting:
         """Hold a `runner_vms` slot for a VM about to be built (compile included), until `add_vm`
-        makes it live or the build ends without one: a VM counts from its first step."""
+        makes it live or the build ends without one (`with`): a VM counts from its first step."""
         with self._lock:
             live = len(self._vms) + self._starting + 1
             if live > self.limits.runner_vms:
                 raise self.limits.exceeded("runner_vms", live)
             self._starting += 1
-        slot = Starting()
-        try:
-            yield slot
-        finally:
-            with self._lock:
-                if slot.held:
-                    self._starting -= 1
+        return Starting(self._started)
+
+    def _started(self, slot: Starting) -> None:
+        with self._lock:
+            if slot.held:
+                self._starting -= 1
 
     def add_vm(
         self,
@@ -255,9 +251,11 @@ class VmService:
                 vm_id = f"vm-{next(self._ids)}"
         lease = self.engines.hold(compiled.settings, compiled.engine)
         request_lease.release()
+        fresh = restore is None and not asleep and runtime_name is None  # a spare fits only a VM starting afresh
         try:
             vm = Vm(vm_id, compiled, lease, limits, mode, wasi, self.runtime, start=restore is None, asleep=asleep,
-                    runtime_name=runtime_name, prepare=runtime_warm_up(runtime_name))
+                    runtime_name=runtime_name, prepare=runtime_warm_up(runtime_name),
+                    spare=self.spares.take(compiled, limits, wasi) if fresh else None)
         except BaseException as exc:
             lease.release()  # no VM exists to release it
             if isinstance(exc, RpcError):  # e.g. its start function trapped: no VM exists to name
@@ -276,6 +274,7 @@ class VmService:
                 self._vms[vm_id] = vm
                 self._starting -= 1
                 slot.held = False
+            self.residency.joined(vm)
             return result
 
         if not reply.result_of(go_live):
@@ -284,6 +283,8 @@ class VmService:
             return None
         log.info("vm_created", vm_id=vm_id, module_id=compiled.module_id, mode=mode)
         self.residency.went_live(vm)
+        if fresh:
+            self.spares.refill(compiled, limits, wasi)  # for the next VM like it, now that the answer is out
         return vm
 
     def vm_call(self, params: VmCallParams, reply: Completion) -> None:
@@ -372,7 +373,10 @@ class VmService:
             self._ids = itertools.count(max([*numbers, next(self._ids) - 1]) + 1)
 
     def _load(self, params: ModuleLoadParams) -> CompiledModule:
-        return self.compile(read_source(params, self.limits), self.limits)
+        """On a worker thread: the module, and a spare for its first `vm.create` (a host loads to create)."""
+        compiled = self.compile(self.modules.source(params), self.limits)
+        self.spares.refill(compiled, self.limits, WasiSettings())
+        return compiled
 
 
 def _preinit_fields(compiled: CompiledModule, run: Preinit | None, *, module_id: bool = False) -> dict[str, Any]:

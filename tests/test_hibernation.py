@@ -383,3 +383,28 @@ async def test_a_python_session_hibernates_and_keeps_its_names(tmp_path, python_
     async with sidecar(state, tmp_path / "log") as client:  # the exit hibernated it; a new process wakes it
         result = await rpc(client, "vm.eval", {"vm_id": vm_id, "code": "sorted(names.items())"})
         assert result["value"] == repr([("ada", 36), ("eve", 41)])
+
+
+
+@pytest.mark.parametrize("ending", ["shutdown", "end_of_input"])
+def test_a_vm_whose_creation_was_answered_is_kept_by_an_exit_that_follows_at_once(tmp_path, ending: str) -> None:
+    """The registry tells hibernation of a new VM before the host hears of it: an exit asked for the
+    moment the answer arrives, and read by another thread (compiling a new module hands reading
+    over), must find the VM to keep. Several processes, since each round is one exit."""
+    state = tmp_path / "state"
+    argv = [sys.executable, "-m", "sidecar", "--state-dir", str(state)]
+    created = []
+    for round_ in range(6):
+        module = SECRET.replace("(memory 1)", f"(memory 1) (global $round i32 (i32.const {round_}))")
+        create = {"jsonrpc": "2.0", "id": 1, "method": "vm.create", "params": {"wat": module}}
+        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as made:
+            assert made.stdin is not None and made.stdout is not None
+            made.stdin.write(json.dumps(create).encode() + b"\n")
+            made.stdin.flush()
+            created.append(json.loads(made.stdout.readline())["result"]["vm_id"])
+            if ending == "shutdown":
+                made.stdin.write(b'{"jsonrpc":"2.0","id":2,"method":"shutdown"}\n')
+            made.stdin.close()
+            assert made.wait(WAIT) == 0
+    kept = {path.name.removesuffix(".state") for path in (state / "vms").iterdir()}
+    assert kept == set(created)

@@ -124,7 +124,7 @@ def test_invalid_requests_say_what_to_fix(frame: bytes, says: str, request_id: o
 
 def test_whatever_escapes_handling_a_frame_answers_it_and_serving_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[bytes] = []
-    frames = Dispatcher(load_limits({}), sent.append, None, lambda *a, **k: True)
+    frames = Dispatcher(load_limits({}), sent.append, lambda *a, **k: True)
     frames.route("ping", "inline", lambda params: {})
     decode = dispatcher.decode_frame
 

@@ -54,15 +54,16 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                             "mcp_tools", "mcp_sessions", "mcp_session"})),
     # What works on isolates: the VM orders jobs on them (ending each through a `completion`, in
     # the WASI view of `wasi_view`), `snapshots` captures and restores one, `preinit` runs one
-    # export in one and bakes the state into a module.
-    ("vm", frozenset({"vm", "completion", "wasi_view", "snapshots", "preinit", "residency"})),
+    # export in one and bakes the state into a module; `spares` makes instances ahead for new VMs.
+    ("vm", frozenset({"vm", "job", "completion", "wasi_view", "snapshots", "preinit", "residency", "rewind",
+                      "spares"})),
     # One store and instance; the guest ABI bound to it; `runtime`, the bundle an isolate is given.
     ("isolate", frozenset({"isolate", "guest_abi", "runtime"})),
     # What an isolate is built from and talks through, none of it aware of VMs. `modules` is the
     # module store, whose `CompiledModule` the VM and the isolate take: it sits here, below them,
     # while the `module.load` service that drives it is in `vms`.
-    ("resources", frozenset({"hostcalls", "modules", "compile_cache", "engines", "snapshot_file", "hostfiles",
-                             "runtimes", "state_dir"})),
+    ("resources", frozenset({"hostcalls", "modules", "module_sources", "module_info", "module_bytes",
+                             "compile_cache", "engines", "snapshot_file", "hostfiles", "runtimes", "state_dir"})),
     ("wasm", frozenset({"wasmffi", "wasmbin"})),
     ("foundation", frozenset({"limits", "logs", "__init__"})),
 ]

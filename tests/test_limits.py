@@ -45,6 +45,7 @@ EXPECTED = {
     "vm_memories": ("guest", 4),
     "vm_recycle_after_calls": ("guest", 512),
     "vm_recycle_memory_bytes": ("guest", 64 * MIB),
+    "vm_rewind_resident_bytes": ("guest", 8 * MIB),
     "vm_pool_instances": ("guest", 4),
     "vm_hibernate_idle_ms": ("guest", 0),
     "runner_module_bytes": ("runner", 64 * MIB),
@@ -59,6 +60,7 @@ EXPECTED = {
     "runner_input_spin_us": ("runner", 50),
     "runner_epoch_tick_ms": ("runner", 1),
     "runner_resident_vms": ("runner", 0),
+    "runner_spare_instances": ("runner", 8),
     "runner_state_bytes": ("runner", 8 << 30),
     "runner_hibernate_exit_ms": ("runner", 10000),
     "wasm_page_bytes": ("invariant", 65536),
@@ -68,7 +70,7 @@ EXPECTED = {
 }
 ZERO_MEANS_OFF = {
     "vm_fuel", "vm_recycle_after_calls", "vm_recycle_memory_bytes", "runner_cache_bytes", "runner_input_spin_us",
-    "vm_hibernate_idle_ms", "runner_resident_vms",
+    "vm_hibernate_idle_ms", "runner_resident_vms", "runner_spare_instances",
 }
 
 

@@ -26,10 +26,11 @@ from structlog.testing import capture_logs
 from protocol.errors import ErrorCode, InvalidModuleError, InvalidParamsError, LimitExceededError
 from protocol.methods_vm import ModuleLoadParams, VmCreateParams
 from sidecar import modules
-from sidecar.compile_cache import CompileCache, cache_key
+from sidecar.compile_cache import CompileCache
 from sidecar.engines import Engines, EngineSettings
 from sidecar.limits import Limits, load_limits
-from sidecar.modules import ModuleStore, read_source
+from sidecar.module_bytes import ModuleBytes
+from sidecar.modules import ModuleStore, load_key, read_source
 
 WAIT = 10.0  # seconds: the ceiling on any wait, never an expected duration
 REPO = Path(__file__).resolve().parents[1]
@@ -111,14 +112,14 @@ def test_each_source_kind_gives_the_same_bytes(tmp_path: Path) -> None:
     path = tmp_path / "guest.wasm"
     path.write_bytes(GUEST)
     limits = load_limits({})
-    assert read_source(ModuleLoadParams(path=str(path)), limits) == GUEST
-    assert read_source(ModuleLoadParams(wasm_base64=GUEST), limits) == GUEST
-    assert read_source(ModuleLoadParams(wat=GUEST_WAT), limits) == GUEST
+    assert read_source(ModuleLoadParams(path=str(path)), limits).data() == GUEST
+    assert read_source(ModuleLoadParams(wasm_base64=GUEST), limits).data() == GUEST
+    assert read_source(ModuleLoadParams(wat=GUEST_WAT), limits).data() == GUEST
     # vm.create's params carry the same three sources; the wire decoder turns base64 into bytes.
     decoded = msgspec.json.decode(
         json.dumps({"wasm_base64": base64.b64encode(GUEST).decode()}), type=VmCreateParams
     )
-    assert isinstance(decoded.wasm_base64, bytes) and read_source(decoded, limits) == GUEST
+    assert isinstance(decoded.wasm_base64, bytes) and read_source(decoded, limits).data() == GUEST
 
 
 def test_exactly_one_source_is_required() -> None:
@@ -390,6 +391,21 @@ def test_a_second_store_on_the_same_directory_skips_compiling(engines: Engines, 
         store.close()
 
 
+def test_notes_of_another_shape_are_computed_again(engines: Engines, tmp_path: Path) -> None:
+    """What the store keeps beside an entry (the description, the seals) is a cache too: a note that
+    does not decode as what it should be is made again, never trusted."""
+    first = ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS)
+    cache = CompileCache(tmp_path, 1 << 30)
+    notes = sorted(tmp_path.glob("*.note"))
+    assert notes
+    for note in notes:
+        cache.write_note(note.stem, b"\x91\xc0 not what it names")
+    again = ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS)
+    assert again.cached and again.exports == first.exports and again.imports == first.imports
+    assert (again.memory_minimums, again.table_minimums, again.has_start, again.wasi, again.command) == (
+        first.memory_minimums, first.table_minimums, first.has_start, first.wasi, first.command)
+
+
 def corrupt_flip(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0xFF
@@ -480,7 +496,8 @@ def test_an_entry_for_another_engine_is_rejected_by_wasmtime(engines: Engines, t
     module_id = "sha256:" + hashlib.sha256(GUEST).hexdigest()
     # Well-formed and checksummed, but fuel-metered code under the unmetered key.
     with engines.lease(metered) as lease:
-        cache.write(cache_key(module_id, "", SETTINGS), wasmtime.Module(lease.engine, GUEST))
+        code = wasmtime.Module(lease.engine, GUEST)
+        cache.write(load_key(module_id, "", SETTINGS), code, ModuleBytes(GUEST).layout())
     with capture_logs() as logs:
         compiled = ModuleStore(load_limits({}), engines, tmp_path).load(GUEST, SETTINGS)
     assert not compiled.cached
@@ -504,7 +521,7 @@ def test_the_cache_is_bounded_and_evicts_least_recently_used(engines: Engines, t
     size = entries(probe)[0].stat().st_size
     limits = limits_with(runner_cache_bytes=str(size * 5 // 2))  # two entries fit, three do not
     cache_dir = tmp_path / "cache"
-    one, two = (CompileCache(cache_dir, 0).path(cache_key(ModuleStore(limits, engines, cache_dir).load(
+    one, two = (CompileCache(cache_dir, 0).path(load_key(ModuleStore(limits, engines, cache_dir).load(
         small(n), SETTINGS).module_id, "", SETTINGS)) for n in (1, 2))
     os.utime(one, ns=(10**15, 10**15))  # file times are coarse: order them explicitly, in the past
     os.utime(two, ns=(2 * 10**15, 2 * 10**15))

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.anyio
 GUEST = "stateless_counter"
 PAGE = 65536
 KIB, MIB = 1024, 1024 * 1024
-NO_RECYCLES = {"calls": 0, "memory": 0, "trap": 0}
+NO_RECYCLES = {"calls": 0, "memory": 0, "trap": 0, "rewound": 0}
 
 
 def knobs(*, after_calls: int | None = None, memory_bytes: int | None = None, pool: int | None = None,
@@ -74,9 +74,9 @@ async def test_an_instance_is_replaced_after_its_call_budget(session) -> None:
         assert await results(client, vm_id, "count", 1) == [1]
         info = await vm_info(client, vm_id)
         assert info["mode"] == "stateless"
-        assert info["recycles"] == {"calls": 3, "memory": 0, "trap": 0}
+        assert info["recycles"] == {"calls": 3, "memory": 0, "trap": 0, "rewound": 0}
         assert info["calls"] == 10 and info["instances"] == 1
-        assert await recycled(client) == {"calls": 3, "memory": 0, "trap": 0}
+        assert await recycled(client) == {"calls": 3, "memory": 0, "trap": 0, "rewound": 0}
 
 
 async def test_a_vm_create_can_lower_the_call_budget(session) -> None:
@@ -101,9 +101,9 @@ async def test_an_instance_is_replaced_once_its_memory_passes_the_mark(session) 
         assert max(retained) <= mark + PAGE, retained
         assert await results(client, vm_id, "grow", 1, 1) == [1]  # queued behind the last recycle
         info = await vm_info(client, vm_id)
-        assert info["recycles"] == {"calls": 0, "memory": 3, "trap": 0}
+        assert info["recycles"] == {"calls": 0, "memory": 3, "trap": 0, "rewound": 0}
         assert info["memory_bytes"] == 2 * PAGE
-        assert await recycled(client) == {"calls": 0, "memory": 3, "trap": 0}
+        assert await recycled(client) == {"calls": 0, "memory": 3, "trap": 0, "rewound": 0}
 
 
 # -- zero means never -------------------------------------------------------------------------
@@ -143,9 +143,9 @@ async def test_a_trapped_instance_is_not_reused(session) -> None:
         assert error.data["trap_code"] == "unreachable"
         assert await results(client, vm_id, "count", 2) == [1, 2]
         info = await vm_info(client, vm_id)
-        assert info["recycles"] == {"calls": 0, "memory": 0, "trap": 1}
+        assert info["recycles"] == {"calls": 0, "memory": 0, "trap": 1, "rewound": 0}
         assert info["instances"] == 1
-        assert await recycled(client) == {"calls": 0, "memory": 0, "trap": 1}
+        assert await recycled(client) == {"calls": 0, "memory": 0, "trap": 1, "rewound": 0}
 
 
 async def test_a_timed_out_instance_is_not_reused(session) -> None:
@@ -155,7 +155,7 @@ async def test_a_timed_out_instance_is_not_reused(session) -> None:
         error = await refused(client, "vm.call", {"vm_id": vm_id, "export": "spin", "timeout_ms": 50}, code=-32004)
         assert error.data["limit"] == "vm_call_timeout_ms"
         assert await results(client, vm_id, "count", 1) == [1]
-        assert (await vm_info(client, vm_id))["recycles"] == {"calls": 0, "memory": 0, "trap": 1}
+        assert (await vm_info(client, vm_id))["recycles"] == {"calls": 0, "memory": 0, "trap": 1, "rewound": 0}
 
 
 async def test_a_cancelled_call_retires_its_instance(session) -> None:

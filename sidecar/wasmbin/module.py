@@ -59,8 +59,11 @@ class Module:
     sections: tuple[Section, ...]
 
     @classmethod
-    def parse(cls, data: bytes) -> Module:
-        data = bytes(data)
+    def parse(cls, data: bytes | memoryview) -> Module:
+        # Sections refer to `data`, which must not change under them: a read-only view (of a mapped
+        # cache entry) is kept as it is, so parsing reads only the section headers' pages.
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and data.readonly):
+            data = bytes(data)
         if data[:4] != MAGIC:
             raise WasmFormatError("not a wasm module (bad magic)", 0)
         if data[4:8] != VERSION:

@@ -153,6 +153,6 @@ class Reader:
         start = self.pos
         raw = self.take(self.u32())
         try:
-            return raw.decode("utf-8")
+            return str(raw, "utf-8")  # `raw` may be a memoryview
         except UnicodeDecodeError:
             raise WasmFormatError("name is not valid UTF-8", start) from None

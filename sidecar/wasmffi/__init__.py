@@ -22,7 +22,9 @@ Python exception rather than an abort, a leak, or an exception crossing the C bo
   data calls (`native`, our one C extension).
 - `capi`: our own prototypes of the C functions on those per-call paths (plain addresses).
 - `changed_runs(memory, chunk_bytes, baseline)`: the native scan behind a snapshot (which
-  chunks of a memory differ from a baseline), at memory bandwidth without the GIL.
+  chunks of a memory differ from a baseline), at memory bandwidth without the GIL;
+  `restore_pages(memory, pristine, pagemap_fd)`: the pages a memory holds privately set back to
+  a pristine one's (an instance rewound in place).
 - `enable_pooling(config, ...)`: the pooling instance allocator (measured ~20-30% faster
   instantiation; fixed capacity and a large address-space reservation, see `pooling`).
 
@@ -40,7 +42,7 @@ from .hostfunc import (
     define_native_func,
     define_store_func,
 )
-from .native import changed_runs
+from .native import changed_runs, restore_pages
 from .pooling import enable_pooling
 from .valtypes import value_type_names
 from .wasi import set_wasi_stdin_bytes
@@ -59,6 +61,7 @@ __all__ = [
     "instance_export",
     "instantiate",
     "live_deadline_callbacks",
+    "restore_pages",
     "set_deadline_callback",
     "set_wasi_stdin_bytes",
     "store_id",

@@ -11,6 +11,9 @@
  * 3. `changed_runs`, the scan behind a snapshot: which fixed-size chunks of a linear memory differ
  *    from a baseline (zeros, or an image such as the module's data). In Python a 64 MiB scan is
  *    13 ms of slicing and comparing chunk by chunk; here it runs at memory bandwidth without the GIL.
+ * 4. `restore_pages`, the rewind of a used instance to a pristine one's memory: only the pages the
+ *    kernel says this mapping holds privately can differ, so only those are compared and copied
+ *    back (a Python sandbox's eval dirties ~1.4 MiB of a 20 MiB memory).
  *
  * A `GuestIo` belongs to one instance and is the data of its store: the host functions take no
  * `env` of their own, so one linker (one definition of each) serves every instance of a module,
@@ -44,6 +47,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 typedef union {
     int32_t i32;
@@ -740,6 +744,87 @@ static PyObject *changed_runs(PyObject *module, PyObject *const *args, Py_ssize_
     return result;
 }
 
+/* Whether a /proc/self/pagemap entry is a page this mapping may have written: present and not
+ * file-backed (a private copy, or anonymous memory), or swapped out (only private pages swap). An
+ * absent page, or one still shared with its file (the copy-on-write image), holds the image. */
+static bool private_page(uint64_t entry) {
+    bool present = entry >> 63 & 1, swapped = entry >> 62 & 1, file_or_shared = entry >> 61 & 1;
+    return swapped || (present && !file_or_shared);
+}
+
+/* Copy back each private page of `memory` that differs from `pristine`; the number copied, or -1
+ * with errno set when pagemap could not be read; `*private` counts the private pages. The compare
+ * spares a page that only holds the zero page (read, never written) a copy-on-write fault. No
+ * Python in here. */
+static Py_ssize_t rewind_pages(unsigned char *memory, const unsigned char *pristine, size_t length, int pagemap,
+                               size_t page, Py_ssize_t *private) {
+    enum { BATCH = 512 };
+    uint64_t entries[BATCH];
+    Py_ssize_t copied = 0;
+    size_t pages = length / page, first = (uintptr_t)memory / page;
+    for (size_t done = 0; done < pages;) {
+        size_t want = pages - done < BATCH ? pages - done : BATCH;
+        ssize_t got = pread(pagemap, entries, want * sizeof(uint64_t), (off_t)((first + done) * sizeof(uint64_t)));
+        if (got <= 0 || (size_t)got % sizeof(uint64_t) != 0) {
+            if (got >= 0) errno = EIO;
+            return -1;
+        }
+        size_t read = (size_t)got / sizeof(uint64_t);
+        for (size_t i = 0; i < read; i++) {
+            size_t offset = (done + i) * page;
+            if (!private_page(entries[i])) continue;
+            (*private)++;
+            if (memcmp(memory + offset, pristine + offset, page) != 0) {
+                memcpy(memory + offset, pristine + offset, page);
+                copied++;
+            }
+        }
+        done += read;
+    }
+    return copied;
+}
+
+PyDoc_STRVAR(restore_pages_doc,
+             "restore_pages(memory, pristine, pagemap_fd)\n--\n\n"
+             "Make `memory` equal `pristine` (a buffer of the same length, page-aligned) by copying back the pages "
+             "that differ among those /proc/self/pagemap (open at `pagemap_fd`) shows `memory` holding privately; "
+             "every other page still holds the image both were mapped from. (pages copied, private pages). Runs "
+             "without the GIL: nothing may touch either memory meanwhile.");
+
+static PyObject *restore_pages(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "restore_pages(memory, pristine, pagemap_fd)");
+        return NULL;
+    }
+    long pagemap = PyLong_AsLong(args[2]);
+    if (pagemap == -1 && PyErr_Occurred()) return NULL;
+    if (pagemap < 0 || pagemap > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "pagemap_fd is not a file descriptor");
+        return NULL;
+    }
+    Py_buffer memory, pristine;
+    if (PyObject_GetBuffer(args[0], &memory, PyBUF_WRITABLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[1], &pristine, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&memory);
+        return NULL;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    Py_ssize_t copied = -2, private = 0;
+    if (page > 0 && memory.len == pristine.len && (uintptr_t)memory.buf % (size_t)page == 0 &&
+        (size_t)memory.len % (size_t)page == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        copied = rewind_pages(memory.buf, pristine.buf, (size_t)memory.len, (int)pagemap, (size_t)page, &private);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&pristine);
+    PyBuffer_Release(&memory);
+    if (copied == -2) {
+        PyErr_SetString(PyExc_ValueError, "restore_pages wants two page-aligned buffers of one length");
+        return NULL;
+    }
+    return copied < 0 ? PyErr_SetFromErrno(PyExc_OSError) : Py_BuildValue("(nn)", copied, private);
+}
+
 PyDoc_STRVAR(host_of_doc, "host_of(caller)\n--\n\n"
                           "The `host` of the GuestIo of the store a host function's caller (a wasmtime_caller_t "
                           "address, valid during that call only) runs in; None if that store has none.");
@@ -805,6 +890,7 @@ static PyObject *setup(PyObject *module, PyObject *args) {
 static PyMethodDef module_methods[] = {
     {"setup", setup, METH_VARARGS, setup_doc},
     {"changed_runs", (PyCFunction)(void (*)(void))changed_runs, METH_FASTCALL, changed_runs_doc},
+    {"restore_pages", (PyCFunction)(void (*)(void))restore_pages, METH_FASTCALL, restore_pages_doc},
     {"host_of", host_of, METH_O, host_of_doc},
     {NULL},
 };
@@ -812,7 +898,7 @@ static PyMethodDef module_methods[] = {
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "sidecar.wasmffi._native",
-    .m_doc = "The guest ABI's data calls as C host functions, the epoch ticker and the snapshot scan (see _native.c).",
+    .m_doc = "The guest ABI's data calls as C host functions, the epoch ticker, the snapshot scan and the page rewind (see _native.c).",
     .m_size = -1,
     .m_methods = module_methods,
 };

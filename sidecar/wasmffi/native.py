@@ -31,7 +31,8 @@ except ImportError as exc:
         "sidecar.wasmffi._native is not built: installing the package (`pip install -e .`) compiles it"
     ) from exc
 
-__all__ = ["CALLBACKS", "EpochTicker", "GuestIo", "changed_runs", "check_build", "host_of", "store_for"]
+__all__ = ["CALLBACKS", "EpochTicker", "GuestIo", "changed_runs", "check_build", "host_of", "restore_pages",
+           "store_for"]
 
 
 def check_build(source: Path, built_from: str) -> None:
@@ -48,6 +49,7 @@ GuestIo = _native.GuestIo
 EpochTicker = _native.EpochTicker
 CALLBACKS: dict[str, int] = _native.CALLBACKS
 changed_runs = _native.changed_runs
+restore_pages = _native.restore_pages
 host_of = _native.host_of
 # The store's data finalizer, typed as wasmtime-py's binding of `wasmtime_store_new` wants it.
 _RELEASE = ctypes.cast(_native.RELEASE, _bindings._wasmtime_store_new.argtypes[2])

@@ -226,10 +226,13 @@ export interface Preopen {
 /**
  * Instances of stateless VMs closed and replaced, by reason: after `vm_recycle_after_calls`
  * calls, past `vm_recycle_memory_bytes` of retained memory, or after a trap (or timeout, cancel).
+ * `rewound`: of the `calls` ones, those set back in place to a new instance's state instead (a
+ * runtime's stateless VM: each eval a pristine interpreter).
  */
 export interface Recycles {
   calls: number;
   memory: number;
+  rewound: number;
   trap: number;
 }
 
@@ -274,7 +277,8 @@ export interface RuntimeInfo {
  * `hibernations` and `wakes` count VMs that left memory and came back since start (a stateless
  * VM's dropped instances included); `state_bytes` is what the state directory holds (hibernated
  * VMs' state and their modules, each module once); `state_quarantined` counts state files that
- * failed validation and were moved aside.
+ * failed validation and were moved aside. `spare_instances` counts instances made ahead for the
+ * next `vm.create` of their module (at most `runner_spare_instances`), live stores outside any VM.
  */
 export interface StatsResult {
   engines: number;
@@ -284,6 +288,7 @@ export interface StatsResult {
   requests_in_flight: number;
   requests_served: number;
   responses_dropped: DroppedResponses;
+  spare_instances: number;
   state_bytes: number;
   state_quarantined: number;
   uptime_ms: number;
