@@ -28,13 +28,15 @@ import statistics
 import bench_path_parts
 from bench_core import PING, WINDOW
 from bench_vm import ADD, ASK, GUESTS, create_vm, interleaved, timed, timed_host_call, vm_create_round_trip
-from harness import ECHO, SIDECAR, Peer, pipelined, summary
+from harness import ECHO, FLOOR, SIDECAR, Peer, pipelined, summary
 
 
 def round_trip_rows(calls: int, echoes: int) -> dict[str, list[float]]:
-    """Samples of each echo process and of the sidecar's `ping`, `add` and `ask`, interleaved."""
+    """Samples of each echo process, of the sidecar's `ping`, `add` and `ask`, and of the floor's
+    `add` and `ask` (`floor_server`: the least Python per call in this design), interleaved."""
     peer = Peer(SIDECAR)
     echo_peers = [Peer(ECHO) for _ in range(echoes)]
+    floors = {export: Peer([*FLOOR, export]) for export in ("add", "ask")}
     try:
         peer.request("ping")
         numeric = create_vm(peer, {"wat": (GUESTS / "numeric.wat").read_text()})
@@ -44,12 +46,14 @@ def round_trip_rows(calls: int, echoes: int) -> dict[str, list[float]]:
             "ping": timed(peer, PING),
             "add": timed(peer, ADD % (1, numeric.encode())),
             "ask": timed_host_call(peer, ASK % (1, asking.encode())),
+            "floor add": timed(floors["add"], ADD % (1, b"floor")),
+            "floor ask": timed_host_call(floors["ask"], ASK % (1, b"floor")),
         }
         samples = interleaved(series, calls)
         samples["create"] = vm_create_round_trip(peer, max(300, calls // 3))
         return samples
     finally:
-        for echo in echo_peers:
+        for echo in [*echo_peers, *floors.values()]:
             echo.close()
         peer.close()
 
@@ -85,7 +89,8 @@ def main() -> None:
     best = min(echo_p50s)
     print("round trips, µs (sidecar series interleaved with every echo process)")
     print(f"  echo p50 per process          {', '.join(f'{p50:.1f}' for p50 in echo_p50s)}   best {best:.1f}")
-    rows = (("ping", "sidecar ping", None), ("add", "vm.call add(2,40)", 1.3), ("ask", "vm.call + 1 host_call", 2.5))
+    rows = (("ping", "sidecar ping", None), ("add", "vm.call add(2,40)", 1.3), ("ask", "vm.call + 1 host_call", 2.5),
+            ("floor add", "floor: decode, add, answer", None), ("floor ask", "floor: the same + 1 host call", None))
     for name, label, target in rows:
         p50 = statistics.median(samples[name])
         goal = f"  (target <= {target}x)" if target else ""

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import anyio
 import wasmtime
-from bench_vm import GUESTS
-from harness import ROOT, SIDECAR, Peer, best_us
+from bench_vm import ADD, ASK, GUESTS, create_vm, timed, timed_host_call
+from harness import ECHO, FLOOR, ROOT, SIDECAR, Peer, best_us
 
 sys.path.insert(0, str(ROOT))
 from protocol.methods import VmCreateParams, VmDisposeParams  # noqa: E402
@@ -149,6 +149,55 @@ def dispatch_costs(count: int) -> dict[str, float]:
         "add": daemon.per_frame_us(add % numeric.encode(), count),
         "create": daemon.per_frame_us(create, max(200, count // 10), after=dispose),
     }
+
+
+def _task_counters(pid: int) -> tuple[int, int]:
+    """(CPU ns, context switches) summed over a process's threads, from /proc."""
+    cpu = switches = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as sched, open(f"/proc/{pid}/task/{tid}/status") as status:
+                cpu += int(sched.read().split()[0])
+                switches += sum(int(line.split()[1]) for line in status if "ctxt_switches:" in line)
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return cpu, switches
+
+
+def cpu_per_request(calls: int) -> dict[str, tuple[float, float]]:
+    """Per round trip, in the real processes: (CPU µs of the whole serving process, its context
+    switches). The sidecar runs with
+    `runner_input_spin_us` 0, so its CPU is its work and not its wait for the next frame; the
+    echo and the floor (`floor_server`) block in `read` as well. Unlike a latency, a CPU figure
+    hardly moves with the machine's load: it says how much the serving side does per request."""
+    spin_off = {"SIDECAR_RUNNER_INPUT_SPIN_US": "0"}
+    peers = {"echo": Peer(ECHO), "floor add": Peer([*FLOOR, "add"]), "floor ask": Peer([*FLOOR, "ask"]),
+             "sidecar": Peer(SIDECAR, spin_off)}
+    try:
+        sidecar = peers["sidecar"]
+        numeric = create_vm(sidecar, {"wat": (GUESTS / "numeric.wat").read_text()}).encode()
+        asking = create_vm(sidecar, {"wat": (GUESTS / "abi.wat").read_text()}).encode()
+        series = {
+            "echo": (peers["echo"], timed(peers["echo"], PING + b"\n")),
+            "floor add": (peers["floor add"], timed(peers["floor add"], ADD % (1, b"floor"))),
+            "floor ask": (peers["floor ask"], timed_host_call(peers["floor ask"], ASK % (1, b"floor"))),
+            "ping": (sidecar, timed(sidecar, PING + b"\n")),
+            "add": (sidecar, timed(sidecar, ADD % (1, numeric))),
+            "ask": (sidecar, timed_host_call(sidecar, ASK % (1, asking))),
+        }
+        found = {}
+        for name, (peer, once) in series.items():
+            for _ in range(300):
+                once()
+            before = _task_counters(peer.proc.pid)
+            for _ in range(calls):
+                once()
+            after = _task_counters(peer.proc.pid)
+            found[name] = ((after[0] - before[0]) / calls / 1000, (after[1] - before[1]) / calls)
+        return found
+    finally:
+        for peer in peers.values():
+            peer.close()
 
 
 class _Noted:
@@ -353,6 +402,9 @@ def report(cold: dict[str, list[float]] | None = None, calls: int = 2000, runs: 
     print("the sidecar's own CPU per request, in process, no round trip (µs, best median of 5 runs)")
     print(f"  ping {costs['ping']:.1f}   vm.call add {costs['add']:.1f} (+{costs['add'] - costs['ping']:.1f} over ping)"
           f"   vm.create from a module_id {costs['create']:.0f}")
+    cpu = cpu_per_request(calls)
+    print("CPU per round trip of the serving process, real processes, no spinning (µs; context switches per request)")
+    print("  " + "   ".join(f"{name} {us:.1f} ({switches:.2f})" for name, (us, switches) in cpu.items()))
     for name, (answer, total) in create_breakdown(max(200, calls // 10)).items():
         print(f"  vm.create through the registry, {name:<9}: answer decided after {answer:5.1f} µs, "
               f"{total:5.1f} µs in all (median)")

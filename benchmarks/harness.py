@@ -19,6 +19,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 SIDECAR = [sys.executable, "-m", "sidecar"]
 ECHO = [sys.executable, str(Path(__file__).with_name("echo_server.py"))]
+FLOOR = [sys.executable, str(Path(__file__).with_name("floor_server.py"))]  # + "add" or "ask"
 
 
 class Peer:

@@ -286,9 +286,6 @@ class Dispatcher:
         elif frame is not None:
             self._deliver(frame)
 
-    def _answer_later(self, batch: _Batch | None) -> Callable[[bytes | None], None]:
-        return batch.add if batch is not None else self._deliver_unless_none
-
     def _deliver_unless_none(self, frame: bytes | None) -> None:
         if frame is not None:  # None: a notification's answer, which nobody hears
             self._deliver(frame)
@@ -342,7 +339,8 @@ class Dispatcher:
             raise OverloadedError("protocol_requests_in_flight", capacity=capacity, observed=observed)
         if call.id is not None and call.id in self._in_flight:
             raise InvalidRequestError(f"request id {call.id!r} is already in flight", id=call.id)
-        reply = Reply(call.id, call.method, self._answer_later(batch), self._finish)
+        later = batch.add if batch is not None else self._deliver_unless_none
+        reply = Reply(call.id, call.method, later, self._finish)
         # Notifications count against the bound too, under a key no host id can equal.
         self._in_flight[reply.key] = reply
         return reply

@@ -194,7 +194,7 @@ class Intake:
                     self._backlog.clear()
                     break
                 self._handle_line(self._backlog.popleft())
-            if self._leader == me:
+            if self._leader == me and self._gathered:  # checked here: a frame per chunk costs more
                 self._flush()
             if self.closing:
                 self._finish("shutdown_requested")
@@ -257,11 +257,12 @@ class Intake:
                     self.yield_reading()
                     return
                 continue
-            self._flush()
+            if self._gathered:
+                self._flush()
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._fill(remaining):
                 return
-        if self._leader == me:
+        if self._leader == me and self._gathered:
             self._flush()
 
     def _finish(self, reason: str) -> None:

@@ -94,7 +94,8 @@ class EpochDeadline:
         self._context = capi.address(store._context())
 
     def __call__(self, ticks: int) -> None:
-        self._store._context()  # ValueError('already closed'): the context would be freed memory
+        if self._store._Store__context is None:  # closed: the context would be freed memory
+            raise ValueError("already closed")
         capi.context_set_epoch_deadline(self._context, ticks)
 
 

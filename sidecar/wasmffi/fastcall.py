@@ -162,7 +162,8 @@ class FastCall:
                 f"{self._label} takes {self._nparams} argument(s) ({', '.join(self._param_kinds) or 'none'}), "
                 f"got {len(args)}"
             )
-        self._store._context()  # raises ValueError('already closed'), as Func.__call__ does
+        if self._store._Store__context is None:  # closed (what `_context()` checks, without its frame)
+            raise ValueError("already closed")  # as Func.__call__ does
         packed = True
         try:
             self._pack(self._buf, 0, *args)

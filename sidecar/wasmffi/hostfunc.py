@@ -137,7 +137,8 @@ class MemorySlot(GuestMemory):
         store = self._store() if self._store is not None else None
         if store is None:
             raise ValueError("the memory slot is not bound to a live store")
-        store._context()  # raises once closed: the context would be freed memory
+        if store._Store__context is None:  # closed: the context would be freed memory
+            raise ValueError("already closed")
         return capi.memory_data_size(self.context, self.handle)
 
 
