@@ -14,7 +14,7 @@ scan finds it, and `recover_id` serves callers that must answer a frame they fai
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -46,6 +46,16 @@ class Malformed(msgspec.Struct, frozen=True):
     id: RequestId | None
 
 
+class _PlainCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The common frame, a single request with a string or integer id, decoded in one step.
+    A frame of any other shape fails to decode into it and takes the staged path."""
+
+    jsonrpc: Literal["2.0"]
+    id: RequestId
+    method: str
+    params: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
 Item = IncomingCall | IncomingResponse | Malformed
 
 
@@ -56,6 +66,7 @@ class Frame(msgspec.Struct, frozen=True):
     batch: bool
 
 
+_plain_decoder = msgspec.json.Decoder(_PlainCall)
 _envelope_decoder = msgspec.json.Decoder(RawEnvelope)
 _batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _any_decoder = msgspec.json.Decoder()
@@ -69,7 +80,11 @@ _ID_SCAN_TOKENS = 4096
 
 
 def decode_frame(line: bytes) -> Frame:
-    if not line.isascii():  # the common frame is ASCII, and that check costs nanoseconds
+    if line.isascii():  # the common frame is ASCII, and that check costs nanoseconds
+        call = _plain_call(line)
+        if call is not None:
+            return Frame([call], batch=False)
+    else:
         refused = _refuse_non_utf8(line)
         if refused is not None:
             return Frame([refused], batch=False)
@@ -80,6 +95,19 @@ def decode_frame(line: bytes) -> Frame:
     except RecursionError:  # msgspec skips even `Raw` members recursively
         too_deep = InvalidRequestError("JSON nested too deeply to decode", reason="nesting")
         return Frame([Malformed(too_deep, recover_id(line))], batch=False)
+
+
+def _plain_call(line: bytes) -> IncomingCall | None:
+    """`line` decoded in one step when it is a plain request (a string or integer id, params an
+    object or absent): what the staged path makes of it, at a third of the cost. None otherwise."""
+    try:
+        plain = _plain_decoder.decode(line)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    params = plain.params
+    if params is not msgspec.UNSET and bytes(params)[:1] != b"{":
+        return None
+    return IncomingCall(plain.method, params, plain.id, notification=False)
 
 
 def _refuse_non_utf8(line: bytes) -> Malformed | None:
