@@ -4,7 +4,9 @@ Stage 1 parses JSON (-32700; bytes that are not UTF-8 are not JSON text either),
 the envelope (-32600, keeping the id when it is readable so the host can match the error), stage
 3 (method lookup, -32601) belongs to the dispatcher, and stage 4 decodes params into the method's
 type (-32602 with the path of the bad field). This module knows the envelope rules, not which
-methods exist.
+methods exist. The common frame, a plain request, skips stages 1 and 2: one typed decode accepts
+exactly the plain requests the stages would pass, and whatever it refuses goes through them, so
+a frame's verdict never depends on which path read it (`tests/test_common_frames.py`).
 
 Decoding never raises on hostile input: a value nested deeper than the decoder's recursion allows
 is refused (-32600) like any other frame we cannot take, with the id recovered when a shallow
