@@ -1,7 +1,7 @@
 """Issue 15, the request path: each row as a ratio against the echo process measured in this run.
 
-Run: `python benchmarks/bench_path.py [--calls N] [--echoes N] [--rounds N]` (numbers go to
-stdout; nothing is asserted).
+Run: `python benchmarks/bench_path.py [--calls N] [--echoes N] [--rounds N] [--baseline DIR]`
+(numbers go to stdout; nothing is asserted).
 
 The echo's p50 is bimodal on the target machine (~35 µs in some processes, ~92 µs in others,
 whatever the load), so the baseline is the best p50 of `--echoes` echo processes, each sampled in
@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import bench_path_parts
 from bench_core import PING, WINDOW
 from bench_vm import ADD, ASK, GUESTS, create_vm, interleaved, timed, timed_host_call, vm_create_round_trip
-from harness import ECHO, FLOOR, SIDECAR, Peer, pipelined, summary
+from harness import ECHO, FLOOR, ROOT, SIDECAR, Peer, pipelined, summary
 
 
 def round_trip_rows(calls: int, echoes: int) -> dict[str, list[float]]:
@@ -58,24 +59,25 @@ def round_trip_rows(calls: int, echoes: int) -> dict[str, list[float]]:
         peer.close()
 
 
-def pipelined_ratios(rounds: int, total: int) -> list[tuple[float, float]]:
-    """(echo, sidecar) requests per second, one fresh process of each per round."""
-    results = []
-    for _ in range(rounds):
-        rates = []
-        for argv in (ECHO, SIDECAR):
-            peer = Peer(argv)
-            try:
-                # The sidecar answers before its VM services are imported (~100 ms more on a worker
-                # thread, holding the GIL): a VM method's answer says they are in, so the rate is
-                # the running sidecar's, not its start's.
-                peer.request("vm.list" if argv is SIDECAR else "ping")
-                pipelined(peer, 5_000, WINDOW, PING)  # warm-up
-                rates.append(pipelined(peer, total, WINDOW, PING))
-            finally:
-                peer.close()
-        results.append((rates[0], rates[1]))
-    return results
+def pipelined_rate(argv: list[str], total: int, root: Path = ROOT) -> float:
+    """Requests per second of one fresh process, once it is warm."""
+    peer = Peer(argv, root=root)
+    try:
+        # The sidecar answers before its VM services are imported (~100 ms more on a worker
+        # thread, holding the GIL): a VM method's answer says they are in, so the rate is
+        # the running sidecar's, not its start's.
+        peer.request("vm.list" if argv is SIDECAR else "ping")
+        pipelined(peer, 5_000, WINDOW, PING)  # warm-up
+        return pipelined(peer, total, WINDOW, PING)
+    finally:
+        peer.close()
+
+
+def pipelined_ratios(rounds: int, total: int, baseline: Path | None = None) -> list[list[float]]:
+    """Per round, requests per second of the echo, this tree's sidecar and, with `baseline`, that
+    checkout's sidecar (say, main's: a before/after of one run); fresh processes each round."""
+    return [[pipelined_rate(ECHO, total), pipelined_rate(SIDECAR, total),
+             *([pipelined_rate(SIDECAR, total, baseline)] if baseline else [])] for _ in range(rounds)]
 
 
 def main() -> None:
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="pipelined rounds (fresh processes each)")
     parser.add_argument("--total", type=int, default=50_000, help="requests per pipelined round")
     parser.add_argument("--cold", type=int, default=10, help="cold starts")
+    parser.add_argument("--baseline", type=Path, help="another checkout (say, main's) whose sidecar is also "
+                        "measured in each pipelined round: a before/after of one run")
     args = parser.parse_args()
 
     samples = round_trip_rows(args.calls, args.echoes)
@@ -107,11 +111,12 @@ def main() -> None:
               f"min {min(cold[method]):.0f} over {len(cold[method])} (target <= 100 ms; floors: "
               f"msgspec {statistics.median(cold['msgspec']):.0f}, "
               f"the libraries the daemon serves on {statistics.median(cold['libraries']):.0f})")
-    ratios = pipelined_ratios(args.rounds, args.total)
+    ratios = pipelined_ratios(args.rounds, args.total, args.baseline)
     print(f"pipelined ping, {WINDOW} in flight, {args.total} requests per round (fresh processes)")
-    for echo_rate, sidecar_rate in ratios:
-        print(f"  echo {echo_rate:9.0f}/s   sidecar {sidecar_rate:9.0f}/s   {sidecar_rate / echo_rate:.2f}x")
-    worst = min(sidecar_rate / echo_rate for echo_rate, sidecar_rate in ratios)
+    for echo_rate, sidecar_rate, *before in ratios:
+        also = "".join(f"   {args.baseline}: {rate:9.0f}/s {rate / echo_rate:.2f}x" for rate in before)
+        print(f"  echo {echo_rate:9.0f}/s   sidecar {sidecar_rate:9.0f}/s   {sidecar_rate / echo_rate:.2f}x{also}")
+    worst = min(sidecar_rate / echo_rate for echo_rate, sidecar_rate, *_ in ratios)
     print(f"  worst round {worst:.2f}x (target >= 1.5x every round)")
     print("what stands in the way")
     bench_path_parts.report(cold, calls=args.calls, runs=args.cold)

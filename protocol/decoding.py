@@ -4,7 +4,9 @@ Stage 1 parses JSON (-32700; bytes that are not UTF-8 are not JSON text either),
 the envelope (-32600, keeping the id when it is readable so the host can match the error), stage
 3 (method lookup, -32601) belongs to the dispatcher, and stage 4 decodes params into the method's
 type (-32602 with the path of the bad field). This module knows the envelope rules, not which
-methods exist.
+methods exist. The common frame, a plain request, skips stages 1 and 2: one typed decode accepts
+exactly the plain requests the stages would pass, and whatever it refuses goes through them, so
+a frame's verdict never depends on which path read it (`tests/test_common_frames.py`).
 
 Decoding never raises on hostile input: a value nested deeper than the decoder's recursion allows
 is refused (-32600) like any other frame we cannot take, with the id recovered when a shallow
@@ -14,7 +16,7 @@ scan finds it, and `recover_id` serves callers that must answer a frame they fai
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -46,6 +48,16 @@ class Malformed(msgspec.Struct, frozen=True):
     id: RequestId | None
 
 
+class _PlainCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The common frame, a single request with a string or integer id, decoded in one step.
+    A frame of any other shape fails to decode into it and takes the staged path."""
+
+    jsonrpc: Literal["2.0"]
+    id: RequestId
+    method: str
+    params: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
 Item = IncomingCall | IncomingResponse | Malformed
 
 
@@ -56,6 +68,7 @@ class Frame(msgspec.Struct, frozen=True):
     batch: bool
 
 
+_plain_decoder = msgspec.json.Decoder(_PlainCall)
 _envelope_decoder = msgspec.json.Decoder(RawEnvelope)
 _batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _any_decoder = msgspec.json.Decoder()
@@ -69,7 +82,16 @@ _ID_SCAN_TOKENS = 4096
 
 
 def decode_frame(line: bytes) -> Frame:
-    if not line.isascii():  # the common frame is ASCII, and that check costs nanoseconds
+    if line.isascii():  # the common frame is ASCII, and that check costs nanoseconds
+        try:  # a plain request (string or integer id, params an object or absent) in one step
+            plain = _plain_decoder.decode(line)
+        except (msgspec.DecodeError, RecursionError):
+            pass  # any other shape: the staged path says what is wrong with it, if anything
+        else:
+            params = plain.params
+            if params is msgspec.UNSET or bytes(params)[:1] == b"{":
+                return Frame([IncomingCall(plain.method, params, plain.id, notification=False)], batch=False)
+    else:
         refused = _refuse_non_utf8(line)
         if refused is not None:
             return Frame([refused], batch=False)
@@ -237,9 +259,12 @@ def compact_json(text: bytes) -> bytes:
 
 def decode_params(decoder: msgspec.json.Decoder, params: msgspec.Raw | msgspec.UnsetType) -> Any:
     """Stage 4: params into the method's type; -32602 names the bad field's path."""
-    raw = b"{}" if params is msgspec.UNSET else params
-    if bytes(raw).lstrip()[:1] == b"[":
+    if params is msgspec.UNSET:
+        raw = b"{}"
+    elif bytes(params).lstrip()[:1] == b"[":
         raise InvalidParamsError("params must be an object (named parameters)", path="$")
+    else:
+        raw = params
     try:
         return decoder.decode(raw)
     except msgspec.DecodeError as exc:

@@ -10,6 +10,7 @@ decides when it is written. Knows nothing about VMs or what methods do.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from protocol.decoding import (
+    Frame,
     IncomingCall,
     IncomingResponse,
     Item,
@@ -38,6 +40,7 @@ from protocol.errors import (
 )
 from protocol.framing import OversizedLine
 from protocol.methods import METHODS, MethodSpec, decoder_for
+from protocol.methods_session import Empty
 
 from .limits import Limits
 from .logs import log
@@ -113,8 +116,15 @@ class Reply:
         return True
 
 
+# The answer most requests get (`ping`'s, an integer id with an empty result), without building
+# a `Response`; byte for byte what `encode` writes for it.
+_EMPTY_RESULT = b'{"jsonrpc":"2.0","id":%d,"result":{}}\n'
+
+
 def _encode_response(request_id: RequestId | None, value: Any, error: RpcError | None) -> bytes:
     if error is None:
+        if type(request_id) is int and (value is None or type(value) is Empty):
+            return _EMPTY_RESULT % request_id
         return encode(Response(id=request_id, result={} if value is None else value))
     return encode(Response(id=request_id, error=ErrorObject(**error.to_wire())))
 
@@ -171,8 +181,12 @@ class Dispatcher:
         # Touched by the leader only (admission), and by whichever thread completes a reply
         # (removal): a single dict operation each, atomic under the GIL.
         self._in_flight: dict[object, Reply] = {}
-        self._served_lock = threading.Lock()
-        self.requests_served = 0
+        # Counted without a lock on the request path: `next` on an `itertools.count` is one C call
+        # that never releases the GIL, so concurrent increments are never lost. Reading it takes
+        # one increment too, subtracted again by counting the reads (under a lock: reads are rare).
+        self._served = itertools.count()
+        self._served_reads = itertools.count()
+        self._served_read_lock = threading.Lock()
         # While services are still loading: blocks until their routes are in (raises an RpcError
         # if they failed). A method of the table with no route waits on it before it is unknown.
         self.await_routes: Callable[[], None] | None = None
@@ -181,6 +195,11 @@ class Dispatcher:
         """On the event loop, once it runs: task methods start there, through `portal`."""
         self._portal = portal
         self._loop_thread = threading.get_ident()
+
+    @property
+    def requests_served(self) -> int:
+        with self._served_read_lock:
+            return next(self._served) - next(self._served_reads)
 
     @property
     def in_flight(self) -> int:
@@ -218,17 +237,17 @@ class Dispatcher:
                 route = self._routes.get(item.method)
                 if route is not None and route.kind != "inline" or route is None and self.await_routes is not None:
                     return False
-        if frame.batch:
-            self._handle_batch(items)
-        else:
-            self._handle_item(items[0], None)
+        self._handle_frame(frame)
         return True
 
     def handle_line(self, line: bytes | OversizedLine) -> None:
         """Handle one frame. Nothing raised while handling it escapes: it would stop the intake and
         with it the whole sidecar, so the frame is answered -32603 instead and serving goes on."""
         try:
-            self._handle_line(line)
+            if isinstance(line, OversizedLine):
+                self._refuse_oversized(line)
+            else:
+                self._handle_frame(decode_frame(line))
         except Exception as exc:
             self._frame_failed(line, exc)
 
@@ -237,23 +256,21 @@ class Dispatcher:
         request_id = recover_id(line) if isinstance(line, bytes) else None
         self._deliver(_encode_response(request_id, None, InternalError("internal error while handling the frame")))
 
-    def _handle_line(self, line: bytes | OversizedLine) -> None:
-        if isinstance(line, OversizedLine):
-            self._limits.exhausted("protocol_frame_bytes", line.seen, capacity=line.bound)
-            refused = InvalidRequestError(
-                f"frame larger than protocol_frame_bytes ({line.bound} bytes)",
-                limit="protocol_frame_bytes",
-                env=env_var_for("protocol_frame_bytes"),
-                capacity=line.bound,
-                observed=line.seen,
-            )
-            self._deliver(_encode_response(None, None, refused))
-            return
-        frame = decode_frame(line)
+    def _refuse_oversized(self, line: OversizedLine) -> None:
+        self._limits.exhausted("protocol_frame_bytes", line.seen, capacity=line.bound)
+        refused = InvalidRequestError(f"frame larger than protocol_frame_bytes ({line.bound} bytes)",
+                                      limit="protocol_frame_bytes", env=env_var_for("protocol_frame_bytes"),
+                                      capacity=line.bound, observed=line.seen)
+        self._deliver(_encode_response(None, None, refused))
+
+    def _handle_frame(self, frame: Frame) -> None:
+        items = frame.items
         if frame.batch:
-            self._handle_batch(frame.items)
+            self._handle_batch(items)
+        elif type(items[0]) is IncomingCall:  # the common frame, a frame sooner than `_handle_item`
+            self._handle_call(items[0], None)
         else:
-            self._handle_item(frame.items[0], None)
+            self._handle_item(items[0], None)
 
     def _handle_batch(self, items: list[Item]) -> None:
         calls = sum(1 for item in items if not isinstance(item, IncomingResponse))
@@ -313,7 +330,7 @@ class Dispatcher:
             route.spec.check(params)
             if route.kind == "inline":
                 result = route.handler(params)
-                self._count_served()
+                next(self._served)
                 self._answer_now(None if call.notification else _encode_response(call.id, result, None), batch)
                 return
             reply = self._admit(call, batch)
@@ -352,12 +369,8 @@ class Dispatcher:
             assert self._portal is not None  # a task exists, so the loop does
             self._portal.call(action)
 
-    def _count_served(self) -> None:
-        with self._served_lock:
-            self.requests_served += 1
-
     def _finish(self, reply: Reply) -> None:
-        self._count_served()
+        next(self._served)
         # May run on a worker thread: single dict operations are atomic under the GIL.
         if self._in_flight.get(reply.key) is reply:
             del self._in_flight[reply.key]
