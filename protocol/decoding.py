@@ -83,14 +83,17 @@ _ID_SCAN_TOKENS = 4096
 
 def decode_frame(line: bytes) -> Frame:
     if line.isascii():  # the common frame is ASCII, and that check costs nanoseconds
-        try:  # a plain request (string or integer id, params an object or absent) in one step
-            plain = _plain_decoder.decode(line)
-        except (msgspec.DecodeError, RecursionError):
-            pass  # any other shape: the staged path says what is wrong with it, if anything
-        else:
-            params = plain.params
-            if params is msgspec.UNSET or bytes(params)[:1] == b"{":
-                return Frame([IncomingCall(plain.method, params, plain.id, notification=False)], batch=False)
+        # A frame naming no method (a host's answer to `host.call`) would only fail the one-step
+        # decode, which costs ~0.5 µs when it raises; the search costs ~0.05.
+        if b'"method"' in line:
+            try:  # a plain request (string or integer id, params an object or absent) in one step
+                plain = _plain_decoder.decode(line)
+            except (msgspec.DecodeError, RecursionError):
+                pass  # any other shape: the staged path says what is wrong with it, if anything
+            else:
+                params = plain.params
+                if params is msgspec.UNSET or bytes(params)[:1] == b"{":
+                    return Frame([IncomingCall(plain.method, params, plain.id, notification=False)], batch=False)
     else:
         refused = _refuse_non_utf8(line)
         if refused is not None:
