@@ -262,15 +262,14 @@ def compact_json(text: bytes) -> bytes:
 
 def decode_params(decoder: msgspec.json.Decoder, params: msgspec.Raw | msgspec.UnsetType) -> Any:
     """Stage 4: params into the method's type; -32602 names the bad field's path."""
-    if params is msgspec.UNSET:
-        raw = b"{}"
-    elif bytes(params).lstrip()[:1] == b"[":
-        raise InvalidParamsError("params must be an object (named parameters)", path="$")
-    else:
-        raw = params
+    raw = b"{}" if params is msgspec.UNSET else params
     try:
         return decoder.decode(raw)
     except msgspec.DecodeError as exc:
+        # Every params type is an object, so an array fails here: it is looked for only then, off
+        # the path of a valid request (a copy and a strip, ~0.12 µs on every vm.call).
+        if bytes(raw).lstrip()[:1] == b"[":
+            raise InvalidParamsError("params must be an object (named parameters)", path="$") from None
         if not isinstance(exc, msgspec.ValidationError):  # text the envelope stage skipped unchecked
             raise ParseError(f"invalid JSON in params: {exc}") from None
         message = str(exc)

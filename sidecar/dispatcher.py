@@ -73,9 +73,6 @@ class Reply:
         self.done = False  # read it, never set it: `_complete` and `result_of` do, under the lock
         self.on_cancel: Callable[[], None] | None = None
 
-    def result(self, value: Any) -> None:
-        self._complete(value, None)
-
     def result_of(self, commit: Callable[[], Any]) -> bool:
         """Answer with what `commit()` returns, decided against a cancel in one step: `commit` runs
         under the lock a cancel takes, and only if the request has not ended. So what it does (a VM
@@ -103,7 +100,7 @@ class Reply:
             if hook is not None:
                 hook()
 
-    def _complete(self, value: Any, error: RpcError | None, *, silent: bool = False) -> bool:
+    def _complete(self, value: Any, error: RpcError | None = None, *, silent: bool = False) -> bool:
         with self._lock:
             if self.done:
                 return False
@@ -114,6 +111,9 @@ class Reply:
         else:
             self._send(_encode_response(self.id, value, error))
         return True
+
+    # `result(value)`: `_complete` itself, not a method calling it (a frame fewer on every vm.call).
+    result = _complete
 
 
 # The answer most requests get (`ping`'s, an integer id with an empty result), without building

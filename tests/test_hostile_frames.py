@@ -97,6 +97,17 @@ def test_an_escaped_lone_surrogate_in_params_is_a_parse_error() -> None:
     no_errors_logged(logged)
 
 
+@pytest.mark.parametrize("params", [b"[]", b" [2, 40]", b'[{"vm_id":"vm-x"}]'])
+def test_params_given_by_position_are_refused_with_what_to_fix(params: bytes) -> None:
+    """Looked for only once decoding failed (off a valid request's path): still said for every array."""
+    frame = b'{"jsonrpc":"2.0","id":8,"method":"vm.call","params":%s}' % params
+    answers, logged = exchange([frame])
+    assert [(a["id"], a["error"]["code"], a["error"]["data"]["path"]) for a in answers] == \
+        [(8, ErrorCode.INVALID_PARAMS, "$")]
+    assert "params must be an object (named parameters)" in answers[0]["error"]["message"]
+    no_errors_logged(logged)
+
+
 @pytest.mark.parametrize(
     ("frame", "says", "request_id"),
     [
