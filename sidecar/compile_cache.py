@@ -53,7 +53,7 @@ import structlog
 import wasmtime
 
 from .engines import EngineSettings
-from .hostfiles import Buffer, map_readonly, write_atomically
+from .hostfiles import Buffer, file_identity, map_readonly, write_atomically
 
 _CACHE_DIR_ENV = "SIDECAR_CACHE_DIR"
 _ENTRY_SUFFIX = ".cwasm"
@@ -239,7 +239,7 @@ def _seal_key(key: str) -> str:
 
 def _file_state(boot: str, info: os.stat_result) -> bytes:
     """What a seal names besides the digest: the boot, and the file as any change to it would show."""
-    return f"{boot} {info.st_dev} {info.st_ino} {info.st_size} {info.st_mtime_ns} {info.st_ctime_ns} ".encode()
+    return f"{boot} {' '.join(map(str, file_identity(info)))} ".encode()
 
 
 @functools.cache

@@ -90,6 +90,12 @@ def read_within(file: BufferedReader, info: os.stat_result, capacity: int) -> by
     return data
 
 
+def file_identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    """The file as any change to it would show: device, inode, size, mtime and ctime (what a
+    seal vouches for, and what a read compares before and after)."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
 def map_readonly(fd: int, length: int) -> memoryview:
     """The first `length` bytes of the open file `fd` as a read-only view of a private mapping,
     unmapped once no view of it is left. Through the C library rather than Python's `mmap`, which

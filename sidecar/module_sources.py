@@ -40,7 +40,7 @@ from msgspec import UNSET
 
 from protocol.errors import InvalidModuleError, InvalidParamsError
 
-from .hostfiles import TooLarge, open_bounded, read_bounded, read_within
+from .hostfiles import TooLarge, file_identity, open_bounded, read_bounded, read_within
 from .limits import Limits
 
 if TYPE_CHECKING:
@@ -120,7 +120,8 @@ def _read_path(path: str, limits: Limits, seals: CompileCache | None) -> Source:
             began = time.time_ns()
             data = read_within(file, info, limits.runner_module_bytes)
             digest = hashlib.sha256(data).digest()
-            if seals and sealable(info.st_ctime_ns, began) and _state(os.fstat(file.fileno())) == _state(info):
+            if (seals and sealable(info.st_ctime_ns, began)
+                    and file_identity(os.fstat(file.fileno())) == file_identity(info)):
                 seals.seal(name, info, digest)
     return Source("sha256:" + digest.hex(), len(data), data)
 
@@ -164,10 +165,6 @@ def _coarse_step_ns() -> int:
 
 
 _COARSE_STEP_NS = _coarse_step_ns()
-
-
-def _state(info: os.stat_result) -> tuple[int, ...]:
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def error_summary(exc: Exception) -> str:
